@@ -1,0 +1,31 @@
+"""Wavelet colour fix: the restored image's high frequencies on the reference's low frequencies."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LEVELS = 5
+
+
+def _blur(image: torch.Tensor, dilation: int) -> torch.Tensor:
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=image.dtype,
+                          device=image.device) / 16
+    channels = image.shape[1]
+    kernel = kernel.expand(channels, 1, 3, 3)
+    padded = F.pad(image, (dilation,) * 4, mode="replicate")
+    return F.conv2d(padded, kernel, groups=channels, dilation=dilation)
+
+
+def low_frequency(image: torch.Tensor, levels: int = LEVELS) -> torch.Tensor:
+    """The image blurred by the 5 wavelet levels in sequence (dilations 1, 2, 4, 8, 16)."""
+    for i in range(levels):
+        image = _blur(image, 2 ** i)
+    return image
+
+
+def wavelet_color_fix(restored: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """high(restored) + low(reference), both (B, C, H, W) of the same size."""
+    if restored.shape != reference.shape:
+        raise ValueError(f"colour fix needs equal shapes, got {tuple(restored.shape)} and {tuple(reference.shape)}")
+    return restored - low_frequency(restored) + low_frequency(reference)

@@ -1,0 +1,102 @@
+"""Where model files are looked for, and downloading them from the Hub (only when asked).
+
+Search order for a file name: the folders given by the caller (ComfyUI's model folders), then
+$HYPIR_MODELS_DIR, ./models, and the Hugging Face cache. Downloads go through huggingface_hub, which
+shows progress, resumes interrupted transfers and moves a file under its final name only once complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as _config
+from .loading import BASE_ALLOW_PATTERNS, HYPIRLoadError
+
+logger = logging.getLogger("hypir")
+
+MODELS_DIR_ENV = "HYPIR_MODELS_DIR"
+
+
+def search_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
+    dirs = [Path(d) for d in (extra or [])]
+    if os.environ.get(MODELS_DIR_ENV):
+        dirs.append(Path(os.environ[MODELS_DIR_ENV]).expanduser())
+    dirs.append(Path.cwd() / "models")
+    return dirs
+
+
+def find_file(name: str, extra_dirs: list | None = None) -> Path | None:
+    for folder in search_dirs(extra_dirs):
+        candidate = folder / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _cached_hub_file(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _cached_hub_snapshot(repo: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=BASE_ALLOW_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+
+
+@dataclass
+class ModelFiles:
+    base: str
+    weights: str
+
+
+def resolve_model_files(base: str | None = None, weights: str | None = None, allow_download: bool = False,
+                        extra_dirs: list | None = None, download_dir: str | os.PathLike | None = None) -> ModelFiles:
+    """Paths for the base model and the HYPIR weights: given ones as they are, else found, else downloaded
+    (only with allow_download), else an error that says which file to put where."""
+    cfg = _config.load_config()
+    if weights is None:
+        found = find_file(cfg["weights_file"], extra_dirs) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
+        if found is None and allow_download:
+            found = download_weights(download_dir or search_dirs(extra_dirs)[0], cfg["weights_repo"], cfg["weights_file"])
+        if found is None:
+            places = ", ".join(str(d) for d in search_dirs(extra_dirs))
+            raise HYPIRLoadError(
+                f"HYPIR weights {cfg['weights_file']} not found (looked in {places} and the Hugging Face cache). "
+                f"Download it from https://huggingface.co/{cfg['weights_repo']} into one of those folders, "
+                f"or run `hypir download`, or allow downloads")
+        weights = str(found)
+    if base is None:
+        found = find_file(cfg["base_model_file"], extra_dirs) or _cached_hub_snapshot(cfg["base_model_repo"])
+        if found is None and allow_download:
+            found = download_base(Path(download_dir or search_dirs(extra_dirs)[0]) / "stable-diffusion-2-1-base",
+                                  cfg["base_model_repo"])
+        base = str(found) if found is not None else cfg["base_model_repo"]
+    return ModelFiles(base, weights)
+
+
+def download_weights(folder: str | os.PathLike, repo: str | None = None, filename: str | None = None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    cfg = _config.load_config()
+    repo, filename = repo or cfg["weights_repo"], filename or cfg["weights_file"]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    logger.info("[HYPIR] downloading %s from %s into %s", filename, repo, folder)
+    return Path(hf_hub_download(repo, filename, local_dir=str(folder)))
+
+
+def download_base(folder: str | os.PathLike, repo: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo = repo or _config.load_config()["base_model_repo"]
+    logger.info("[HYPIR] downloading %s into %s", repo, folder)
+    return Path(snapshot_download(repo, allow_patterns=BASE_ALLOW_PATTERNS, local_dir=str(folder)))

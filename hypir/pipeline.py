@@ -1,0 +1,395 @@
+"""The HYPIR restore pass, readable top to bottom (REFERENCE.md section 1).
+
+upscale -> short side to 512 -> pad to 8 -> VAE encode (seeded sample or mode) -> one UNet call at
+model_t -> x0 with the scheduler's alphas at coeff_t -> VAE decode -> crop -> resize back ->
+wavelet colour fix -> clamp.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import config as _config
+from .attention import AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report, \
+    text_encoder_implementation, use_router
+from .colorfix import wavelet_color_fix
+from .loading import MODEL_CACHE, HYPIRModels
+from .tiling import round_to, run_tiled, tile_count
+
+logger = logging.getLogger("hypir")
+
+PATCH = 512  # the reference's patch size: short sides up to this are processed at 512
+VAE_SCALE = 8
+MAX_OOM_RETRIES = 3
+
+
+class Interrupted(Exception):
+    """Raised by a caller's interrupt check; the pass stops and nothing is returned."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks for front ends: progress per stage and tile, and an interrupt check that raises."""
+
+    progress: Callable[[str, int, int], None] | None = None  # (stage, done, total)
+    check_interrupt: Callable[[], None] | None = None
+
+    def step(self, stage: str, done: int, total: int) -> None:
+        if self.check_interrupt is not None:
+            self.check_interrupt()
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+
+@dataclass
+class RestoreResult:
+    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1], on the model's device
+    report: AttentionReport
+    seconds: float
+    stage_seconds: dict[str, float]
+    tile_size: int | None  # None: one pass
+    tile_stride: int | None
+    processed_size: tuple[int, int]  # (h1, w1), the size the VAE and UNet saw
+
+    def status_line(self) -> str:
+        b, _, h, w = self.images.shape
+        tiles = f"tiles {self.tile_size}/{self.tile_stride}" if self.tile_size else "one pass"
+        roles = ", ".join(f"{k} {v}" for k, v in self.report.backends_by_role().items())
+        return (f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles} | {self.seconds:.2f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+
+
+def target_size(height: int, width: int, upscale: float | None, long_side: int | None) -> tuple[int, int]:
+    """The output size the reference produces for this input and scaling."""
+    if long_side:
+        if height >= width:
+            return long_side, int(width * (long_side / height))
+        return int(height * (long_side / width)), long_side
+    return int(math.floor(height * upscale)), int(math.floor(width * upscale))
+
+
+def resize_to_output(images: torch.Tensor, upscale: float | None, long_side: int | None) -> torch.Tensor:
+    if long_side:
+        h, w = target_size(images.shape[2], images.shape[3], None, long_side)
+        return F.interpolate(images, size=(h, w), mode="bicubic")
+    return F.interpolate(images, scale_factor=upscale, mode="bicubic")
+
+
+def resize_short_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    _, _, h, w = images.shape
+    if h == w:
+        new_h, new_w = size, size
+    elif h < w:
+        new_h, new_w = size, int(w * (size / h))
+    else:
+        new_h, new_w = int(h * (size / w)), size
+    return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory planning
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def pass_bytes(height: int, width: int, batch: int, dtype: torch.dtype) -> int:
+    """Rough peak activation bytes of one untiled pass; the VAE decoder at full resolution dominates."""
+    per_pixel = 1300 * torch.finfo(dtype).bits // 8  # 2.6 KB/px in 16-bit, measured on SD2.1 at 2048^2
+    return int(height * width * batch * per_pixel)
+
+
+def plan_tiles(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device,
+               budget_bytes: int | None) -> tuple[int, int] | None:
+    """None when one pass fits the budget (or nothing bounds memory), else (tile, stride) in pixels."""
+    budget = budget_bytes if budget_bytes is not None else _free_bytes(device)
+    if budget is None or pass_bytes(height, width, batch, dtype) <= 0.85 * budget:
+        return None
+    tile = min(2048, round_to(max(height, width), 64))
+    while tile > 256 and pass_bytes(tile, tile, batch, dtype) > 0.85 * budget:
+        tile = round_to(tile * 3 // 4, 64)
+    return tile, round_to(tile * 3 // 4, 64)
+
+
+def tiles_per_batch(tile: int, batch: int, dtype: torch.dtype, device: torch.device,
+                    budget_bytes: int | None, count: int) -> int:
+    budget = budget_bytes if budget_bytes is not None else _free_bytes(device)
+    if budget is None:
+        return 1
+    fit = int(0.85 * budget // max(1, pass_bytes(tile, tile, batch, dtype)))
+    return max(1, min(count, fit, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def _check_t(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 999:
+        raise ValueError(f"{name} must be an integer in 1..999, got {value!r}")
+    return value
+
+
+class HYPIRPipeline:
+    """Restores batches with loaded HYPIR models. Cheap to create; models come from the cache."""
+
+    def __init__(self, models: HYPIRModels, device_info: DeviceInfo | None = None):
+        self.models = models
+        self.device_info = device_info or DeviceInfo.of(models.device)
+        self._last_console: tuple | None = None
+
+    @classmethod
+    def from_files(cls, base: str, weights: str, device="auto", dtype="auto", lora_scale=1.0,
+                   allow_download=False, **kwargs) -> "HYPIRPipeline":
+        return cls(MODEL_CACHE.get(base, weights, device, dtype, lora_scale, allow_download, **kwargs))
+
+    # --- text ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, implementation: str = "sdpa") -> torch.Tensor:
+        """(1, 77, hidden) text embedding, cached per prompt and attention implementation."""
+        m = self.models
+        key = (prompt, implementation)
+        with m.text_lock:
+            if key not in m.prompt_cache:
+                tokens = m.tokenizer(prompt, padding="max_length", max_length=m.tokenizer.model_max_length,
+                                     truncation=False, return_tensors="pt").input_ids
+                if tokens.shape[1] > m.tokenizer.model_max_length:
+                    logger.warning("[HYPIR] prompt has %d tokens; only the first %d are used", tokens.shape[1],
+                                   m.tokenizer.model_max_length)
+                    tokens = m.tokenizer(prompt, padding="max_length", max_length=m.tokenizer.model_max_length,
+                                         truncation=True, return_tensors="pt").input_ids
+                previous = m.text_encoder.config._attn_implementation
+                m.text_encoder.config._attn_implementation = implementation
+                try:
+                    embedding = m.text_encoder(tokens.to(m.device))[0]
+                finally:
+                    m.text_encoder.config._attn_implementation = previous
+                if len(m.prompt_cache) >= 16:
+                    m.prompt_cache.pop(next(iter(m.prompt_cache)))
+                m.prompt_cache[key] = embedding
+            return m.prompt_cache[key]
+
+    # --- restore ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: torch.Tensor,
+        *,
+        upscale: float | None = None,
+        long_side: int | None = None,
+        prompt: str | None = None,
+        seed: int | None = None,
+        model_t: int | None = None,
+        coeff_t: int | None = None,
+        tile_size: int | str | None = None,
+        tile_stride: int | None = None,
+        latent: str | None = None,
+        color_fix: bool | None = None,
+        attention: str | None = None,
+        use_flash_attention: bool | None = None,
+        vram_budget_gb: float | None = None,
+        callbacks: Callbacks | None = None,
+        sync_stages: bool = False,
+    ) -> RestoreResult:
+        defaults = _config.load_config()
+        pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
+        if long_side is None and upscale is None:
+            upscale = float(defaults["upscale"])
+        prompt = pick(prompt, "prompt")
+        seed = int(pick(seed, "seed"))
+        model_t = _check_t("model_t", pick(model_t, "model_t"))
+        coeff_t = _check_t("coeff_t", pick(coeff_t, "coeff_t"))
+        tile_size = pick(tile_size, "tile_size")
+        tile_stride = pick(tile_stride, "tile_stride")
+        latent = pick(latent, "latent")
+        color_fix = bool(pick(color_fix, "color_fix"))
+        policy = AttentionPolicy(pick(attention, "attention"), bool(pick(use_flash_attention, "use_flash_attention")))
+        callbacks = callbacks or Callbacks()
+        budget = int(vram_budget_gb * 2**30) if vram_budget_gb else None
+        self._check_inputs(images, upscale, long_side, latent, tile_size, tile_stride)
+
+        router = AttentionRouter(policy, self.models.device, self.models.dtype, self.device_info)
+        start = time.perf_counter()
+        forced_tile = None if tile_size in (None, "auto") else int(tile_size)
+        attempt = 0
+        while True:
+            try:
+                result = self._restore(images, upscale, long_side, prompt, seed, model_t, coeff_t, forced_tile,
+                                       int(tile_stride), latent, color_fix, router, budget, callbacks, sync_stages)
+                break
+            except torch.cuda.OutOfMemoryError:
+                attempt += 1
+                h1, w1 = self._processed_size(images, upscale, long_side)
+                current = forced_tile or max(h1, w1)
+                if attempt > MAX_OOM_RETRIES or current <= 256:
+                    raise
+                forced_tile = round_to(current // 2, 64)
+                tile_stride = round_to(forced_tile * 3 // 4, 64)
+                torch.cuda.empty_cache()
+                logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", forced_tile)
+        images_out, stages, tile, stride, processed = result
+        if self.models.device.type == "cuda":
+            torch.cuda.synchronize(self.models.device)
+        seconds = time.perf_counter() - start
+        report = build_report(router, text_encoder_implementation(router))
+        self._log_report(report)
+        return RestoreResult(images_out, report, seconds, stages, tile, stride, processed)
+
+    def _check_inputs(self, images, upscale, long_side, latent, tile_size, tile_stride):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        b, c, h, w = images.shape
+        if b == 0 or h == 0 or w == 0:
+            raise ValueError(f"empty input: batch {b}, size {w}x{h}")
+        if c != 3:
+            raise ValueError(f"images must have 3 (RGB) channels, got {c}; convert grayscale or RGBA to RGB first")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1], got {images.dtype}")
+        if long_side is not None and (not isinstance(long_side, int) or long_side < 1):
+            raise ValueError(f"long_side must be a positive integer, got {long_side!r}")
+        if long_side is None and not (isinstance(upscale, (int, float)) and 0 < upscale <= 16):
+            raise ValueError(f"upscale must be a number in (0, 16], got {upscale!r}")
+        if latent not in ("sample", "mode"):
+            raise ValueError(f"latent must be 'sample' or 'mode', got {latent!r}")
+        if tile_size not in (None, "auto"):
+            if int(tile_size) < 64 or int(tile_size) % 8:
+                raise ValueError(f"tile_size must be 'auto' or a multiple of 8 of at least 64 px, got {tile_size!r}")
+            if not 8 <= int(tile_stride) <= int(tile_size) or int(tile_stride) % 8:
+                raise ValueError(f"tile_stride must be a multiple of 8 in 8..tile_size ({tile_size}), got {tile_stride!r}")
+        oh, ow = target_size(h, w, upscale, long_side)
+        if oh < 1 or ow < 1:
+            raise ValueError(f"upscale {upscale} / long side {long_side} turns {w}x{h} into an empty {ow}x{oh} image")
+
+    @staticmethod
+    def _processed_size(images, upscale, long_side) -> tuple[int, int]:
+        h0, w0 = target_size(images.shape[2], images.shape[3], upscale, long_side)
+        if min(h0, w0) <= PATCH:
+            if h0 == w0:
+                return PATCH, PATCH
+            return (PATCH, int(w0 * PATCH / h0)) if h0 < w0 else (int(h0 * PATCH / w0), PATCH)
+        return h0, w0
+
+    def _restore(self, images, upscale, long_side, prompt, seed, model_t, coeff_t, tile, stride, latent,
+                 color_fix, router, budget, callbacks, sync_stages):
+        m = self.models
+        device, dtype = m.device, m.dtype
+        stages: dict[str, float] = {}
+        clock = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            if sync_stages and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            stages[name] = now - clock[0]
+            clock[0] = now
+
+        # 1. Upscale; this is the colour reference and fixes the output size.
+        ref = resize_to_output(images.to(device=device, dtype=torch.float32), upscale, long_side)
+        h0, w0 = ref.shape[2:]
+        # 2. Short side up to the reference's patch size.
+        lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
+        # 3. [-1, 1], padded to a multiple of 8.
+        h1, w1 = lq.shape[2:]
+        x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
+        batch = x.shape[0]
+
+        if tile is None:
+            planned = plan_tiles(x.shape[2], x.shape[3], batch, dtype, device, budget)
+            if planned:
+                tile, stride = planned
+        if tile is not None and tile >= max(x.shape[2], x.shape[3]):
+            tile = None  # one tile is one pass
+        px_tile = tile or max(x.shape[2], x.shape[3])
+        px_stride = stride if tile else px_tile
+        lat_tile, lat_stride = px_tile // VAE_SCALE, px_stride // VAE_SCALE
+        n_tiles = tile_count(x.shape[2], x.shape[3], px_tile, px_stride)
+        group = tiles_per_batch(px_tile, batch, dtype, device, budget, n_tiles) if tile else 1
+        lap("prepare")
+
+        def progress(stage):
+            done = [0]
+
+            def on_tile(n):
+                done[0] += n
+                callbacks.step(stage, done[0], n_tiles)
+            return on_tile
+
+        with use_router(router):
+            # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does
+            #    after torch.manual_seed(seed).
+            callbacks.step("encode", 0, n_tiles)
+            generator = torch.Generator(device=device).manual_seed(seed) if latent == "sample" else None
+
+            def encode(tiles: torch.Tensor) -> torch.Tensor:
+                dist = m.vae.encode(tiles.to(dtype)).latent_dist
+                return torch.cat([dist.mean, dist.std], dim=1)
+
+            def to_latent(moments: torch.Tensor, index: int) -> torch.Tensor:
+                mean, std = moments.chunk(2, dim=1)
+                if generator is None:
+                    return mean.float()
+                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=dtype)
+                return mean.float() + std.float() * noise.float()
+
+            z = run_tiled(encode, x, px_tile, px_stride, 1 / VAE_SCALE, 4, group, progress("encode"), to_latent)
+            lap("encode")
+
+            # 5. One UNet call at model_t on the scaled latent.
+            scaling = m.vae.config.scaling_factor
+            z_in = z * scaling
+            text = self.encode_prompt(prompt, text_encoder_implementation(router)).to(dtype)
+            timestep = torch.tensor([model_t], device=device)
+
+            def unet(tiles: torch.Tensor) -> torch.Tensor:
+                n = tiles.shape[0]
+                return m.unet(tiles.to(dtype), timestep.expand(n), encoder_hidden_states=text.expand(n, -1, -1)).sample
+
+            callbacks.step("unet", 0, n_tiles)
+            eps = run_tiled(unet, z_in, lat_tile, lat_stride, 1, 4, group, progress("unet"))
+            lap("unet")
+
+            # 6. x0 from the scheduler's alphas at coeff_t (blending eps then stepping equals stepping
+            #    per tile then blending: the step is linear).
+            abar = float(m.alphas_cumprod[coeff_t])
+            z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
+
+            # 7. VAE decode, crop the padding, back to [0, 1] at the output size.
+            callbacks.step("decode", 0, n_tiles)
+            out = run_tiled(lambda t: m.vae.decode(t.to(dtype)).sample, z_out, lat_tile, lat_stride, VAE_SCALE, 3,
+                            group, progress("decode"))
+            lap("decode")
+        out = (out[:, :, :h1, :w1] + 1) / 2
+        out = F.interpolate(out, size=(h0, w0), mode="bicubic", antialias=True)
+        # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
+        if color_fix:
+            out = wavelet_color_fix(out, ref)
+        # 9. Clamp.
+        out = out.clamp(0, 1)
+        lap("finish")
+        return out, stages, tile, (stride if tile else None), (h1, w1)
+
+    def _log_report(self, report: AttentionReport) -> None:
+        key = (report.status_line(), tuple(sorted(report.backends_by_role().items())))
+        if key != self._last_console:
+            self._last_console = key
+            for line in report.console_lines():
+                logger.info("[HYPIR] %s", line)
+
+
+def restore(images: torch.Tensor, base: str, weights: str, device="auto", dtype="auto", **options) -> RestoreResult:
+    """One-call API: load (cached) and restore."""
+    return HYPIRPipeline.from_files(base, weights, device, dtype)(images, **options)
