@@ -1,0 +1,53 @@
+"""Shared fixtures: one tiny SD2-shaped model (random weights) written as a diffusers folder plus a
+HYPIR-format LoRA file, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# The tests never reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    from hypir.random_models import build_random_base, random_lora, save_diffusers_folder
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = build_random_base("tiny", seed=0)
+    folder = save_diffusers_folder(base, root / "tiny_sd")
+    weights = root / "HYPIR_tiny.pth"
+    torch.save(random_lora(base.unet, rank=4, seed=0), weights)
+    return folder, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_files):
+    from hypir.loading import load_models
+
+    folder, weights = tiny_files
+    return load_models(folder, weights, device="cpu", dtype="fp32")
+
+
+@pytest.fixture()
+def pipe(tiny_models):
+    from hypir.pipeline import HYPIRPipeline
+
+    return HYPIRPipeline(tiny_models)
+
+
+def smooth_image(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A natural-ish test image: low-resolution noise upsampled, in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, max(2, height // 8), max(2, width // 8), generator=gen)
+    img = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return (img + 0.05 * torch.rand(batch, 3, height, width, generator=gen)).clamp(0, 1)
+
+
+@pytest.fixture()
+def image_factory():
+    return smooth_image
