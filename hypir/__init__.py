@@ -1,10 +1,22 @@
-"""HYPIR one-step image restoration with FlashAttention-class attention. No ComfyUI imports here."""
+"""HYPIR one-step image restoration with FlashAttention-class attention. No ComfyUI imports here.
+
+The public names are imported on first use, so that `hypir --help` and `hypir download` start without
+loading torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .attention import AttentionBackend, AttentionPolicy  # noqa: E402
-from .loading import HYPIRLoadError, ModelCache, MODEL_CACHE, load_models  # noqa: E402
-from .pipeline import Callbacks, HYPIRPipeline, RestoreResult, restore  # noqa: E402
+_EXPORTS = {
+    "AttentionBackend": "attention", "AttentionPolicy": "attention",
+    "HYPIRLoadError": "loading", "ModelCache": "loading", "MODEL_CACHE": "loading", "load_models": "loading",
+    "Callbacks": "pipeline", "HYPIRPipeline": "pipeline", "RestoreResult": "pipeline", "restore": "pipeline",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["AttentionBackend", "AttentionPolicy", "Callbacks", "HYPIRLoadError", "HYPIRPipeline", "MODEL_CACHE",
-           "ModelCache", "RestoreResult", "load_models", "restore", "__version__"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'hypir' has no attribute {name!r}")

@@ -90,9 +90,10 @@ def _package_version(*dist_names: str) -> str:
     return "unknown"
 
 
-def _flash_attn2_version() -> str:
-    module = importlib.import_module("flash_attn")
-    return str(getattr(module, "__version__", None) or _package_version("flash-attn", "flash_attn"))
+def _module_version(module_name: str, dist_name: str) -> str:
+    """The version a module reports, else its distribution's."""
+    module = importlib.import_module(module_name)
+    return str(getattr(module, "__version__", None) or _package_version(dist_name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ _register(BackendSpec(AttentionBackend.FLASH_ATTN3, _flash_attn3, "FlashAttentio
 _register(BackendSpec(AttentionBackend.FLASH_ATTN, _flash_attn, "FlashAttention 2", True, ("cuda",), (8, 0),
                       HALF_DTYPES, 256, 8, ("flash_attn", "flash_attn_func"),
                       "pip install flash-attn: a prebuilt wheel matching your torch and CUDA",
-                      _flash_attn2_version))
+                      lambda: _module_version("flash_attn", "flash-attn")))
 _register(BackendSpec(AttentionBackend.SDPA_CUDNN, _sdpa_cudnn, "cuDNN attention (PyTorch SDPA)", True, ("cuda",),
                       (8, 0), HALF_DTYPES, 128, 8, version=_cudnn_version, probe=True))
 _register(BackendSpec(AttentionBackend.SDPA_FLASH, _sdpa_flash, "FlashAttention 2 (PyTorch SDPA)", True, ("cuda",),
@@ -228,7 +229,7 @@ _register(BackendSpec(AttentionBackend.SDPA_FLASH, _sdpa_flash, "FlashAttention 
 _register(BackendSpec(AttentionBackend.FLASH_ATTN4, _flash_attn4, "FlashAttention 4", True, ("cuda",), (9, 0),
                       HALF_DTYPES, 128, 8, ("flash_attn.cute", "flash_attn_func"),
                       "pip install flash-attn-4, Hopper or newer",
-                      lambda: _package_version("flash-attn-4"), probe=True))
+                      lambda: _module_version("flash_attn.cute", "flash-attn-4"), probe=True))
 _register(BackendSpec(AttentionBackend.SDPA_EFFICIENT, _sdpa_efficient, "memory-efficient attention (PyTorch SDPA)",
                       False, ("cuda",), (5, 0), probe=True))
 _register(BackendSpec(AttentionBackend.SDPA, _sdpa, "PyTorch SDPA", False, None))
@@ -303,12 +304,6 @@ class AttentionPolicy:
         self.attention = parse_backend(self.attention)
 
 
-@dataclass
-class Choice:
-    backend: AttentionBackend
-    reason: str | None = None  # why FlashAttention is not used, when it is not
-
-
 class AttentionRouter:
     """Resolves the backend of every attention call for one policy on one device and dtype.
 
@@ -325,7 +320,7 @@ class AttentionRouter:
         self.ran: dict[str, AttentionBackend] = {}
         self.failed: dict[str, set[AttentionBackend]] = {}
         self.fallback_warnings: list[str] = []
-        self._cache: dict[tuple, Choice] = {}
+        self._cache: dict[tuple, AttentionBackend] = {}
         self._lock = threading.Lock()
 
     # --- the order of candidates for this policy ---
@@ -365,61 +360,58 @@ class AttentionRouter:
             why = _probe(spec, self.device, self.dtype)
         return why
 
-    def choose(self, module: str, head_dim: int) -> Choice:
+    def choose(self, module: str, head_dim: int) -> AttentionBackend:
+        """The first usable candidate for this module, skipping kernels that failed in it."""
         failed = frozenset(self.failed.get(module, ()))
         key = (module, head_dim, failed)
-        choice = self._cache.get(key)
-        if choice is not None:
-            return choice
-        order, off_reason = self.candidates()
-        for backend in order:
-            if backend in failed or self._usable(backend, head_dim) is not None:
-                continue
-            reason = None
-            if not REGISTRY[backend].flash_class:
-                reason = off_reason or (
-                    f"{self.policy.attention.value} chosen" if self.policy.attention != AUTO
-                    else self._flash_reason_for(module, head_dim)
-                )
-            choice = Choice(backend, reason)
-            break
-        else:
+        backend = self._cache.get(key)
+        if backend is not None:
+            return backend
+        order, _ = self.candidates()
+        backend = next((b for b in order if b not in failed and self._usable(b, head_dim) is None), None)
+        if backend is None:
             raise RuntimeError(f"no attention backend can run {module} (head_dim {head_dim}, "
                                f"{_dtype_name(self.dtype)}, {self.info.type}); tried {[b.value for b in order]}")
         requested = self.policy.attention
-        if requested != AUTO and choice.backend != requested and requested not in failed:
-            why = self._usable(requested, head_dim)
-            logger.warning("[HYPIR] %s cannot run %s (%s): using %s", requested.value, module, why,
-                           choice.backend.value)
-        self._cache[key] = choice
-        return choice
+        if requested != AUTO and backend != requested and requested not in failed:
+            logger.warning("[HYPIR] %s cannot run %s (%s): using %s", requested.value, module,
+                           self._usable(requested, head_dim), backend.value)
+        self._cache[key] = backend
+        return backend
 
-    def _flash_reason_for(self, module: str, head_dim: int) -> str:
-        if self.failed.get(module) and any(REGISTRY[b].flash_class for b in self.failed[module]):
-            return "the FlashAttention kernel failed at run time"
-        generic = self.flash_unavailable_reason(64)
-        if self.info.type == "cuda" and self.info.capability and self.info.capability >= (8, 0) \
-                and self.dtype in HALF_DTYPES and head_dim > 256:
+    def flash_off_reason(self, module_prefix: str = "unet.", head_dim: int = 64) -> str:
+        """Why the modules under this prefix do not run a FlashAttention-class kernel."""
+        failed = sorted({b.value for m, bs in self.failed.items() if m.startswith(module_prefix)
+                         for b in bs if REGISTRY[b].flash_class})
+        if failed:
+            return f"{'/'.join(failed)} failed at run time"
+        _, off_reason = self.candidates()
+        if off_reason:
+            return off_reason
+        if self.policy.attention != AUTO:
+            return f"{self.policy.attention.value} chosen"
+        if head_dim > 256 and self.info.type == "cuda" and self.dtype in HALF_DTYPES \
+                and (self.info.capability or (0, 0)) >= (8, 0):
             return f"head_dim {head_dim} exceeds what FlashAttention kernels support"
-        return generic
+        return self.flash_unavailable_reason(head_dim)
 
     def run(self, module: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         head_dim = q.shape[-1]
         while True:
-            choice = self.choose(module, head_dim)
+            backend = self.choose(module, head_dim)
             try:
-                out = REGISTRY[choice.backend].fn(q, k, v, scale)
+                out = REGISTRY[backend].fn(q, k, v, scale)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failing kernel falls back, once per module, loudly
                 with self._lock:
-                    self.failed.setdefault(module, set()).add(choice.backend)
-                message = (f"[HYPIR] {choice.backend.value} failed in {module} "
+                    self.failed.setdefault(module, set()).add(backend)
+                message = (f"[HYPIR] {backend.value} failed in {module} "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); falling back")
                 self.fallback_warnings.append(message)
                 logger.warning(message)
                 continue
-            self.ran[module] = choice.backend
+            self.ran[module] = backend
             return out
 
 
@@ -519,7 +511,10 @@ def text_encoder_implementation(router: AttentionRouter) -> str:
         return "eager"
     wants_flash = requested == AttentionBackend.FLASH_ATTN or (requested == AUTO and router.policy.use_flash_attention)
     if wants_flash and router._usable(AttentionBackend.FLASH_ATTN, 64) is None:
-        return "flash_attention_2"
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():  # transformers' own check of the flash-attn 2 package
+            return "flash_attention_2"
     return "sdpa"
 
 
@@ -589,13 +584,5 @@ class AttentionReport:
 def build_report(router: AttentionRouter, text_encoder: str) -> AttentionReport:
     unet_self = [b for m, b in router.ran.items() if m.startswith("unet.") and m.endswith("attn1")]
     main = max(set(unet_self), key=unet_self.count) if unet_self else None
-    reason = None
-    if main is None or not REGISTRY[main].flash_class:
-        order, off_reason = router.candidates()
-        if off_reason:
-            reason = off_reason
-        elif router.policy.attention != AUTO:
-            reason = f"{router.policy.attention.value} chosen"
-        else:
-            reason = router._flash_reason_for("unet.attn1", 64)
+    reason = None if main is not None and REGISTRY[main].flash_class else router.flash_off_reason("unet.", 64)
     return AttentionReport(main, dict(router.ran), text_encoder, reason, list(router.fallback_warnings))

@@ -223,8 +223,11 @@ def cmd_doctor(args) -> int:
         spec = REGISTRY[backend]
         state = f"available ({spec.version()})" if why is None else f"not available: {why}"
         print(f"  {backend.value:<15} {state}")
-    choice = router.choose("unet.attn1", 64)
-    print(f"auto picks for UNet attention: {choice.backend.value}" + (f" ({choice.reason})" if choice.reason else ""))
+    backend = router.choose("unet.attn1", 64)
+    flash = REGISTRY[backend].flash_class
+    print(f"auto picks for UNet attention: {backend.value}"
+          + ("" if flash else f" (FlashAttention not used: {router.flash_off_reason()})"))
+    print(f"auto picks for VAE attention (head_dim 512): {router.choose('vae.mid', 512).value}")
     print("model folders searched: " + ", ".join(str(d) for d in search_dirs()) + ", Hugging Face cache")
     weights = find_file(cfg["weights_file"]) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
     base = find_file(cfg["base_model_file"]) or _cached_hub_snapshot(cfg["base_model_repo"])

@@ -2,7 +2,8 @@
 
 Search order for a file name: the folders given by the caller (ComfyUI's model folders), then
 $HYPIR_MODELS_DIR, ./models, and the Hugging Face cache. Downloads go through huggingface_hub, which
-shows progress, resumes interrupted transfers and moves a file under its final name only once complete.
+shows progress, retries a dropped connection within the run (resuming from what reached the disk), and
+moves a file under its final name only once complete.
 """
 
 from __future__ import annotations
