@@ -52,12 +52,25 @@ def config_file() -> Path | None:
     return REPO_CONFIG_FILE if REPO_CONFIG_FILE.is_file() else None
 
 
+_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
 def load_config(path: Path | None = None) -> dict[str, Any]:
-    """Built-in defaults updated with HYPIR_CONFIG from the config file; unknown keys are an error."""
-    config = copy.deepcopy(BUILTIN_DEFAULTS)
+    """Built-in defaults updated with HYPIR_CONFIG from the config file; unknown keys are an error.
+    The file is read again only when it changes."""
     path = path or config_file()
     if path is None:
-        return config
+        return copy.deepcopy(BUILTIN_DEFAULTS)
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _read_config(path)
+    return copy.deepcopy(_CACHE[key])
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config = copy.deepcopy(BUILTIN_DEFAULTS)
     spec = importlib.util.spec_from_file_location("hypir._user_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
