@@ -59,23 +59,33 @@ def gpu_models(tmp_path_factory):
     return {dtype: load_models(folder, root / "lora.pth", device="cuda", dtype=dtype) for dtype in ("fp32", "bf16")}
 
 
+def _psnr(a, b):
+    mse = torch.mean((a - b) ** 2).item()
+    return 10 * math.log10(1 / mse) if mse else float("inf")
+
+
 def test_every_backend_end_to_end_against_fp32_standard(gpu_models):
+    """Each bf16 backend lands as close to the fp32 `standard` pass as bf16 `standard` does: the kernel adds
+    nothing beyond bf16 rounding (random weights make bf16 itself lossy here)."""
     from hypir.pipeline import HYPIRPipeline
 
     gen = torch.Generator().manual_seed(0)
     lq = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16, generator=gen), size=(256, 256), mode="bilinear")
     lq = lq.cuda()
     reference = HYPIRPipeline(gpu_models["fp32"])(lq, upscale=2.0, attention="standard", latent="mode").images
+    bf16_standard = HYPIRPipeline(gpu_models["bf16"])(lq, upscale=2.0, attention="standard", latent="mode").images
+    floor = _psnr(bf16_standard, reference)
+    print(f"bf16 standard vs fp32 standard: {floor:.1f} dB")
     for backend in AttentionBackend:
         if usable(backend, torch.bfloat16, 64) is not None:
             continue
         result = HYPIRPipeline(gpu_models["bf16"])(lq, upscale=2.0, attention=backend.value, latent="mode")
-        mse = torch.mean((result.images - reference) ** 2).item()
-        psnr = 10 * math.log10(1 / mse) if mse else float("inf")
-        print(f"{backend.value:15s} end to end vs fp32 standard: {psnr:.1f} dB; ran {result.report.backends_by_role()}")
+        psnr = _psnr(result.images, reference)
+        print(f"{backend.value:15s} end to end vs fp32 standard: {psnr:.1f} dB, vs bf16 standard: "
+              f"{_psnr(result.images, bf16_standard):.1f} dB; ran {result.report.backends_by_role()}")
         unet_ran = {b for mod, b in result.report.per_module.items() if mod.startswith("unet.")}
         assert unet_ran == {backend}
-        assert psnr > 35
+        assert psnr > floor - 1.0
 
 
 def test_auto_picks_a_flash_kernel_on_ampere_or_newer(gpu_models):
@@ -85,7 +95,8 @@ def test_auto_picks_a_flash_kernel_on_ampere_or_newer(gpu_models):
         pytest.skip("FlashAttention needs sm80+")
     result = HYPIRPipeline(gpu_models["bf16"])(torch.rand(1, 3, 64, 64, device="cuda"), upscale=2.0)
     assert result.report.flash_enabled, result.report.status_line()
-    assert REGISTRY[result.report.per_module["vae.mid_block.attentions.0"]].flash_class is False
+    vae = {b for m, b in result.report.per_module.items() if m.startswith("vae.")}
+    assert vae and all(REGISTRY[b].flash_class for b in vae)  # the tiny VAE's head_dim is 32
     print(result.status_line())
 
 
