@@ -1,0 +1,138 @@
+"""The `hypir` console script end to end (real subprocesses), and hypir_config.py loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hypir import config as hypir_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hypir(*args, cwd=None, env_extra=None):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.update(env_extra or {})
+    hypir_bin = shutil.which("hypir", path=str(Path(sys.executable).parent)) or shutil.which("hypir")
+    command = [hypir_bin] if hypir_bin else [sys.executable, "-m", "hypir"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def write_image(path: Path, mode: str, size=(40, 32)):
+    rng = np.random.default_rng(0)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    data = (rng.random((size[1], size[0], channels)) * 255).astype(np.uint8)
+    Image.fromarray(data[..., 0] if channels == 1 else data, mode).save(path)
+    return path
+
+
+def test_bench_tiny_through_console_script(tmp_path):
+    result = hypir("bench", "--model", "tiny", "--size", "128", "--repeats", "1", "--json", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert {"standard", "sdpa"} <= set(rows)
+    assert rows["standard"]["psnr_db"] == float("inf")
+    assert rows["sdpa"]["psnr_db"] > 60 and rows["sdpa"]["error"] is None
+    assert set(rows["sdpa"]["stage_ms"]) >= {"encode", "unet", "decode"}
+    assert "backend" in result.stdout and "speedup" in result.stdout
+
+
+def test_restore_single_file_and_folder(tiny_files, tmp_path):
+    folder, weights = tiny_files
+    single = write_image(tmp_path / "photo.jpg", "RGB")
+    result = hypir("restore", single, "-o", tmp_path / "out.png", "--base", folder, "--weights", weights,
+                   "--device", "cpu", "--upscale", "2", "--tile-size", "auto")
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.size == (80, 64) and out.mode == "RGB"
+    assert "FlashAttention: disabled (CPU: FlashAttention needs an NVIDIA GPU), using sdpa" in result.stdout
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_image(inputs / "a.png", "RGBA")
+    write_image(inputs / "b.png", "L", size=(20, 30))
+    result = hypir("restore", inputs, "-o", tmp_path / "outdir", "--base", folder, "--weights", weights,
+                   "--device", "cpu", "--long-side", "60", "--no-flash-attention", "--latent", "mode")
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "outdir" / "a.png") as a, Image.open(tmp_path / "outdir" / "b.png") as b:
+        assert (a.size, a.mode) == ((60, 48), "RGBA")
+        assert (b.size, b.mode) == ((40, 60), "L")
+    assert not list((tmp_path / "outdir").glob(".*partial"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["restore", "missing.png", "-o", "x.png"], "hypir: error: missing.png: no such file or folder"),
+    (["restore", "{img}", "-o", "x.png", "--weights", "nothing.pth", "--base", "{base}"],
+     "hypir: error: HYPIR weights not found at nothing.pth"),
+    (["restore", "{img}", "-o", "x.jpg", "--weights", "{weights}", "--base", "{base}"],
+     "hypir: error: x.jpg: the output file must end in .png"),
+    (["restore", "{img}", "-o", "x.png", "--weights", "{weights}", "--base", "{base}", "--tile-size", "big"],
+     "hypir: error: --tile-size must be 'auto' or an integer"),
+])
+def test_failures_are_one_line_and_non_zero(tiny_files, tmp_path, args, message):
+    folder, weights = tiny_files
+    img = write_image(tmp_path / "in.png", "RGB")
+    args = [a.format(img=img, base=folder, weights=weights) for a in args]
+    result = hypir(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_doctor_lists_every_backend():
+    result = hypir("doctor")
+    assert result.returncode == 0, result.stderr
+    for name in ("flash_attn ", "flash_attn3", "flash_attn4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
+                 "sage", "standard"):
+        assert name in result.stdout
+    assert "dtype auto:" in result.stdout and "HYPIR weights (HYPIR_sd2.pth)" in result.stdout
+
+
+# ---- hypir_config.py -----------------------------------------------------------------------------------
+
+def test_repo_config_is_the_file_users_edit():
+    assert hypir_config.config_file() == REPO / "hypir_config.py"
+    cfg = hypir_config.load_config()
+    assert cfg["use_flash_attention"] is True and cfg["model_t"] == 200 and cfg["coeff_t"] == 200
+
+
+def test_config_never_imported_by_bare_name(tmp_path, monkeypatch):
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "hypir_config.py").write_text("HYPIR_CONFIG = {'coeff_t': 100}\n")  # another pack's file
+    monkeypatch.syspath_prepend(str(decoy))
+    assert hypir_config.load_config()["coeff_t"] == 200
+
+
+def test_config_file_from_environment_and_unknown_keys(tmp_path, monkeypatch):
+    good = tmp_path / "mine.py"
+    good.write_text("HYPIR_CONFIG = {'model_t': 150, 'use_flash_attention': False}\n")
+    monkeypatch.setenv("HYPIR_CONFIG_FILE", str(good))
+    cfg = hypir_config.load_config()
+    assert cfg["model_t"] == 150 and cfg["use_flash_attention"] is False and cfg["coeff_t"] == 200
+    bad = tmp_path / "bad.py"
+    bad.write_text("HYPIR_CONFIG = {'model_T': 150}\n")
+    monkeypatch.setenv("HYPIR_CONFIG_FILE", str(bad))
+    with pytest.raises(ValueError, match="unknown HYPIR_CONFIG keys \\['model_T'\\]"):
+        hypir_config.load_config()
+
+
+def test_cli_defaults_come_from_the_config(tmp_path, monkeypatch):
+    from hypir.cli import build_parser
+
+    path = tmp_path / "cfg.py"
+    path.write_text("HYPIR_CONFIG = {'coeff_t': 120, 'seed': 7, 'attention': 'standard'}\n")
+    monkeypatch.setenv("HYPIR_CONFIG_FILE", str(path))
+    args = build_parser().parse_args(["restore", "x.png", "-o", "y.png"])
+    assert (args.coeff_t, args.seed, args.attention) == (120, 7, "standard")
