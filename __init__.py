@@ -1,0 +1,9 @@
+"""ComfyUI entry point of the HYPIR node pack: wires in the node layer, nothing else.
+
+Imported by ComfyUI as a package (the folder under custom_nodes/); the engine is the `hypir` subpackage,
+reached by relative imports, so no generic module name is put on sys.path.
+"""
+
+from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

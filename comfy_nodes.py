@@ -1,0 +1,281 @@
+"""ComfyUI nodes (classic V1 API): thin adapters over the `hypir` engine.
+
+No math here: IMAGE (B, H, W, C) <-> (B, C, H, W), ComfyUI's model folders, progress bar and interrupt.
+ComfyUI modules are imported inside the functions that need them, so the pack imports (and its tests
+run) without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .hypir import config as _config
+from .hypir.attention import AUTO, AttentionBackend
+from .hypir.loading import BUNDLED_SD21_CONFIG, MODEL_CACHE, HYPIRLoadError
+from .hypir.pipeline import Callbacks, HYPIRPipeline
+
+logger = logging.getLogger("hypir")
+
+CATEGORY = "HYPIR"
+MODEL_FOLDER = "HYPIR"
+ATTENTION_CHOICES = [AUTO, *[b.value for b in AttentionBackend]]
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+
+
+def register_model_folder() -> None:
+    """models/HYPIR, known to folder_paths so that extra_model_paths.yaml entries (key `HYPIR`) work too."""
+    import os
+
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], {".pth", ".safetensors", ".pt", ".ckpt"})
+    elif default not in folder_paths.folder_names_and_paths[MODEL_FOLDER][0]:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, default)
+
+
+def _folder_files(kind: str) -> list[str]:
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    try:
+        return list(folder_paths.get_filename_list(kind))
+    except KeyError:
+        return []
+
+
+def base_model_choices() -> list[str]:
+    """SD2.1 single files in models/checkpoints and models/HYPIR, diffusers folders in models/diffusers."""
+    choices = [f"checkpoints/{f}" for f in _folder_files("checkpoints")]
+    choices += [f"HYPIR/{f}" for f in _folder_files(MODEL_FOLDER) if "hypir" not in f.lower()]
+    try:
+        import os
+
+        import folder_paths
+
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if os.path.isdir(root):
+                choices += [f"diffusers/{d}" for d in sorted(os.listdir(root))
+                            if os.path.isdir(os.path.join(root, d, "unet"))]
+    except (ImportError, KeyError):
+        pass
+    cfg = _config.load_config()
+    preferred = [c for c in choices if c.endswith(cfg["base_model_file"])]
+    return preferred + [c for c in choices if c not in preferred] or [cfg["base_model_file"]]
+
+
+def weights_choices() -> list[str]:
+    files = [f for f in _folder_files(MODEL_FOLDER) if f.lower().endswith((".pth", ".safetensors", ".pt"))]
+    hypir_first = sorted(files, key=lambda f: ("hypir" not in f.lower(), f))
+    return hypir_first or [_config.load_config()["weights_file"]]
+
+
+def resolve_base(choice: str, download: bool) -> str:
+    import os
+
+    import folder_paths
+
+    kind, _, name = choice.partition("/")
+    if kind == "checkpoints" or kind == MODEL_FOLDER:
+        path = folder_paths.get_full_path(kind, name)
+        if path:
+            return path
+    if kind == "diffusers":
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if os.path.isdir(os.path.join(root, name)):
+                return os.path.join(root, name)
+    cfg = _config.load_config()
+    if download:
+        from .hypir.model_files import download_base
+
+        return str(download_base(os.path.join(folder_paths.get_folder_paths("diffusers")[0],
+                                              "stable-diffusion-2-1-base"), cfg["base_model_repo"]))
+    raise HYPIRLoadError(
+        f"base model {choice!r} not found. Put the SD2.1-base checkpoint {cfg['base_model_file']} in "
+        f"ComfyUI/models/checkpoints (or a diffusers folder in models/diffusers), or enable download_if_missing")
+
+
+def resolve_weights(choice: str, download: bool) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(MODEL_FOLDER, choice)
+    if path:
+        return path
+    cfg = _config.load_config()
+    if download:
+        from .hypir.model_files import download_weights
+
+        return str(download_weights(folder_paths.get_folder_paths(MODEL_FOLDER)[0], cfg["weights_repo"],
+                                    cfg["weights_file"]))
+    raise HYPIRLoadError(
+        f"HYPIR weights {choice!r} not found. Download {cfg['weights_file']} from "
+        f"https://huggingface.co/{cfg['weights_repo']} into ComfyUI/models/{MODEL_FOLDER}/, or enable "
+        f"download_if_missing")
+
+
+class HYPIRModel:
+    """What HYPIR_MODEL carries: the loaded models and the caller's attention choice."""
+
+    def __init__(self, pipeline: HYPIRPipeline, attention: str, use_flash_attention: bool):
+        self.pipeline = pipeline
+        self.attention = attention
+        self.use_flash_attention = use_flash_attention
+
+
+def load_hypir_model(base: str, weights: str, dtype: str, attention: str, use_flash_attention: bool,
+                     download_if_missing: bool) -> HYPIRModel:
+    import comfy.model_management as mm
+
+    register_model_folder()
+    base_path = resolve_base(base, download_if_missing)
+    weights_path = resolve_weights(weights, download_if_missing)
+    device = mm.get_torch_device()
+    models = MODEL_CACHE.get(base_path, weights_path, device, dtype, 1.0, allow_download=False,
+                             config_dir=BUNDLED_SD21_CONFIG)
+    return HYPIRModel(HYPIRPipeline(models), attention, use_flash_attention)
+
+
+def run_restore(model: HYPIRModel, image, **options):
+    """IMAGE (B, H, W, C) in [0, 1] -> restored IMAGE and the status line."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(300)
+    stages = {"encode": 0, "unet": 100, "decode": 200}
+
+    def progress(stage, done, total):
+        bar.update_absolute(stages[stage] + int(100 * done / max(total, 1)), 300)
+
+    images = image.movedim(-1, 1)
+    result = model.pipeline(images, attention=model.attention, use_flash_attention=model.use_flash_attention,
+                            callbacks=Callbacks(progress=progress,
+                                                check_interrupt=mm.throw_exception_if_processing_interrupted),
+                            **options)
+    out = result.images.movedim(1, -1).float().cpu()
+    return out, result.status_line()
+
+
+def _defaults():
+    return _config.load_config()
+
+
+class HYPIRModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfg = _defaults()
+        return {"required": {
+            "base_model": (base_model_choices(), {"tooltip": "Stable Diffusion 2.1-base: a single-file checkpoint "
+                                                             "(models/checkpoints) or a diffusers folder (models/diffusers)"}),
+            "hypir_weights": (weights_choices(), {"tooltip": "HYPIR_sd2.pth in models/HYPIR"}),
+            "dtype": (DTYPE_CHOICES, {"default": cfg["dtype"], "tooltip": "auto: bf16 on RTX 30xx and newer, "
+                                                                         "fp16 on older GPUs and Apple, fp32 on CPU"}),
+            "attention": (ATTENTION_CHOICES, {"default": cfg["attention"], "tooltip": "auto picks the fastest "
+                          "FlashAttention-class kernel your GPU supports; a named backend overrides the switch"}),
+            "use_flash_attention": ("BOOLEAN", {"default": cfg["use_flash_attention"], "tooltip": "Off: no "
+                                    "FlashAttention kernel (memory-efficient SDPA on NVIDIA GPUs)"}),
+            "download_if_missing": ("BOOLEAN", {"default": False, "tooltip": "Download missing models from the "
+                                    "Hugging Face Hub into ComfyUI's model folders"}),
+        }}
+
+    RETURN_TYPES = ("HYPIR_MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, base_model, hypir_weights, dtype, attention, use_flash_attention, download_if_missing):
+        return (load_hypir_model(base_model, hypir_weights, dtype, attention, use_flash_attention,
+                                 download_if_missing),)
+
+
+def _restore_inputs(cfg) -> dict:
+    tile = 0 if cfg["tile_size"] in (None, "auto") else int(cfg["tile_size"])
+    return {
+        "prompt": ("STRING", {"default": cfg["prompt"], "multiline": True, "tooltip": "What the photo shows; "
+                              "empty works well"}),
+        "upscale": ("FLOAT", {"default": float(cfg["upscale"]), "min": 0.25, "max": 16.0, "step": 0.05,
+                              "tooltip": "Output size as a factor of the input"}),
+        "target_long_side": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8,
+                                     "tooltip": "Longest output side in pixels; 0 = use upscale"}),
+        "seed": ("INT", {"default": int(cfg["seed"]), "min": 0, "max": 2**63 - 1,
+                         "tooltip": "Seed of the VAE latent sample (231 = the reference's default)"}),
+        "model_t": ("INT", {"default": int(cfg["model_t"]), "min": 1, "max": 999,
+                            "tooltip": "UNet timestep; tune with coeff_t (100..300): lower keeps more of the input"}),
+        "coeff_t": ("INT", {"default": int(cfg["coeff_t"]), "min": 1, "max": 999,
+                            "tooltip": "Timestep whose alphas turn the prediction into the image"}),
+        "tile_size": ("INT", {"default": tile, "min": 0, "max": 8192, "step": 64,
+                              "tooltip": "0 = auto: one pass when it fits in GPU memory, else tiles"}),
+        "tile_stride": ("INT", {"default": int(cfg["tile_stride"]), "min": 64, "max": 8192, "step": 8,
+                                "tooltip": "Distance between tiles; overlap = tile_size - tile_stride"}),
+        "color_fix": ("BOOLEAN", {"default": bool(cfg["color_fix"]), "tooltip": "Keep the input's colours "
+                                                                                "(wavelet colour fix)"}),
+    }
+
+
+def _options(prompt, upscale, target_long_side, seed, model_t, coeff_t, tile_size, tile_stride, color_fix):
+    return dict(prompt=prompt, upscale=None if target_long_side else upscale,
+                long_side=target_long_side or None, seed=seed, model_t=model_t, coeff_t=coeff_t,
+                tile_size=tile_size or "auto", tile_stride=tile_stride, color_fix=color_fix)
+
+
+class HYPIRRestore:
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfg = _defaults()
+        return {"required": {"image": ("IMAGE", {"tooltip": "Images to restore (a batch is processed together)"}),
+                             "hypir_model": ("HYPIR_MODEL", {"tooltip": "From HYPIR Model Loader"}),
+                             **_restore_inputs(cfg)}}
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "status")
+    FUNCTION = "restore"
+    CATEGORY = CATEGORY
+
+    def restore(self, image, hypir_model, **inputs):
+        out, status = run_restore(hypir_model, image, **_options(**inputs))
+        logger.info("[HYPIR] %s", status)
+        return {"ui": {"text": [status]}, "result": (out, status)}
+
+
+class HYPIRAdvancedRestoration(HYPIRRestore):
+    """All in one: loads (cached, shared with the loader) and restores."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfg = _defaults()
+        loader = HYPIRModelLoader.INPUT_TYPES()["required"]
+        return {"required": {"image": ("IMAGE", {"tooltip": "Images to restore"}),
+                             **_restore_inputs(cfg),
+                             "base_model": loader["base_model"], "hypir_weights": loader["hypir_weights"],
+                             "use_flash_attention": loader["use_flash_attention"],
+                             "unload_model_after": ("BOOLEAN", {"default": False, "tooltip": "Free the models "
+                                                                "after this run (slower next time)"})}}
+
+    FUNCTION = "restore_all"
+
+    def restore_all(self, image, base_model, hypir_weights, use_flash_attention, unload_model_after, **inputs):
+        start = time.perf_counter()
+        model = load_hypir_model(base_model, hypir_weights, "auto", AUTO, use_flash_attention, False)
+        try:
+            out, status = run_restore(model, image, **_options(**inputs))
+        finally:
+            if unload_model_after:
+                MODEL_CACHE.clear()
+                import comfy.model_management as mm
+
+                mm.soft_empty_cache()
+        logger.info("[HYPIR] %s (%.2f s with loading)", status, time.perf_counter() - start)
+        return {"ui": {"text": [status]}, "result": (out, status)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "HYPIRModelLoader": HYPIRModelLoader,
+    "HYPIRRestore": HYPIRRestore,
+    "HYPIRAdvancedRestoration": HYPIRAdvancedRestoration,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "HYPIRModelLoader": "HYPIR Model Loader",
+    "HYPIRRestore": "HYPIR Restore",
+    "HYPIRAdvancedRestoration": "HYPIR Advanced Restoration",
+}

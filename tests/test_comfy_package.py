@@ -1,0 +1,50 @@
+"""The repository root loads as a ComfyUI custom-node folder (the way ComfyUI imports it), without
+ComfyUI's modules present and without putting generic module names on sys.path."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+LOAD = f"""
+import importlib.util, sys
+before = set(sys.modules)
+path = {str(REPO)!r}
+spec = importlib.util.spec_from_file_location("ComfyUI-HYPIR", path + "/__init__.py",
+                                              submodule_search_locations=[path])
+module = importlib.util.module_from_spec(spec)
+sys.modules["ComfyUI-HYPIR"] = module
+spec.loader.exec_module(module)
+print(sorted(module.NODE_CLASS_MAPPINGS))
+print(sorted(module.NODE_DISPLAY_NAME_MAPPINGS.values()))
+inputs = module.NODE_CLASS_MAPPINGS["HYPIRRestore"].INPUT_TYPES()["required"]
+print(inputs["coeff_t"][1]["default"], inputs["model_t"][1]["default"], inputs["seed"][1]["default"])
+added = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("hypir", "hypir_config", "comfy_nodes"))
+print("top-level:", added)
+"""
+
+
+def test_root_loads_as_custom_node_package():
+    result = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, cwd="/", timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "['HYPIRAdvancedRestoration', 'HYPIRModelLoader', 'HYPIRRestore']"
+    assert lines[1] == "['HYPIR Advanced Restoration', 'HYPIR Model Loader', 'HYPIR Restore']"
+    assert lines[2] == "200 200 231"  # defaults from hypir_config.py
+    assert lines[3] == "top-level: []"  # only ComfyUI-HYPIR.* modules: nothing collides with other packs
+    assert "Error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_input_has_a_tooltip():
+    spec = importlib.util.spec_from_file_location("hypir_pack_under_test", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hypir_pack_under_test"] = module
+    spec.loader.exec_module(module)
+    for name, node in module.NODE_CLASS_MAPPINGS.items():
+        for key, spec_ in node.INPUT_TYPES()["required"].items():
+            assert len(spec_) == 2 and spec_[1].get("tooltip"), f"{name}.{key} has no tooltip"
