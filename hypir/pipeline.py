@@ -225,11 +225,13 @@ class HYPIRPipeline:
         router = AttentionRouter(policy, self.models.device, self.models.dtype, self.device_info)
         start = time.perf_counter()
         forced_tile = None if tile_size in (None, "auto") else int(tile_size)
+        max_group = None  # tiles sent together; one at a time after an out-of-memory
         attempt = 0
         while True:
             try:
                 result = self._restore(images, upscale, long_side, prompt, seed, model_t, coeff_t, forced_tile,
-                                       int(tile_stride), latent, color_fix, router, budget, callbacks, sync_stages)
+                                       int(tile_stride), latent, color_fix, router, budget, callbacks, sync_stages,
+                                       max_group)
                 break
             except torch.cuda.OutOfMemoryError:
                 attempt += 1
@@ -239,8 +241,10 @@ class HYPIRPipeline:
                     raise
                 forced_tile = round_to(current // 2, 64)
                 tile_stride = round_to(forced_tile * 3 // 4, 64)
-                torch.cuda.empty_cache()
-                logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", forced_tile)
+                max_group = 1
+            # Outside the except block, the failed pass's tensors (held by the traceback) are free.
+            torch.cuda.empty_cache()
+            logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", forced_tile)
         images_out, stages, tile, stride, processed = result
         if self.models.device.type == "cuda":
             torch.cuda.synchronize(self.models.device)
@@ -284,7 +288,7 @@ class HYPIRPipeline:
         return h0, w0
 
     def _restore(self, images, upscale, long_side, prompt, seed, model_t, coeff_t, tile, stride, latent,
-                 color_fix, router, budget, callbacks, sync_stages):
+                 color_fix, router, budget, callbacks, sync_stages, max_group=None):
         m = self.models
         device, dtype = m.device, m.dtype
         stages: dict[str, float] = {}
@@ -318,6 +322,7 @@ class HYPIRPipeline:
         lat_tile, lat_stride = px_tile // VAE_SCALE, px_stride // VAE_SCALE
         n_tiles = tile_count(x.shape[2], x.shape[3], px_tile, px_stride)
         group = tiles_per_batch(px_tile, batch, dtype, device, budget, n_tiles) if tile else 1
+        group = min(group, max_group or group)
         lap("prepare")
 
         def progress(stage):

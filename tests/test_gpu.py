@@ -121,3 +121,30 @@ def test_no_global_sdpa_flags_changed(gpu_models):
     for backend in ("auto", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
         HYPIRPipeline(gpu_models["bf16"])(torch.rand(1, 3, 32, 32, device="cuda"), upscale=2.0, attention=backend)
     assert flags() == before
+
+
+def test_out_of_memory_retries_with_smaller_tiles(gpu_models, caplog):
+    """A real CUDA out-of-memory (a per-process cap below what one pass needs) ends in a tiled retry."""
+    from hypir.pipeline import HYPIRPipeline
+
+    pipe = HYPIRPipeline(gpu_models["bf16"])
+    lq = torch.rand(1, 3, 256, 256, device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    one_pass = pipe(lq, upscale=8.0, latent="mode", tile_size="auto")
+    assert one_pass.tile_size is None
+    need = torch.cuda.max_memory_allocated() - base
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction((base + need * 0.6) / total)
+    try:
+        with caplog.at_level("WARNING", logger="hypir"):
+            retried = pipe(lq, upscale=8.0, latent="mode", tile_size="auto")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    print(f"one pass needs {need / 2**20:.0f} MiB; capped at 60%: retried with tiles {retried.tile_size}/"
+          f"{retried.tile_stride}")
+    assert "out of GPU memory; retrying with tiles" in caplog.text
+    assert retried.tile_size is not None and retried.images.shape == one_pass.images.shape
+    assert torch.isfinite(retried.images).all()

@@ -206,3 +206,17 @@ def test_cache_loads_once_per_key(tiny_files, pipe, image_factory):
     assert len(cache) == 1 and all(m is threads_models[0] for m in threads_models)
     assert cache.get(folder, weights, "cpu", "fp32", lora_scale=0.5) is not threads_models[0]
     assert len(cache) == 2
+
+
+def test_weights_as_safetensors(tiny_files, tmp_path):
+    from safetensors.torch import save_file
+
+    _, weights = tiny_files
+    pth = read_lora(weights)
+    state = torch.load(weights, weights_only=True)
+    path = tmp_path / "HYPIR_sd2.safetensors"
+    save_file(state, str(path))
+    st = read_lora(path)
+    assert st.rank == pth.rank and set(st.pairs) == set(pth.pairs)
+    name = next(iter(pth.pairs))
+    torch.testing.assert_close(st.pairs[name][0], pth.pairs[name][0], rtol=0, atol=0)
