@@ -13,7 +13,7 @@ import time
 from .hypir import config as _config
 from .hypir.attention import AUTO, AttentionBackend
 from .hypir.loading import BUNDLED_SD21_CONFIG, MODEL_CACHE, HYPIRLoadError
-from .hypir.pipeline import Callbacks, HYPIRPipeline
+from .hypir.pipeline import Callbacks, HYPIRPipeline, pass_bytes
 
 logger = logging.getLogger("hypir")
 
@@ -117,12 +117,62 @@ def resolve_weights(choice: str, download: bool) -> str:
 
 
 class HYPIRModel:
-    """What HYPIR_MODEL carries: the loaded models and the caller's attention choice."""
+    """What HYPIR_MODEL carries: the loaded models, their ComfyUI model patcher, the caller's attention choice."""
 
-    def __init__(self, pipeline: HYPIRPipeline, attention: str, use_flash_attention: bool):
+    def __init__(self, pipeline: HYPIRPipeline, patcher, attention: str, use_flash_attention: bool):
         self.pipeline = pipeline
+        self.patcher = patcher
         self.attention = attention
         self.use_flash_attention = use_flash_attention
+
+
+# ---- ComfyUI model management: ComfyUI frees VRAM for HYPIR, offloads it when others need the GPU, and
+#      releases it on Unload Models (POST /free).
+
+_PATCHERS: dict[int, object] = {}
+
+
+def _module_container():
+    import torch
+
+    class HYPIRComponents(torch.nn.Module):
+        """The UNet, VAE and text encoder as one module, so that ComfyUI moves them together."""
+
+        def __init__(self, models):
+            super().__init__()
+            self.unet, self.vae, self.text_encoder = models.unet, models.vae, models.text_encoder
+            self._dtype = models.dtype
+
+        def get_dtype(self):
+            return self._dtype
+
+    return HYPIRComponents
+
+
+def model_patcher(models):
+    """One ComfyUI ModelPatcher per loaded HYPIR model, created on first use."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    key = id(models)
+    if key not in _PATCHERS:
+        container = _module_container()(models)
+        _PATCHERS[key] = comfy.model_patcher.ModelPatcher(container, load_device=models.device,
+                                                          offload_device=mm.unet_offload_device())
+    return _PATCHERS[key]
+
+
+def release(model: HYPIRModel) -> None:
+    """Unload from ComfyUI and forget the models (unload_model_after)."""
+    import comfy.model_management as mm
+
+    for loaded in list(mm.current_loaded_models):
+        if loaded.model is model.patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.remove(loaded)
+    _PATCHERS.pop(id(model.pipeline.models), None)
+    MODEL_CACHE.evict(model.pipeline.models)
+    mm.soft_empty_cache()
 
 
 def load_hypir_model(base: str, weights: str, dtype: str, attention: str, use_flash_attention: bool,
@@ -135,7 +185,7 @@ def load_hypir_model(base: str, weights: str, dtype: str, attention: str, use_fl
     device = mm.get_torch_device()
     models = MODEL_CACHE.get(base_path, weights_path, device, dtype, 1.0, allow_download=False,
                              config_dir=BUNDLED_SD21_CONFIG)
-    return HYPIRModel(HYPIRPipeline(models), attention, use_flash_attention)
+    return HYPIRModel(HYPIRPipeline(models), model_patcher(models), attention, use_flash_attention)
 
 
 def run_restore(model: HYPIRModel, image, **options):
@@ -150,7 +200,14 @@ def run_restore(model: HYPIRModel, image, **options):
         bar.update_absolute(stages[stage] + int(100 * done / max(total, 1)), 300)
 
     images = image.movedim(-1, 1)
-    result = model.pipeline(images, attention=model.attention, use_flash_attention=model.use_flash_attention,
+    pipeline = model.pipeline
+    h, w = images.shape[2:]
+    long_side = options.get("long_side")
+    scale = long_side / max(h, w) if long_side else options["upscale"]
+    need = pass_bytes(max(512, int(h * scale)), max(512, int(w * scale)), images.shape[0], pipeline.models.dtype)
+    # Make room (ComfyUI offloads other models) and bring HYPIR back to the GPU if it was offloaded.
+    mm.load_models_gpu([model.patcher], memory_required=need)
+    result = pipeline(images, attention=model.attention, use_flash_attention=model.use_flash_attention,
                             callbacks=Callbacks(progress=progress,
                                                 check_interrupt=mm.throw_exception_if_processing_interrupted),
                             **options)
@@ -261,10 +318,7 @@ class HYPIRAdvancedRestoration(HYPIRRestore):
             out, status = run_restore(model, image, **_options(**inputs))
         finally:
             if unload_model_after:
-                MODEL_CACHE.clear()
-                import comfy.model_management as mm
-
-                mm.soft_empty_cache()
+                release(model)
         logger.info("[HYPIR] %s (%.2f s with loading)", status, time.perf_counter() - start)
         return {"ui": {"text": [status]}, "result": (out, status)}
 

@@ -395,6 +395,12 @@ class ModelCache:
     def __len__(self) -> int:
         return len(self._models)
 
+    def evict(self, models: HYPIRModels) -> None:
+        """Forget these loaded models (the caller drops its references to free their memory)."""
+        with self._lock:
+            for key in [k for k, v in self._models.items() if v is models]:
+                del self._models[key]
+
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
