@@ -23,7 +23,7 @@ from .pipeline import HYPIRPipeline
 
 logger = logging.getLogger("hypir")
 
-ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "attn", "softmax", "cudnn", "sdpa", "mha", "cutlass")
+ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "sdpa", "mha")  # not conv/gemm kernels
 
 
 @dataclass
