@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,23 @@ BASE_ALLOW_PATTERNS = [
 ]
 
 
+V_PREDICTION_PROBE = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"  # LDM output_blocks.11.1...
+
+
+def warn_if_v_prediction(unet: torch.nn.Module, source: str) -> bool:
+    """SD2.1-768 (v-prediction) has the base's keys and shapes; ComfyUI tells them apart by the spread of
+    one norm bias (std > 0.09 means v-prediction). HYPIR was trained on the 512 epsilon base."""
+    bias = dict(unet.named_parameters()).get(V_PREDICTION_PROBE)
+    by_weights = bias is not None and bias.float().std().item() > 0.09
+    name = Path(str(source)).name.lower()
+    by_name = "768" in name or "v-pred" in name or "vpred" in name
+    if by_weights or by_name:
+        logger.warning("[HYPIR] %s looks like the SD2.1 768 v-prediction model (%s); HYPIR was trained on "
+                       "SD2.1-base (v2-1_512-ema-pruned, epsilon) and gives wrong colours and detail on it",
+                       source, "weight statistics" if by_weights else "file name")
+    return by_weights or by_name
+
+
 def load_base_model(source: str | os.PathLike, allow_download: bool = False,
                     config_dir: str | os.PathLike = BUNDLED_SD21_CONFIG) -> BaseModel:
     """Load the SD2.1-base components in float32 on the CPU (the caller casts and moves them)."""
@@ -126,11 +144,15 @@ def load_base_model(source: str | os.PathLike, allow_download: bool = False,
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise HYPIRLoadError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
-        return _load_single_file(path, Path(config_dir))
-    if _looks_like_diffusers_folder(path):
-        return _load_diffusers_folder(path)
-    raise HYPIRLoadError(f"{path}: a folder, but not a diffusers model folder (it needs unet/, vae/ and "
-                         f"text_encoder/ subfolders); give the folder of an SD2.1-base model or a single-file checkpoint")
+        model = _load_single_file(path, Path(config_dir))
+    elif _looks_like_diffusers_folder(path):
+        model = _load_diffusers_folder(path)
+    else:
+        raise HYPIRLoadError(f"{path}: a folder, but not a diffusers model folder (it needs unet/, vae/ and "
+                             f"text_encoder/ subfolders); give the folder of an SD2.1-base model or a single-file "
+                             f"checkpoint")
+    warn_if_v_prediction(model.unet, str(path))
+    return model
 
 
 def _alphas_cumprod(folder: Path) -> torch.Tensor:
@@ -158,6 +180,7 @@ def _load_diffusers_folder(folder: Path) -> BaseModel:
 def checkpoint_keys(path: Path) -> list[str]:
     """The tensor names of a checkpoint file, without running code."""
     if path.suffix.lower() == ".safetensors":
+        check_model_file(path, "base model")
         from safetensors import safe_open
 
         try:
@@ -165,13 +188,60 @@ def checkpoint_keys(path: Path) -> list[str]:
                 return list(f.keys())
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
             raise HYPIRLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
-    state = load_tensor_file(path)
+    state = load_tensor_file(path, "base model")
     return list(state.keys())
 
 
-def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+def check_model_file(path: Path, role: str) -> None:
+    """Refuse, with what the file seems to be and what to do, files that are not a complete model:
+    empty, an HTML page or a Git-LFS pointer saved under a model's name, or truncated."""
+    size = path.stat().st_size
+    again = "delete it and download it again"
+    if size == 0:
+        raise HYPIRLoadError(f"{path}: the {role} file is empty (0 bytes); the download failed: {again}")
+    with open(path, "rb") as f:
+        head = f.read(1024)
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"{\"error")):
+        raise HYPIRLoadError(f"{path}: this {role} file is a web page or an error message ({size} bytes), not a "
+                             f"model: the link saved a page instead of the file. Download the file itself "
+                             f"(the download button on the Hugging Face file page)")
+    if head.startswith(b"version https://git-lfs"):
+        raise HYPIRLoadError(f"{path}: this {role} file is a Git LFS pointer ({size} bytes), not the model: the "
+                             f"repository was cloned without git-lfs. Run `git lfs pull` there, or download the file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        import json
+        import struct
+
+        header_len = struct.unpack("<Q", head[:8])[0] if size >= 8 else 0
+        if size < 8 or 8 + header_len > size:
+            raise HYPIRLoadError(f"{path}: truncated safetensors {role} file ({size} bytes, header incomplete): {again}")
+        with open(path, "rb") as f:
+            f.seek(8)
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError as exc:
+                raise HYPIRLoadError(f"{path}: not a safetensors file (unreadable header: {exc})") from exc
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise HYPIRLoadError(f"{path}: truncated {role} file: {size} of {8 + header_len + end} bytes: {again}")
+    elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        if head.startswith(b"PK\x03\x04"):
+            if b"PK\x05\x06" not in tail:
+                raise HYPIRLoadError(f"{path}: truncated {role} file ({size} bytes; the end of its zip archive is "
+                                     f"missing): {again}")
+        elif not head.startswith(b"\x80"):
+            raise HYPIRLoadError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle); "
+                                 f"it is {size} bytes starting with {head[:16]!r}")
+
+
+def load_tensor_file(path: Path, role: str = "model") -> dict[str, torch.Tensor]:
     """A dict of tensors from .safetensors or a torch file, never running pickled code."""
     path = Path(path)
+    check_model_file(path, role)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -181,6 +251,11 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
             raise HYPIRLoadError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise HYPIRLoadError(
+            f"{path}: refused: this file holds Python objects that would run code when loaded "
+            f"({str(exc).splitlines()[0] if str(exc) else 'unsupported global'}). Nothing was run. Model files "
+            f"hold only tensors: use the original file or a .safetensors copy") from exc
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise HYPIRLoadError(
             f"{path}: cannot be read as a torch tensor file without running code "
@@ -244,7 +319,7 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     if not path.is_file():
         raise HYPIRLoadError(f"HYPIR weights not found at {path}: download HYPIR_sd2.pth from the Hugging Face "
                              f"repo lxq007/HYPIR (`hypir download`) and give its path")
-    return lora_from_state_dict(load_tensor_file(path), str(path))
+    return lora_from_state_dict(load_tensor_file(path, "HYPIR weights"), str(path))
 
 
 def lora_from_state_dict(state: dict[str, torch.Tensor], source: str) -> LoRA:
