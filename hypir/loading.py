@@ -408,6 +408,16 @@ class HYPIRModels:
     weights_source: str
     text_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     prompt_cache: dict = field(default_factory=dict, repr=False)
+    _vae_fp32: torch.nn.Module | None = field(default=None, repr=False)
+
+    def vae_fp32(self) -> torch.nn.Module:
+        """A float32 copy of the VAE, made on first need (fp16 overflow), for recomputing a stage."""
+        with self.text_lock:
+            if self._vae_fp32 is None:
+                import copy
+
+                self._vae_fp32 = copy.deepcopy(self.vae).float()
+            return self._vae_fp32
 
 
 def load_models(base: str | os.PathLike, weights: str | os.PathLike, device: str | torch.device = "auto",

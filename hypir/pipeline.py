@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -96,6 +97,23 @@ def resize_short_side(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True)
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Grey is restored as RGB, RGBA as its RGB part."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+
+
+def restore_channels(source: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    """Give the restored RGB the source's channels: grey back to luma (ITU-R BT.601), RGBA its alpha resized."""
+    if source.shape[1] == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=restored.device).view(1, 3, 1, 1)
+        return (restored * weights).sum(dim=1, keepdim=True)
+    if source.shape[1] == 4:
+        alpha = source[:, 3:].to(device=restored.device, dtype=torch.float32)
+        alpha = F.interpolate(alpha, size=restored.shape[2:], mode="bicubic", antialias=True).clamp(0, 1)
+        return torch.cat([restored, alpha], dim=1)
+    return restored
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory planning
 
@@ -111,6 +129,11 @@ def pass_bytes(height: int, width: int, batch: int, dtype: torch.dtype) -> int:
     """Rough peak activation bytes of one untiled pass; the VAE decoder at full resolution dominates."""
     per_pixel = 1300 * torch.finfo(dtype).bits // 8  # 2.6 KB/px in 16-bit, measured on SD2.1 at 2048^2
     return int(height * width * batch * per_pixel)
+
+
+def full_size_bytes(batch: int, height: int, width: int) -> int:
+    """The float32 image-sized buffers a pass keeps at the output size (about ten RGB planes)."""
+    return batch * height * width * 3 * 4 * 10
 
 
 def plan_tiles(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device,
@@ -132,6 +155,27 @@ def tiles_per_batch(tile: int, batch: int, dtype: torch.dtype, device: torch.dev
         return 1
     fit = int(0.85 * budget // max(1, pass_bytes(tile, tile, batch, dtype)))
     return max(1, min(count, fit, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE stages with the fp16 overflow guard
+
+
+def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
+    if stage == "encode":
+        dist = vae.encode(x).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1)
+    return vae.decode(x).sample
+
+
+def vae_stage(models: HYPIRModels, stage: str, x: torch.Tensor) -> torch.Tensor:
+    """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
+    (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning."""
+    out = _vae_forward(models.vae, stage, x.to(models.dtype))
+    if models.dtype == torch.float16 and not torch.isfinite(out).all():
+        logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
+        out = _vae_forward(models.vae_fp32(), stage, x.float())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +290,7 @@ class HYPIRPipeline:
             torch.cuda.empty_cache()
             logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", forced_tile)
         images_out, stages, tile, stride, processed = result
+        images_out = restore_channels(images, images_out)
         if self.models.device.type == "cuda":
             torch.cuda.synchronize(self.models.device)
         seconds = time.perf_counter() - start
@@ -259,10 +304,14 @@ class HYPIRPipeline:
         b, c, h, w = images.shape
         if b == 0 or h == 0 or w == 0:
             raise ValueError(f"empty input: batch {b}, size {w}x{h}")
-        if c != 3:
-            raise ValueError(f"images must have 3 (RGB) channels, got {c}; convert grayscale or RGBA to RGB first")
+        if c not in (1, 3, 4):
+            raise ValueError(f"images must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {c}")
         if not images.is_floating_point():
             raise ValueError(f"images must be float in [0, 1], got {images.dtype}")
+        bad = (~torch.isfinite(images)).sum().item()
+        if bad:
+            raise ValueError(f"the input holds {bad} NaN or infinite values (of {images.numel()}); the node or file "
+                             f"that produced it is broken: nothing was restored")
         if long_side is not None and (not isinstance(long_side, int) or long_side < 1):
             raise ValueError(f"long_side must be a positive integer, got {long_side!r}")
         if long_side is None and not (isinstance(upscale, (int, float)) and 0 < upscale <= 16):
@@ -277,6 +326,21 @@ class HYPIRPipeline:
         oh, ow = target_size(h, w, upscale, long_side)
         if oh < 1 or ow < 1:
             raise ValueError(f"upscale {upscale} / long side {long_side} turns {w}x{h} into an empty {ow}x{oh} image")
+        self._check_output_fits(b, oh, ow)
+
+    def _check_output_fits(self, batch: int, height: int, width: int) -> None:
+        """Tiles bound the models' memory, not the full-size image buffers (input at output size, result,
+        colour-fix planes): refuse up front what cannot fit, with the size it would need."""
+        need = full_size_bytes(batch, height, width)
+        device = self.models.device
+        if device.type == "cuda":
+            available = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+        else:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+        if available is not None and need > available:
+            raise ValueError(f"a {width}x{height} output (batch {batch}) needs about {need / 2**30:.1f} GiB for its "
+                             f"full-size image buffers, and {device.type} has {available / 2**30:.1f} GiB available; "
+                             f"choose a smaller upscale or long side, or a smaller batch")
 
     @staticmethod
     def _processed_size(images, upscale, long_side) -> tuple[int, int]:
@@ -302,7 +366,7 @@ class HYPIRPipeline:
             clock[0] = now
 
         # 1. Upscale; this is the colour reference and fixes the output size.
-        ref = resize_to_output(images.to(device=device, dtype=torch.float32), upscale, long_side)
+        ref = resize_to_output(as_rgb(images).to(device=device, dtype=torch.float32), upscale, long_side)
         h0, w0 = ref.shape[2:]
         # 2. Short side up to the reference's patch size.
         lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
@@ -340,8 +404,7 @@ class HYPIRPipeline:
             generator = torch.Generator(device=device).manual_seed(seed) if latent == "sample" else None
 
             def encode(tiles: torch.Tensor) -> torch.Tensor:
-                dist = m.vae.encode(tiles.to(dtype)).latent_dist
-                return torch.cat([dist.mean, dist.std], dim=1)
+                return vae_stage(m, "encode", tiles)
 
             def to_latent(moments: torch.Tensor, index: int) -> torch.Tensor:
                 mean, std = moments.chunk(2, dim=1)
@@ -374,7 +437,7 @@ class HYPIRPipeline:
 
             # 7. VAE decode, crop the padding, back to [0, 1] at the output size.
             callbacks.step("decode", 0, n_tiles)
-            out = run_tiled(lambda t: m.vae.decode(t.to(dtype)).sample, z_out, lat_tile, lat_stride, VAE_SCALE, 3,
+            out = run_tiled(lambda t: vae_stage(m, "decode", t), z_out, lat_tile, lat_stride, VAE_SCALE, 3,
                             group, progress("decode"))
             lap("decode")
         out = (out[:, :, :h1, :w1] + 1) / 2

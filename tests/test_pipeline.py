@@ -195,7 +195,9 @@ def test_bad_arguments(pipe, image_factory, kwargs, message):
 
 @pytest.mark.parametrize("images,message", [
     (torch.rand(0, 3, 8, 8), "empty input"),
-    (torch.rand(1, 4, 8, 8), "3 \\(RGB\\) channels"),
+    (torch.rand(1, 2, 8, 8), "1 \\(grey\\), 3 \\(RGB\\) or 4 \\(RGBA\\) channels, got 2"),
+    (torch.full((1, 3, 8, 8), float("nan")), "holds 192 NaN or infinite values"),
+    (torch.tensor([0.5, float("inf")]).repeat(96).view(1, 3, 8, 8), "holds 96 NaN or infinite values"),
     (torch.rand(3, 8, 8), "\\(B, 3, H, W\\)"),
     (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "float"),
 ])
@@ -210,3 +212,37 @@ def test_memory_plan_tiles_when_budget_is_small(pipe, image_factory):
     result = pipe(lq, upscale=8.0, latent="mode", vram_budget_gb=0.5)
     assert result.tile_size is not None and result.tile_size < 768
     assert result.images.shape == (1, 3, 768, 768)
+
+
+def test_grey_and_rgba_keep_their_channels(pipe, image_factory):
+    rgb = image_factory(1, 16, 16, seed=12)
+    grey = rgb.mean(dim=1, keepdim=True)
+    out = pipe(grey, upscale=2.0, latent="mode").images
+    assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
+    alpha = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    rgba = torch.cat([rgb, alpha], dim=1)
+    out = pipe(rgba, upscale=2.0, latent="mode").images
+    assert out.shape == (1, 4, 32, 32)
+    torch.testing.assert_close(out[:, :3], pipe(rgb, upscale=2.0, latent="mode").images)
+    assert out[0, 3, :, 0].max() < 0.1 and out[0, 3, :, -1].min() > 0.9  # the alpha ramp, resized
+
+
+def test_output_too_large_refused_up_front(pipe):
+    with pytest.raises(ValueError, match="needs about [0-9.]+ GiB for its full-size image buffers"):
+        pipe(torch.rand(1, 3, 64, 64), long_side=200000)
+
+
+def test_fp16_vae_overflow_recomputed_in_fp32(tiny_files, caplog):
+    """A real fp16 overflow: a decoder whose last convolution sums to beyond fp16's range (65504)."""
+    from hypir.loading import load_models
+    from hypir.pipeline import vae_stage
+
+    models = load_models(*tiny_files, device="cpu", dtype="fp16")
+    with torch.no_grad():
+        models.vae.decoder.conv_out.weight.fill_(5000.0)
+    z = torch.randn(1, 4, 4, 4)
+    with caplog.at_level("WARNING", logger="hypir"):
+        out = vae_stage(models, "decode", z)
+    assert "VAE decode overflowed in fp16; recomputing it in fp32" in caplog.text
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.abs().max() > 65504
+    assert models.vae.decoder.conv_out.weight.dtype == torch.float16  # the shared model stays fp16
