@@ -23,17 +23,27 @@ ATTENTION_CHOICES = [AUTO, *[b.value for b in AttentionBackend]]
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 
 
+MODEL_EXTENSIONS = {".pth", ".safetensors", ".pt", ".ckpt"}
+
+
 def register_model_folder() -> None:
-    """models/HYPIR, known to folder_paths so that extra_model_paths.yaml entries (key `HYPIR`) work too."""
+    """models/HYPIR in folder_paths, merged with extra_model_paths.yaml entries: the yaml key is
+    case-sensitive, so paths under `hypir:` count too, and an entry the yaml made has no extensions yet."""
+    try:
+        import folder_paths
+    except ImportError:  # outside ComfyUI
+        return
     import os
 
-    import folder_paths
-
+    registry = folder_paths.folder_names_and_paths
+    paths, extensions = registry.get(MODEL_FOLDER, ([], set()))
+    paths = list(paths)
+    for alias in ("hypir", "Hypir"):
+        paths += [p for p in registry.get(alias, ([], set()))[0] if p not in paths]
     default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], {".pth", ".safetensors", ".pt", ".ckpt"})
-    elif default not in folder_paths.folder_names_and_paths[MODEL_FOLDER][0]:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, default)
+    if default not in paths:
+        paths.append(default)
+    registry[MODEL_FOLDER] = (paths, set(extensions) | MODEL_EXTENSIONS)
 
 
 def _folder_files(kind: str) -> list[str]:
@@ -49,6 +59,7 @@ def _folder_files(kind: str) -> list[str]:
 
 def base_model_choices() -> list[str]:
     """SD2.1 single files in models/checkpoints and models/HYPIR, diffusers folders in models/diffusers."""
+    register_model_folder()
     choices = [f"checkpoints/{f}" for f in _folder_files("checkpoints")]
     choices += [f"HYPIR/{f}" for f in _folder_files(MODEL_FOLDER) if "hypir" not in f.lower()]
     try:
@@ -68,6 +79,7 @@ def base_model_choices() -> list[str]:
 
 
 def weights_choices() -> list[str]:
+    register_model_folder()
     files = [f for f in _folder_files(MODEL_FOLDER) if f.lower().endswith((".pth", ".safetensors", ".pt"))]
     hypir_first = sorted(files, key=lambda f: ("hypir" not in f.lower(), f))
     return hypir_first or [_config.load_config()["weights_file"]]
@@ -322,6 +334,8 @@ class HYPIRAdvancedRestoration(HYPIRRestore):
         logger.info("[HYPIR] %s (%.2f s with loading)", status, time.perf_counter() - start)
         return {"ui": {"text": [status]}, "result": (out, status)}
 
+
+register_model_folder()
 
 NODE_CLASS_MAPPINGS = {
     "HYPIRModelLoader": HYPIRModelLoader,

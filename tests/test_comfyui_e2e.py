@@ -12,7 +12,6 @@ torchvision. Without a ComfyUI tree or such a Python the test is skipped locally
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -89,12 +88,14 @@ def comfy(tmp_path_factory):
     build = subprocess.Popen([python, str(REPO / "tests" / "make_tiny_models.py"), str(server.models)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    server.start()
     try:
+        server.start()
         out, _ = build.communicate(timeout=600)
         assert build.returncode == 0, f"tests/make_tiny_models.py failed:\n{out}"
         server.wait_ready()
     except BaseException:
+        if build.poll() is None:
+            build.kill()
         server.stop()
         print(f"---- ComfyUI log ----\n{server.log()}", file=sys.stderr)
         raise
