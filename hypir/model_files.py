@@ -8,6 +8,8 @@ moves a file under its final name only once complete.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -85,19 +87,69 @@ def resolve_model_files(base: str | None = None, weights: str | None = None, all
     return ModelFiles(base, weights)
 
 
+def _by_hand(folder: Path, files: str) -> str:
+    return f"Place {files} there by hand: {folder}"
+
+
+@contextlib.contextmanager
+def _download_errors(what: str, repo: str, folder: Path, files: str):
+    """Offline or unreachable Hub: one message that says which files to put in which folder."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, OSError) as exc:
+        reason = "HF_HUB_OFFLINE is set" if isinstance(exc, OfflineModeIsEnabled) or os.environ.get(
+            "HF_HUB_OFFLINE") == "1" else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise HYPIRLoadError(f"cannot download {what} from https://huggingface.co/{repo} ({reason}). "
+                             f"{_by_hand(folder, files)}") from exc
+
+
+def verify_download(path: Path, folder: Path, filename: str) -> None:
+    """Compare a fresh download with the sha256 the Hub sent for it (LFS files); delete it if it differs."""
+    try:
+        from huggingface_hub._local_folder import read_download_metadata
+    except ImportError:  # a huggingface_hub without local-dir metadata: its own size check stands
+        logger.debug("[HYPIR] no download metadata in this huggingface_hub; sha256 not checked")
+        return
+    metadata = read_download_metadata(folder, filename)
+    expected = (metadata.etag if metadata else "").strip('"').lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        return  # not an LFS file: the Hub publishes no sha256 for it
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        path.unlink()
+        raise HYPIRLoadError(f"{path}: the download is damaged (sha256 {digest.hexdigest()[:16]}... instead of the "
+                             f"Hub's {expected[:16]}...); it was deleted: download it again")
+
+
 def download_weights(folder: str | os.PathLike, repo: str | None = None, filename: str | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     cfg = _config.load_config()
     repo, filename = repo or cfg["weights_repo"], filename or cfg["weights_file"]
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     logger.info("[HYPIR] downloading %s from %s into %s", filename, repo, folder)
-    return Path(hf_hub_download(repo, filename, local_dir=str(folder)))
+    with _download_errors(filename, repo, folder, filename):
+        path = Path(hf_hub_download(repo, filename, local_dir=str(folder)))
+    verify_download(path, folder, filename)
+    return path
 
 
 def download_base(folder: str | os.PathLike, repo: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     repo = repo or _config.load_config()["base_model_repo"]
+    folder = Path(folder)
     logger.info("[HYPIR] downloading %s into %s", repo, folder)
-    return Path(snapshot_download(repo, allow_patterns=BASE_ALLOW_PATTERNS, local_dir=str(folder)))
+    files = "the SD2.1-base diffusers folder (" + ", ".join(BASE_ALLOW_PATTERNS) + ")"
+    with _download_errors("the base model", repo, folder, files):
+        path = Path(snapshot_download(repo, allow_patterns=BASE_ALLOW_PATTERNS, local_dir=str(folder)))
+    for pattern in ("unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"):
+        for file in path.glob(pattern):
+            verify_download(file, path, file.relative_to(path).as_posix())
+    return path

@@ -331,3 +331,44 @@ def test_interrupted_process_leaves_nothing_under_the_final_name_and_a_rerun_com
         assert last.status in (200, 206) and not last.interrupted
         assert last.body_bytes == len(weights) - (int(last.range[6:-1]) if last.range else 0)
         assert_only_known_routes(hub)
+
+
+def test_damaged_transfer_is_caught_by_its_sha256_and_deleted(tmp_path, run_env):
+    """The bytes that arrive differ from the sha256 the Hub announced (huggingface_hub does not check a fresh
+    download): hypir compares, deletes the file and says so."""
+    import dataclasses
+
+    from hub_server import HubFile
+
+    @dataclasses.dataclass
+    class Damaged(HubFile):
+        announced: str = ""
+
+        @property
+        def sha256(self) -> str:
+            return self.announced
+
+    dest = tmp_path / "models"
+    with FakeHub(repos()) as hub:
+        good = hub.files[WEIGHTS_REPO][WEIGHTS_FILE]
+        damaged = Damaged(good.repo_id, good.path, bytes(len(good.content)), good.lfs, announced=good.sha256)
+        hub.files[WEIGHTS_REPO][WEIGHTS_FILE] = damaged
+        hub.by_sha256[good.sha256] = damaged
+        result = run_hypir(run_env(hub), tmp_path, "download", "--dir", str(dest), "--weights-only")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"hypir: error: {dest / WEIGHTS_FILE}: the download is damaged (sha256 ")
+    assert "it was deleted: download it again" in last
+    assert not (dest / WEIGHTS_FILE).exists() and incomplete(dest) == []
+
+
+def test_offline_says_which_files_go_where(tmp_path, run_env):
+    dest = tmp_path / "models"
+    with FakeHub(repos()) as hub:
+        env = dict(run_env(hub), HF_HUB_OFFLINE="1")
+        result = run_hypir(env, tmp_path, "download", "--dir", str(dest), "--weights-only")
+        assert hub.file_requests() == []
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"hypir: error: cannot download {WEIGHTS_FILE} from https://huggingface.co/{WEIGHTS_REPO} "
+        f"(HF_HUB_OFFLINE is set). Place {WEIGHTS_FILE} there by hand: {dest}")
