@@ -277,12 +277,16 @@ class HYPIRPipeline:
                                        int(tile_stride), latent, color_fix, router, budget, callbacks, sync_stages,
                                        max_group)
                 break
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as exc:
                 attempt += 1
                 h1, w1 = self._processed_size(images, upscale, long_side)
                 current = forced_tile or max(h1, w1)
                 if attempt > MAX_OOM_RETRIES or current <= 256:
-                    raise
+                    raise torch.cuda.OutOfMemoryError(
+                        f"out of GPU memory even with tiles of {current} px, one at a time (a {w1}x{h1} pass, batch "
+                        f"{images.shape[0]}, needs about {pass_bytes(current, current, images.shape[0], self.models.dtype) / 2**30:.1f} "
+                        f"GiB per tile). Free VRAM (close other programs, unload other models), restore a smaller "
+                        f"batch, or use fp16/bf16") from exc
                 forced_tile = round_to(current // 2, 64)
                 tile_stride = round_to(forced_tile * 3 // 4, 64)
                 max_group = 1

@@ -182,6 +182,7 @@ def test_long_prompt_truncated_with_warning(pipe, caplog):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(upscale=0), "upscale must be"),
+    (dict(upscale=100), "upscale must be a number in \\(0, 16\\], got 100"),
     (dict(upscale=2.0, model_t=0), "model_t must be an integer in 1..999"),
     (dict(upscale=2.0, coeff_t=1000), "coeff_t must be an integer in 1..999"),
     (dict(upscale=2.0, latent="median"), "latent must be"),
@@ -194,7 +195,8 @@ def test_bad_arguments(pipe, image_factory, kwargs, message):
 
 
 @pytest.mark.parametrize("images,message", [
-    (torch.rand(0, 3, 8, 8), "empty input"),
+    (torch.rand(0, 3, 8, 8), "empty input: batch 0"),
+    (torch.rand(1, 3, 0, 8), "empty input: batch 1, size 8x0"),
     (torch.rand(1, 2, 8, 8), "1 \\(grey\\), 3 \\(RGB\\) or 4 \\(RGBA\\) channels, got 2"),
     (torch.full((1, 3, 8, 8), float("nan")), "holds 192 NaN or infinite values"),
     (torch.tensor([0.5, float("inf")]).repeat(96).view(1, 3, 8, 8), "holds 96 NaN or infinite values"),

@@ -78,3 +78,29 @@ def test_cli_interrupted_writes_no_file(tiny_files, tmp_path):
     assert proc.returncode == 130, err
     assert "hypir: interrupted" in err
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+def _oom_during(stage_to_fail: str, times: int):
+    """A progress callback (the pipeline's own seam) that raises CUDA's out-of-memory error in one stage of
+    the first `times` passes, as an allocation there would."""
+    state = {"left": times}
+
+    def progress(stage, done, total):
+        if stage == stage_to_fail and done == 0 and state["left"] > 0:
+            state["left"] -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    return progress
+
+
+def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_factory, caplog):
+    lq = image_factory(1, 64, 128, seed=31)
+    with caplog.at_level("WARNING", logger="hypir"):
+        result = pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("decode", 1)))
+    assert "out of GPU memory; retrying with tiles of 512 px" in caplog.text
+    assert (result.tile_size, result.tile_stride) == (512, 384)
+    assert result.images.shape == (1, 3, 512, 1024)
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of GPU memory even with tiles of 256 px, one at a "
+                                                          "time .* Free VRAM"):
+        pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("encode", 10)))
+    assert pipe(lq, upscale=8.0, latent="mode").tile_size is None  # nothing sticks: the next call runs one pass
