@@ -1,8 +1,8 @@
 """`hypir bench`: the HYPIR pass on random SD2.1-architecture weights, every attention backend against
 `standard` in the same run, per stage, with peak memory and each output's difference from `standard`.
 
-Random weights, no download: it runs offline. Times are medians of `repeats` runs after a warm-up,
-with the device synchronised at stage boundaries.
+Random weights, no download: it runs offline. Times are medians of `repeats` runs (after a warm-up run on
+a GPU), with the device synchronised at stage boundaries.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def run_bench(model: str = "auto", output: int | None = None, backends: list[str
     for backend in wanted:
         run = lambda: pipe(images, upscale=upscale, attention=backend, tile_size="auto", sync_stages=True)  # noqa
         try:
-            run()  # warm-up: kernel selection, probes, allocator, JIT
-            if on_gpu:
+            if on_gpu:  # warm-up: kernel selection, probes, allocator, JIT (a CPU has little to warm)
+                run()
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             totals, stages = [], {}

@@ -240,8 +240,11 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
-    run_bench(model=args.model, output=args.size, backends=backends, device=args.device, dtype=args.dtype,
-              repeats=args.repeats, profile=args.profile, json_path=args.json, batch=args.batch)
+    result = run_bench(model=args.model, output=args.size, backends=backends, device=args.device, dtype=args.dtype,
+                       repeats=args.repeats, profile=args.profile, json_path=args.json, batch=args.batch)
+    failed = [r["backend"] for r in result["rows"] if r["error"]]
+    if failed:
+        raise CLIError(f"backends failed: {', '.join(failed)} (see the table)")
     return 0
 
 

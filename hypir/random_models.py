@@ -27,7 +27,7 @@ TINY_OVERRIDES = {
 
 # Quarter width with head_dim 64 kept: the CPU default of `hypir bench`, which must finish in a minute.
 SMALL_OVERRIDES = {
-    "unet": {"block_out_channels": [128, 256, 512, 512], "attention_head_dim": [2, 4, 8, 8]},
+    "unet": {"block_out_channels": [128, 256, 512, 512], "attention_head_dim": [2, 4, 8, 8], "cross_attention_dim": 256},
     "vae": {"block_out_channels": [32, 64, 128, 128]},
     "text_encoder": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "projection_dim": 256},
 }
