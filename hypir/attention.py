@@ -343,17 +343,10 @@ class AttentionRouter:
             return f"GPU {self.info.sm} ({self.info.name}) is below sm80" if self.info.name else f"GPU {self.info.sm} is below sm80"
         if self.dtype not in HALF_DTYPES:
             return f"{_dtype_name(self.dtype)}: FlashAttention needs fp16 or bf16"
-        reasons = []
-        for backend in FLASH_ORDER:
-            spec = REGISTRY[backend]
-            why = spec.unavailable_reason(self.info) or spec.shape_reason(self.dtype, head_dim)
-            if why is None and spec.probe and self.info.type == self.device.type:
-                why = _probe(spec, self.device, self.dtype)
-            if why:
-                reasons.append(f"{backend.value}: {why}")
+        reasons = [f"{b.value}: {why}" for b in FLASH_ORDER if (why := self.unusable_reason(b, head_dim))]
         return "; ".join(reasons) if reasons else "no FlashAttention kernel supports this shape"
 
-    def _usable(self, backend: AttentionBackend, head_dim: int) -> str | None:
+    def unusable_reason(self, backend: AttentionBackend, head_dim: int) -> str | None:
         spec = REGISTRY[backend]
         why = spec.unavailable_reason(self.info) or spec.shape_reason(self.dtype, head_dim)
         if why is None and spec.probe and self.info.type == self.device.type == "cuda":
@@ -368,14 +361,14 @@ class AttentionRouter:
         if backend is not None:
             return backend
         order, _ = self.candidates()
-        backend = next((b for b in order if b not in failed and self._usable(b, head_dim) is None), None)
+        backend = next((b for b in order if b not in failed and self.unusable_reason(b, head_dim) is None), None)
         if backend is None:
             raise RuntimeError(f"no attention backend can run {module} (head_dim {head_dim}, "
                                f"{_dtype_name(self.dtype)}, {self.info.type}); tried {[b.value for b in order]}")
         requested = self.policy.attention
         if requested != AUTO and backend != requested and requested not in failed:
             logger.warning("[HYPIR] %s cannot run %s (%s): using %s", requested.value, module,
-                           self._usable(requested, head_dim), backend.value)
+                           self.unusable_reason(requested, head_dim), backend.value)
         self._cache[key] = backend
         return backend
 
@@ -510,7 +503,7 @@ def text_encoder_implementation(router: AttentionRouter) -> str:
     if requested == AttentionBackend.STANDARD:
         return "eager"
     wants_flash = requested == AttentionBackend.FLASH_ATTN or (requested == AUTO and router.policy.use_flash_attention)
-    if wants_flash and router._usable(AttentionBackend.FLASH_ATTN, 64) is None:
+    if wants_flash and router.unusable_reason(AttentionBackend.FLASH_ATTN, 64) is None:
         from transformers.utils import is_flash_attn_2_available
 
         if is_flash_attn_2_available():  # transformers' own check of the flash-attn 2 package

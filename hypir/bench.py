@@ -56,7 +56,7 @@ def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int 
 def available_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
     """Every backend: None when it can run here, else why not."""
     router = AttentionRouter(AttentionPolicy(), device, dtype)
-    return {b.value: router._usable(b, 64) for b in AttentionBackend}
+    return {b.value: router.unusable_reason(b, 64) for b in AttentionBackend}
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:

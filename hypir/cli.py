@@ -219,7 +219,7 @@ def cmd_doctor(args) -> int:
     router = AttentionRouter(AttentionPolicy(), device, dtype)
     print("attention backends:")
     for backend in AttentionBackend:
-        why = router._usable(backend, 64)
+        why = router.unusable_reason(backend, 64)
         spec = REGISTRY[backend]
         state = f"available ({spec.version()})" if why is None else f"not available: {why}"
         print(f"  {backend.value:<15} {state}")

@@ -31,10 +31,6 @@ VAE_SCALE = 8
 MAX_OOM_RETRIES = 3
 
 
-class Interrupted(Exception):
-    """Raised by a caller's interrupt check; the pass stops and nothing is returned."""
-
-
 @dataclass
 class Callbacks:
     """Hooks for front ends: progress per stage and tile, and an interrupt check that raises."""
@@ -86,15 +82,17 @@ def resize_to_output(images: torch.Tensor, upscale: float | None, long_side: int
     return F.interpolate(images, scale_factor=upscale, mode="bicubic")
 
 
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the short side at `size`, the other side int()-truncated, as the reference."""
+    if height == width:
+        return size, size
+    if height < width:
+        return size, int(width * (size / height))
+    return int(height * (size / width)), size
+
+
 def resize_short_side(images: torch.Tensor, size: int) -> torch.Tensor:
-    _, _, h, w = images.shape
-    if h == w:
-        new_h, new_w = size, size
-    elif h < w:
-        new_h, new_w = size, int(w * (size / h))
-    else:
-        new_h, new_w = int(h * (size / w)), size
-    return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True)
+    return F.interpolate(images, size=short_side_size(*images.shape[2:], size), mode="bicubic", antialias=True)
 
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -349,11 +347,7 @@ class HYPIRPipeline:
     @staticmethod
     def _processed_size(images, upscale, long_side) -> tuple[int, int]:
         h0, w0 = target_size(images.shape[2], images.shape[3], upscale, long_side)
-        if min(h0, w0) <= PATCH:
-            if h0 == w0:
-                return PATCH, PATCH
-            return (PATCH, int(w0 * PATCH / h0)) if h0 < w0 else (int(h0 * PATCH / w0), PATCH)
-        return h0, w0
+        return short_side_size(h0, w0, PATCH) if min(h0, w0) <= PATCH else (h0, w0)
 
     def _restore(self, images, upscale, long_side, prompt, seed, model_t, coeff_t, tile, stride, latent,
                  color_fix, router, budget, callbacks, sync_stages, max_group=None):

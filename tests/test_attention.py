@@ -164,15 +164,15 @@ def test_clip_line_when_transformers_runs_flash_attention_2(flash_attn2):
 
 def test_flash_attn4_namespace_package(bf16_models, flash_attn4):
     router = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, H100)
-    assert router._usable(AttentionBackend.FLASH_ATTN, 64) == \
+    assert router.unusable_reason(AttentionBackend.FLASH_ATTN, 64) == \
         "flash_attn.flash_attn_func not found (pip install flash-attn: a prebuilt wheel matching your torch and CUDA)"
-    assert router._usable(AttentionBackend.FLASH_ATTN4, 64) is None
-    assert router._usable(AttentionBackend.FLASH_ATTN4, 512) == "head_dim 512 > 128"
+    assert router.unusable_reason(AttentionBackend.FLASH_ATTN4, 64) is None
+    assert router.unusable_reason(AttentionBackend.FLASH_ATTN4, 512) == "head_dim 512 > 128"
     _, router = unet_pass(bf16_models, H100, attention="flash_attn4")
     assert ((1, 4096, 2, 8), (1, 77, 2, 8), torch.bfloat16) in flash_attn4.calls
     assert build_report(router, "sdpa").status_line() == "FlashAttention: enabled (flash_attn4 4.0.0b36)"
     ampere = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100)
-    assert ampere._usable(AttentionBackend.FLASH_ATTN4, 64) == "GPU sm80 (NVIDIA A100-SXM4-80GB) is below sm90"
+    assert ampere.unusable_reason(AttentionBackend.FLASH_ATTN4, 64) == "GPU sm80 (NVIDIA A100-SXM4-80GB) is below sm90"
 
 
 def _status(info, dtype, policy=AttentionPolicy()):

@@ -24,7 +24,7 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # 
 
 def usable(backend, dtype, head_dim):
     router = AttentionRouter(AttentionPolicy(), "cuda", dtype)
-    return router._usable(backend, head_dim)
+    return router.unusable_reason(backend, head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
