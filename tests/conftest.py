@@ -51,3 +51,11 @@ def smooth_image(batch: int, height: int, width: int, seed: int = 0) -> torch.Te
 @pytest.fixture()
 def image_factory():
     return smooth_image
+
+
+def default_sigint() -> None:
+    """For Popen(preexec_fn=...): a child that gets Ctrl-C as a user's terminal would deliver it. A test run
+    started as a background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

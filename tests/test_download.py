@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 from huggingface_hub import constants as hf_constants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -287,7 +288,7 @@ def test_interrupted_process_leaves_nothing_under_the_final_name_and_a_rerun_com
         #    temporary file; nothing under the final name.
         hub.add_fault(WEIGHTS_REPO, WEIGHTS_FILE, "stall", at=CHUNK + 2**20)
         proc = subprocess.Popen(hypir_cmd(*args), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
         try:
             release = hub.wait_stall(timeout=120)
             _wait_for_partial(dest, CHUNK, proc)

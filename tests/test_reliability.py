@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import default_sigint
 from hypir.pipeline import Callbacks
 
 
@@ -68,7 +69,8 @@ def test_cli_interrupted_writes_no_file(tiny_files, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "hypir", "restore", str(tmp_path / "in.png"), "-o", str(out),
                              "--base", str(folder), "--weights", str(weights), "--device", "cpu", "--upscale", "8",
                              "--tile-size", "512", "--tile-stride", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
     seen = ""
     deadline = time.time() + 300
     while "unet" not in seen and time.time() < deadline and proc.poll() is None:
