@@ -57,18 +57,19 @@ def test_not_a_model(tmp_path, content, message):
         load_base_model(base)
 
 
-def test_pickle_that_runs_code_runs_nothing(tmp_path):
+@pytest.mark.parametrize("name,load", [("HYPIR_sd2.pth", read_lora), ("v2-1_512-ema-pruned.ckpt", load_base_model)])
+def test_pickle_that_runs_code_runs_nothing(tmp_path, name, load):
     marker = tmp_path / "pwned"
 
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    path = tmp_path / "HYPIR_sd2.pth"
-    torch.save({"down_blocks.0.x.lora_A.default.weight": torch.zeros(1), "payload": Exploit()}, path)
+    path = tmp_path / name
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "payload": Exploit()}, path)
     with pytest.raises(HYPIRLoadError, match="refused: this file holds Python objects that would run code.*Nothing "
                                              "was run"):
-        read_lora(path)
+        load(path)
     assert not marker.exists()
 
 

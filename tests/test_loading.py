@@ -113,20 +113,6 @@ def test_single_file_checkpoint_equals_diffusers_folder(tiny_files, tmp_path, im
     assert ((from_file - from_folder).norm() / from_folder.norm()).item() <= 1e-5
 
 
-def test_ckpt_pickle_loads_without_running_code(tmp_path):
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": Evil()}, path)
-    with pytest.raises(HYPIRLoadError, match="would run code when loaded.*Nothing was run"):
-        load_base_model(path)
-    assert not marker.exists()
-
-
 # ---- weights errors ------------------------------------------------------------------------------------
 
 def test_weights_that_are_a_full_checkpoint(tmp_path, tiny_models):
