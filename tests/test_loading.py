@@ -78,8 +78,11 @@ def to_ldm_checkpoint(base, convert) -> dict[str, torch.Tensor]:
     """The original LDM layout of an SD2 checkpoint, as ComfyUI writes it (24 OpenCLIP text layers)."""
     unet = convert.convert_unet_state_dict(base.unet.state_dict())
     vae = convert.convert_vae_state_dict(base.vae.state_dict())
-    text_sd = {"transformer.text_model." + k: v for k, v in base.text_encoder.state_dict().items()}
-    extra = build_random_base("tiny", seed=9).text_encoder.state_dict()  # a 24th layer that SD2 never uses
+    def flat(state):  # transformers < 5.6 nests CLIPTextModel's keys under `text_model.`
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+    text_sd = {"transformer.text_model." + k: v for k, v in flat(base.text_encoder.state_dict()).items()}
+    extra = flat(build_random_base("tiny", seed=9).text_encoder.state_dict())  # a 24th layer SD2 never uses
     text_sd.update({f"transformer.text_model.{k.replace('layers.0.', 'layers.23.')}": v
                     for k, v in extra.items() if k.startswith("encoder.layers.0.")})
     text = convert.convert_text_enc_state_dict_v20(text_sd)
