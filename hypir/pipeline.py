@@ -134,10 +134,9 @@ def full_size_bytes(batch: int, height: int, width: int) -> int:
     return batch * height * width * 3 * 4 * 10
 
 
-def plan_tiles(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device,
-               budget_bytes: int | None) -> tuple[int, int] | None:
+def plan_tiles(height: int, width: int, batch: int, dtype: torch.dtype, budget: int | None
+               ) -> tuple[int, int] | None:
     """None when one pass fits the budget (or nothing bounds memory), else (tile, stride) in pixels."""
-    budget = budget_bytes if budget_bytes is not None else _free_bytes(device)
     if budget is None or pass_bytes(height, width, batch, dtype) <= 0.85 * budget:
         return None
     tile = min(2048, round_to(max(height, width), 64))
@@ -146,9 +145,7 @@ def plan_tiles(height: int, width: int, batch: int, dtype: torch.dtype, device: 
     return tile, round_to(tile * 3 // 4, 64)
 
 
-def tiles_per_batch(tile: int, batch: int, dtype: torch.dtype, device: torch.device,
-                    budget_bytes: int | None, count: int) -> int:
-    budget = budget_bytes if budget_bytes is not None else _free_bytes(device)
+def tiles_per_batch(tile: int, batch: int, dtype: torch.dtype, budget: int | None, count: int) -> int:
     if budget is None:
         return 1
     fit = int(0.85 * budget // max(1, pass_bytes(tile, tile, batch, dtype)))
@@ -373,8 +370,10 @@ class HYPIRPipeline:
         x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
         batch = x.shape[0]
 
+        if budget is None:
+            budget = _free_bytes(device)  # once per pass: None where nothing bounds memory (CPU)
         if tile is None:
-            planned = plan_tiles(x.shape[2], x.shape[3], batch, dtype, device, budget)
+            planned = plan_tiles(x.shape[2], x.shape[3], batch, dtype, budget)
             if planned:
                 tile, stride = planned
         if tile is not None and tile >= max(x.shape[2], x.shape[3]):
@@ -383,7 +382,7 @@ class HYPIRPipeline:
         px_stride = stride if tile else px_tile
         lat_tile, lat_stride = px_tile // VAE_SCALE, px_stride // VAE_SCALE
         n_tiles = tile_count(x.shape[2], x.shape[3], px_tile, px_stride)
-        group = tiles_per_batch(px_tile, batch, dtype, device, budget, n_tiles) if tile else 1
+        group = tiles_per_batch(px_tile, batch, dtype, budget, n_tiles) if tile else 1
         group = min(group, max_group or group)
         lap("prepare")
 
