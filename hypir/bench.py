@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo
-from .loading import HYPIRModels, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
+from .loading import HYPIRModels, install_fast_paths, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
 from .pipeline import HYPIRPipeline
 
 logger = logging.getLogger("hypir")
@@ -46,8 +46,7 @@ def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int 
     base = build_random_base(size, seed)
     if size != "sd21":  # a real-size rank-256 LoRA costs minutes to draw and nothing at run time once merged
         merge_lora(base.unet, lora_from_state_dict(random_lora(base.unet, rank=4, seed=seed), "random"), 1.0)
-    install_processors(base.unet, "unet")
-    install_processors(base.vae, "vae")
+    install_fast_paths(base)
     place(base, device, dtype)
     return HYPIRModels(base.tokenizer, base.text_encoder, base.unet, base.vae, base.alphas_cumprod, device, dtype,
                        4, base.source, "random")

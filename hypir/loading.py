@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .kernels import triton_available
+
 logger = logging.getLogger("hypir")
 
 BUNDLED_SD21_CONFIG = Path(__file__).resolve().parent / "configs" / "sd21_base"
@@ -423,15 +425,12 @@ class HYPIRModels:
 def load_models(base: str | os.PathLike, weights: str | os.PathLike, device: str | torch.device = "auto",
                 dtype: str | torch.dtype = "auto", lora_scale: float = 1.0, allow_download: bool = False,
                 config_dir: str | os.PathLike = BUNDLED_SD21_CONFIG) -> HYPIRModels:
-    from .attention import install_processors
-
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     lora = read_lora(weights)
     model = load_base_model(base, allow_download=allow_download, config_dir=config_dir)
     merge_lora(model.unet, lora, lora_scale)
-    install_processors(model.unet, "unet")
-    install_processors(model.vae, "vae")
+    install_fast_paths(model)
     place(model, device, dtype)
     logger.info("[HYPIR] loaded %s + %s (LoRA rank %d, scale %g) on %s as %s", model.source, lora.source,
                 lora.rank, lora_scale, device, dtype)
@@ -439,11 +438,28 @@ def load_models(base: str | os.PathLike, weights: str | os.PathLike, device: str
                        dtype, lora.rank, model.source, lora.source)
 
 
+def install_fast_paths(model) -> None:
+    """Routed attention processors (attention.py) and fused GroupNorm blocks (fused_blocks.py) on the UNet and
+    VAE. Both compute what diffusers' modules compute; each call picks its kernels."""
+    from .attention import install_processors
+    from .fused_blocks import install_fused_blocks
+
+    for component, name in ((model.unet, "unet"), (model.vae, "vae")):
+        install_processors(component, name)
+        install_fused_blocks(component)
+
+
 def place(model, device: torch.device, dtype: torch.dtype) -> None:
     """Move and cast the components for inference. torch.nn.Module.to, not diffusers' override, which
     warns about fp32-only modules even when a model has none."""
     for module in (model.text_encoder, model.unet, model.vae):
         torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
+    if device.type == "cuda" and triton_available():
+        # cuDNN runs convolutions in NHWC: in channels_last it needs no transpose around each one, and the
+        # fused GroupNorm reads either layout (PyTorch's own GroupNorm is slow in channels_last, so without
+        # Triton the weights stay NCHW). Measured on an H100, 1024x1024 output: 133 ms NCHW, 109 ms channels_last.
+        for module in (model.unet, model.vae):
+            module.to(memory_format=torch.channels_last)
 
 
 def _file_identity(source: str | os.PathLike) -> tuple:

@@ -11,6 +11,10 @@ import torch
 
 # The tests never reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_kernels.py); it is chosen when
+# Triton is imported, so before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,136 @@
+"""diffusers blocks computed with the fused kernels of `kernels.py` on CUDA.
+
+`install_fused_blocks(model)` changes the class of a loaded UNet's or VAE's modules in place; parameters, state
+dict keys and results stay those of diffusers (the plain PyTorch path computes exactly diffusers' ops):
+
+- every `nn.GroupNorm` becomes `FusedGroupNorm` (one pass instead of PyTorch's one-block-per-group kernel);
+- a GroupNorm followed by SiLU (`conv_norm_out` + `conv_act` of the VAE's encoder and decoder and of the UNet)
+  becomes one `FusedGroupNorm` with `silu=True`, the SiLU module an identity;
+- every `nn.Conv2d` becomes `FusedConv2d`: its bias added in one vectorised pass;
+- `ResnetBlock2D` becomes `FusedResnetBlock2D`: norm1+SiLU; conv1's bias, the time embedding, norm2 and SiLU;
+  conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1.
+
+Off CUDA, under torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from .kernels import add_channel_bias_, group_norm_silu
+
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fused_kernels", default=True)
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Use the fused kernels (where they can run) or PyTorch's, for the calls made inside."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def _fast(x: torch.Tensor) -> bool:
+    """The fused path for this call: on CUDA, switched on, and not under torch.compile (where the plain ops go
+    to inductor, which writes its own fused kernels)."""
+    return x.is_cuda and _ENABLED.get() and not torch.compiler.is_compiling()
+
+
+def _conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return conv._conv_forward(x, conv.weight, None)
+
+
+class FusedGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters) computed by the fused kernel; `silu` appends the activation."""
+
+    silu: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast(x):
+            y = super().forward(x)
+            return F.silu(y) if self.silu else y
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
+
+
+class FusedConv2d(nn.Conv2d):
+    """nn.Conv2d whose bias is added by `add_channel_bias_` (one vectorised pass in either memory layout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None or not _fast(x):
+            return super().forward(x)
+        return add_channel_bias_(_conv_without_bias(self, x), self.bias)
+
+
+class FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ResnetBlock2D for the configuration SD2.1 uses (default time-embedding norm, SiLU, no
+    up/down-sampling inside the block; see `fusable_resnet`). Fused: norm1+SiLU; conv1's bias, the time
+    embedding, norm2 and SiLU; conv2's bias and the skip connection."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
+        if not _fast(input_tensor):
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        norm1, norm2 = self.norm1, self.norm2
+        hidden = group_norm_silu(input_tensor, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, silu=True)
+        hidden = _conv_without_bias(self.conv1, hidden)
+        channel_bias = self.conv1.bias[None] if self.conv1.bias is not None else None
+        if self.time_emb_proj is not None and temb is not None:
+            time_bias = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+            channel_bias = time_bias if channel_bias is None else time_bias + channel_bias
+        if channel_bias is not None:
+            channel_bias = channel_bias.expand(hidden.shape[0], -1)
+        hidden = group_norm_silu(hidden, norm2.weight, norm2.bias, norm2.num_groups, norm2.eps, silu=True,
+                                 pre_bias=channel_bias)
+        hidden = self.dropout(hidden)
+        hidden = _conv_without_bias(self.conv2, hidden)
+        shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+        if shortcut.stride() != hidden.stride():
+            shortcut = shortcut.contiguous(memory_format=_layout(hidden))
+        hidden = add_channel_bias_(hidden, self.conv2.bias, shortcut)
+        return hidden if self.output_scale_factor == 1 else hidden.div_(self.output_scale_factor)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def fusable_resnet(block: nn.Module) -> bool:
+    return (type(block) is ResnetBlock2D and block.time_embedding_norm == "default"
+            and block.upsample is None and block.downsample is None and isinstance(block.nonlinearity, nn.SiLU)
+            and type(block.norm1) is nn.GroupNorm and type(block.norm2) is nn.GroupNorm
+            and block.norm1.affine and block.norm2.affine)
+
+
+def install_fused_blocks(model: nn.Module) -> dict[str, int]:
+    """Switch a diffusers model's blocks to the fused classes, in place. Returns counts per kind."""
+    counts = {"resnet": 0, "norm_silu": 0, "norm": 0, "conv": 0}
+    for module in list(model.modules()):
+        if fusable_resnet(module):
+            module.__class__ = FusedResnetBlock2D
+            counts["resnet"] += 1
+        norm_out, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+        if type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
+            norm_out.__class__ = FusedGroupNorm
+            norm_out.silu = True
+            module.conv_act = nn.Identity()
+            counts["norm_silu"] += 1
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = FusedGroupNorm
+            counts["norm"] += 1
+        elif type(module) is nn.Conv2d:
+            module.__class__ = FusedConv2d
+            counts["conv"] += 1
+    return counts
+
+
+__all__ = ["FusedConv2d", "FusedGroupNorm", "FusedResnetBlock2D", "install_fused_blocks", "fused_kernels", "fusable_resnet"]

@@ -1,0 +1,246 @@
+"""Fused GPU kernels with their PyTorch fallbacks.
+
+`group_norm_silu` is GroupNorm, optionally preceded by a per-(sample, channel) bias and followed by SiLU, in
+one read and one write of the activation. PyTorch's own GroupNorm reduces each (sample, group) in a single
+thread block: on the VAE's 1024x1024x128 activations that is 32 blocks for 132 SMs, and it is the largest
+part of the VAE's time. Here the reduction is split over the whole GPU (partial Welford statistics per
+chunk, merged per group), and any strides work: NCHW and channels_last alike, so the convolutions can run in
+the layout cuDNN wants without a transpose around each of them.
+
+The Triton path runs on CUDA tensors in fp16, bf16 and fp32 when Triton is installed; everything else (CPU,
+Apple, no Triton, autograd) takes the plain PyTorch path, which is also the reference the kernel is tested
+against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                              groups: int, eps: float, silu: bool, pre_bias: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """The plain PyTorch composition: what diffusers' modules compute."""
+    if pre_bias is not None:
+        x = x + pre_bias.view(*pre_bias.shape, *([1] * (x.ndim - 2)))
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+# Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves:
+# PyTorch's GroupNorm is as fast on the UNet's small activations (measured on an H100: 0.08 ms vs 0.23 ms at
+# 1280x16x16, 0.26 ms vs 0.12 ms at 512x128x128).
+TRITON_MIN_ELEMENTS = 1 << 22
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype in TRITON_DTYPES and x.numel() >= TRITON_MIN_ELEMENTS and triton_available()
+            and x.ndim >= 3 and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                    eps: float, silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm over (N, C, *spatial) with optional pre-bias (N, C) and SiLU; fused on CUDA with Triton."""
+    if not uses_triton(x) or _flat_strides(x) is None:
+        return group_norm_silu_reference(x, weight, bias, groups, eps, silu, pre_bias)
+    return _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias)
+
+
+def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """x += bias[channel] (+ residual), in place, in one pass: a convolution's bias and a residual block's
+    skip connection. PyTorch adds a convolution's bias with a broadcast kernel that, on the VAE's large
+    activations, takes about a third as long as the convolution itself."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if (uses_triton(x) and dense and (bias is None or bias.is_contiguous())
+            and (residual is None or residual.stride() == x.stride())):
+        _triton_add_channel_bias(x, bias, residual)
+        return x
+    if bias is not None:
+        x.add_(bias.view(-1, *([1] * (x.ndim - 2))))
+    if residual is not None:
+        x.add_(residual)
+    return x
+
+
+def _flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(sample, channel, position) strides when the spatial dims flatten into one strided axis, else None."""
+    spatial = x.shape[2:]
+    strides = x.stride()[2:]
+    step = strides[-1] if spatial else 1
+    expected = step
+    for size, stride in zip(reversed(spatial), reversed(strides)):
+        if size != 1 and stride != expected:
+            return None
+        expected = expected * size
+    return x.stride(0), x.stride(1), step
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, GROUPS, CPG, CHUNKS, s_n, s_c, s_s,
+                      HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        group_id = tl.program_id(0)  # n * GROUPS + g: neighbouring programs read neighbouring channels
+        chunk = tl.program_id(1)
+        n = group_id // GROUPS
+        g = group_id % GROUPS
+        ci = tl.arange(0, BLOCK_C)
+        si = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = g * CPG + ci
+        mask = (ci < CPG)[:, None] & (si < S)[None, :]
+        offsets = n.to(tl.int64) * s_n + c[:, None].to(tl.int64) * s_c + si[None, :].to(tl.int64) * s_s
+        v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            v += tl.load(pre_ptr + n * C + c, mask=ci < CPG, other=0.0).to(tl.float32)[:, None]
+            v = tl.where(mask, v, 0.0)
+        count = tl.sum(mask.to(tl.float32), axis=1)
+        count = tl.sum(count, axis=0)
+        mean = tl.sum(tl.sum(v, axis=1), axis=0) / count
+        d = tl.where(mask, v - mean, 0.0)
+        m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        tl.store(mean_ptr + group_id * CHUNKS + chunk, mean)
+        tl.store(m2_ptr + group_id * CHUNKS + chunk, m2)
+
+    @triton.jit
+    def merge_stats(mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, S, CPG, CHUNKS, eps,
+                    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Chan et al.: merge the chunks' (count, mean, M2); every chunk but the last holds CPG * BLOCK_S values.
+        group_id = tl.program_id(0)
+        total = (S * CPG).to(tl.float32)
+        acc_mean = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for start in range(0, CHUNKS, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            valid = k < CHUNKS
+            counts = tl.where(valid, (tl.minimum(S - k * BLOCK_S, BLOCK_S) * CPG).to(tl.float32), 0.0)
+            means = tl.load(mean_ptr + group_id * CHUNKS + k, mask=valid, other=0.0)
+            acc_mean += counts * means
+        mean = tl.sum(acc_mean, axis=0) / total
+        acc_m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for start in range(0, CHUNKS, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            valid = k < CHUNKS
+            counts = tl.where(valid, (tl.minimum(S - k * BLOCK_S, BLOCK_S) * CPG).to(tl.float32), 0.0)
+            means = tl.load(mean_ptr + group_id * CHUNKS + k, mask=valid, other=0.0)
+            m2s = tl.load(m2_ptr + group_id * CHUNKS + k, mask=valid, other=0.0)
+            acc_m2 += m2s + counts * (means - mean) * (means - mean)
+        var = tl.sum(acc_m2, axis=0) / total
+        tl.store(out_mean_ptr + group_id, mean)
+        tl.store(out_rstd_ptr + group_id, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def normalize(x_ptr, y_ptr, pre_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, GROUPS, CPG,
+                  s_n, s_c, s_s, o_n, o_c, o_s, HAS_PRE: tl.constexpr, HAS_AFFINE: tl.constexpr,
+                  SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        group_id = tl.program_id(0)
+        chunk = tl.program_id(1)
+        n = group_id // GROUPS
+        g = group_id % GROUPS
+        ci = tl.arange(0, BLOCK_C)
+        si = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = g * CPG + ci
+        cmask = ci < CPG
+        mask = cmask[:, None] & (si < S)[None, :]
+        n64 = n.to(tl.int64)
+        c64 = c[:, None].to(tl.int64)
+        s64 = si[None, :].to(tl.int64)
+        v = tl.load(x_ptr + n64 * s_n + c64 * s_c + s64 * s_s, mask=mask, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            v += tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        mean = tl.load(mean_ptr + group_id)
+        rstd = tl.load(rstd_ptr + group_id)
+        y = (v - mean) * rstd
+        if HAS_AFFINE:
+            w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)
+            b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            y = y * w[:, None] + b[:, None]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + n64 * o_n + c64 * o_c + s64 * o_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def channel_bias_add(x_ptr, bias_ptr, res_ptr, numel, C, CHANNEL_STRIDE, HAS_BIAS: tl.constexpr,
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        # Dense storage, NCHW or channels_last: the channel of storage offset i is (i // stride(1)) % C.
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        v = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + (i // CHANNEL_STRIDE) % C, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(res_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + i, v.to(x_ptr.dtype.element_ty), mask=mask)
+
+    return partial_stats, merge_stats, normalize, channel_bias_add
+
+
+def _triton_add_channel_bias(x, bias, residual):
+    import triton
+
+    kernel = _kernels()[3]
+    block = 2048
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel[(triton.cdiv(x.numel(), block),)](
+            x, bias if bias is not None else x, residual if residual is not None else x, x.numel(), x.shape[1],
+            x.stride(1), HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK=block, num_warps=4)
+
+
+def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
+    block_c = max(1, 1 << (cpg - 1).bit_length())
+    block_s = max(16, min(4096 // block_c, 1 << max(0, (spatial - 1).bit_length())))
+    return block_c, block_s
+
+
+def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
+    import triton
+
+    partial_stats, merge_stats, normalize, _ = _kernels()
+    n, c = x.shape[:2]
+    if c % groups:
+        raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
+    spatial = x[0, 0].numel()
+    cpg = c // groups
+    s_n, s_c, s_s = _flat_strides(x)
+    y = torch.empty_like(x)  # same strides as x (dense tensors keep their layout)
+    o_n, o_c, o_s = _flat_strides(y)
+    block_c, block_s = _block_sizes(cpg, spatial)
+    chunks = triton.cdiv(spatial, block_s)
+    partial_mean = torch.empty(n * groups, chunks, device=x.device, dtype=torch.float32)
+    partial_m2 = torch.empty_like(partial_mean)
+    mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    pre = pre_bias.contiguous() if pre_bias is not None else mean  # placeholder pointer when unused
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    grid = (n * groups, chunks)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # CPU: Triton's interpreter
+        partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,
+                            HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+        merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, spatial, cpg, chunks, eps,
+                                   BLOCK_S=block_s, BLOCK_K=256, num_warps=4)
+        normalize[grid](x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, s_c, s_s, o_n, o_c, o_s,
+                        HAS_PRE=pre_bias is not None, HAS_AFFINE=weight is not None, SILU=silu,
+                        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+    return y
+
+
+__all__ = ["add_channel_bias_", "group_norm_silu", "group_norm_silu_reference", "triton_available", "uses_triton"]

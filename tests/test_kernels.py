@@ -1,0 +1,129 @@
+"""The fused kernels (hypir/kernels.py) and the blocks that use them (hypir/fused_blocks.py).
+
+The Triton kernels run here on the CPU through Triton's interpreter (TRITON_INTERPRET=1), so their indexing,
+masking and statistics are tested without a GPU; tests/test_gpu_kernels.py checks them on a GPU.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from hypir import fused_blocks, kernels
+from hypir.random_models import build_random_base
+
+triton = pytest.importorskip("triton", reason="the fused kernels need Triton (pip install triton)")
+
+
+@pytest.fixture()
+def interpreted(monkeypatch):
+    """The Triton kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 on machines without a
+    GPU), taken for CPU tensors."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU machine: tests/test_gpu_kernels.py runs these kernels on the GPU")
+    kernels._kernels.cache_clear()
+    monkeypatch.setattr(kernels, "uses_triton", lambda x: True)
+    yield
+    kernels._kernels.cache_clear()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape,groups,channels_last,pre,silu", [
+    ((2, 64, 9, 11), 32, False, False, True),   # NCHW, 2 channels a group
+    ((1, 40, 17, 5), 8, True, True, True),       # channels_last, 5 channels a group (padded block), time bias
+    ((2, 32, 37), 32, False, False, False),      # (N, C, L): the VAE attention's norm
+    ((1, 320, 8, 8), 32, True, True, True),      # the UNet's 10 channels a group
+])
+def test_group_norm_matches_pytorch(interpreted, shape, groups, channels_last, pre, silu):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: the statistics must not cancel
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    pre_bias = torch.randn(shape[0], shape[1], generator=g) if pre else None
+    y = kernels.group_norm_silu(x, w, b, groups, 1e-6, silu, pre_bias)
+    expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), groups, 1e-6, silu,
+                                                 None if pre_bias is None else pre_bias.double())
+    assert y.stride() == x.stride()  # the layout is kept
+    assert _rel(y, expected) < 1e-6
+
+
+def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
+    """Small blocks force 300 chunks a group: the merge loops over its 256-wide block twice."""
+    monkeypatch.setattr(kernels, "_block_sizes", lambda cpg, spatial: (max(1, 1 << (cpg - 1).bit_length()), 16))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 60, 79, generator=g) * 0.5 + 100.0  # mean 200x the spread
+    y = kernels.group_norm_silu(x, None, None, 2, 1e-6, False)
+    expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-6)
+    assert _rel(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias,residual", [(True, True), (True, False), (False, True)])
+def test_add_channel_bias(interpreted, channels_last, bias, residual):
+    g = torch.Generator().manual_seed(2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 5, 7, generator=g).contiguous(memory_format=fmt)
+    b = torch.randn(6, generator=g) if bias else None
+    r = torch.randn(2, 6, 5, 7, generator=g).contiguous(memory_format=fmt) if residual else None
+    expected = x.clone() + (b.view(-1, 1, 1) if bias else 0) + (r if residual else 0)
+    out = kernels.add_channel_bias_(x, b, r)
+    assert out is x  # in place
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+def test_cpu_takes_the_pytorch_path():
+    x = torch.randn(1, 64, 2048, 2048 // 64)  # above the size threshold, but on the CPU
+    assert not kernels.uses_triton(x)
+    w, b = torch.randn(64), torch.randn(64)
+    y = kernels.group_norm_silu(x, w, b, 32, 1e-6, True)
+    assert torch.equal(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b, 1e-6)))
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    return build_random_base("tiny", seed=3)
+
+
+def _fused_copy(module):
+    fused = copy.deepcopy(module)
+    counts = fused_blocks.install_fused_blocks(fused)
+    return fused, counts
+
+
+def test_fused_blocks_keep_parameters_and_cpu_results(tiny_base):
+    vae, counts = _fused_copy(tiny_base.vae)
+    assert counts["resnet"] > 0 and counts["norm_silu"] == 2 and counts["conv"] > 0
+    assert vae.state_dict().keys() == tiny_base.vae.state_dict().keys()
+    x = torch.rand(1, 3, 48, 40) * 2 - 1
+    with torch.no_grad():  # on the CPU every block runs diffusers' own forward: identical results
+        assert torch.equal(vae.encode(x).latent_dist.mean, tiny_base.vae.encode(x).latent_dist.mean)
+
+
+def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, monkeypatch):
+    """The fused forward (norm+SiLU, conv biases folded into the next norm and the skip add, the time
+    embedding as a pre-norm bias) through the interpreted kernels equals diffusers' forward in float32."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
+    unet, _ = _fused_copy(tiny_base.unet)
+    vae, _ = _fused_copy(tiny_base.vae)
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, 32, 24, generator=g) * 2 - 1
+    latent = torch.randn(1, 4, 8, 8, generator=g)
+    text = torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        got_z = vae.encode(image).latent_dist.mean
+        got_x = vae.decode(latent).sample
+        got_eps = unet(latent, torch.tensor([200]), encoder_hidden_states=text).sample
+        with fused_blocks.fused_kernels(False):  # the switch: diffusers' forward on the same modules
+            off_x = vae.decode(latent).sample
+        want_z = tiny_base.vae.encode(image).latent_dist.mean
+        want_x = tiny_base.vae.decode(latent).sample
+        want_eps = tiny_base.unet(latent, torch.tensor([200]), encoder_hidden_states=text).sample
+    assert torch.equal(off_x, want_x)
+    assert _rel(got_z, want_z) < 1e-5
+    assert _rel(got_x, want_x) < 1e-5
+    assert _rel(got_eps, want_eps) < 1e-5
