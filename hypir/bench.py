@@ -169,3 +169,192 @@ def format_table(result: dict) -> str:
 
 
 __all__ = ["run_bench", "format_table", "available_backends", "REGISTRY"]
+
+
+# ----------------------------------------------------------------------------------------------
+# `hypir bench --speed`: the fast paths against diffusers' stock modules, per output size.
+
+SPEED_MODES = {
+    # name: (pipeline options, description)
+    "eager": (dict(cuda_graphs=False, torch_compile=False), "fused kernels, per-shape attention, no CUDA graphs"),
+    "eager+graphs": (dict(cuda_graphs=True, torch_compile=False), "the default: eager with the UNet as a CUDA graph"),
+    "compiled": (dict(cuda_graphs=True, torch_compile=True), "torch.compile of UNet and VAE, UNet as a CUDA graph"),
+}
+
+
+def stock_models(models: HYPIRModels, attention: str, dtype: torch.dtype | None = None) -> HYPIRModels:
+    """The same weights in diffusers' stock modules (NCHW, PyTorch GroupNorm, diffusers' own attention
+    processor: `AttnProcessor` for "standard", `AttnProcessor2_0` for "sdpa"): the baseline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    dtype = dtype or models.dtype
+    processor = {"standard": AttnProcessor, "sdpa": AttnProcessor2_0}[attention]
+    parts = []
+    for cls, source in ((UNet2DConditionModel, models.unet), (AutoencoderKL, models.vae)):
+        stock = cls.from_config(source.config)
+        stock.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+        stock.set_attn_processor(processor())
+        parts.append(torch.nn.Module.to(stock, device=models.device, dtype=dtype).eval().requires_grad_(False))
+    text_encoder = models.text_encoder if dtype == models.dtype else \
+        torch.nn.Module.to(__import__("copy").deepcopy(models.text_encoder), dtype=dtype)
+    return HYPIRModels(models.tokenizer, text_encoder, parts[0], parts[1], models.alphas_cumprod, models.device,
+                       dtype, models.lora_rank, models.base_source, f"{models.weights_source} (diffusers stock)")
+
+
+def _time_pipeline(pipe: HYPIRPipeline, images: torch.Tensor, repeats: int, **options) -> dict:
+    """Median wall time of whole calls (the pipeline synchronises at its end), median stage times from
+    separate calls synchronised at each stage, peak allocated memory, the first call's time."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pipe(images, **options)
+    first_ms = (time.perf_counter() - t0) * 1000
+    pipe(images, **options)  # the second call of a shape captures the CUDA graph
+    totals = []
+    for _ in range(repeats):
+        result = pipe(images, **options)
+        totals.append(result.seconds * 1000)
+    stages: dict[str, list[float]] = {}
+    for _ in range(3):
+        staged = pipe(images, sync_stages=True, **options)
+        for k, v in staged.stage_seconds.items():
+            stages.setdefault(k, []).append(v * 1000)
+    return {"total_ms": statistics.median(totals), "min_ms": min(totals), "first_call_ms": first_ms,
+            "stage_ms": {k: statistics.median(v) for k, v in stages.items()},
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "result": result}
+
+
+def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes: tuple[str, ...] = tuple(SPEED_MODES),
+              baselines: tuple[str, ...] = ("standard", "sdpa"), budget_size: int | None = 4096,
+              budget_gb: float = 8.0, repeats: int = 10, json_path: str | None = None, log=print) -> dict:
+    """The numbers of the speed issue on one GPU, one process: every mode and baseline at every size."""
+    device = resolve_device("cuda")
+    dtype = resolve_dtype("auto", device)
+    info = DeviceInfo.of(device)
+    import diffusers
+    from .kernels import triton_available
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                "diffusers": diffusers.__version__,
+                "triton": __import__("triton").__version__ if triton_available() else None}
+    log(f"hypir bench --speed: {model} random weights, {dtype}, {info.name} ({info.sm}), {versions}")
+    t0 = time.perf_counter()
+    models = build_models(model, device, dtype)
+    log(f"built models in {time.perf_counter() - t0:.1f} s")
+    pipe = HYPIRPipeline(models)
+    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": info.name, "capability": info.sm,
+                    "versions": versions, "model": model, "dtype": str(dtype).removeprefix("torch."),
+                    "repeats": repeats, "sizes": {}}
+    for size in sizes:
+        side = size // 2
+        images = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+        rows: dict[str, dict] = {}
+        reference, reference_name = None, None
+        for attention in ("standard", "sdpa"):  # the float32 path PSNR is measured against
+            try:
+                fp32 = HYPIRPipeline(stock_models(models, attention, torch.float32))
+                reference = fp32(images, upscale=2, fused_kernels=False, cuda_graphs=False, oom_retry=False).images
+                reference_name = f"diffusers stock {attention}, float32"
+                break
+            except torch.cuda.OutOfMemoryError:
+                reference = None
+            finally:
+                fp32 = None
+                torch.cuda.empty_cache()
+        log(f"{size}: PSNR reference: {reference_name}")
+        for name in baselines:
+            stock = HYPIRPipeline(stock_models(models, name))
+            rows[f"stock {name}"] = _measure(stock, images, repeats, reference, fused_kernels=False,
+                                             cuda_graphs=False, torch_compile=False, oom_retry=False,
+                                             description=f"diffusers' stock modules, {name} attention")
+            stock = None
+            torch.cuda.empty_cache()
+            log(_row_line(size, f"stock {name}", rows[f"stock {name}"]))
+        for mode in modes:
+            options, description = SPEED_MODES[mode]
+            rows[mode] = _measure(pipe, images, repeats, reference, description=description, oom_retry=False,
+                                  **options)
+            log(_row_line(size, mode, rows[mode]))
+        result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows}
+        reference = None
+        torch.cuda.empty_cache()
+    if budget_size:
+        side = budget_size // 2
+        images = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+        for mode in ("eager+graphs",):
+            options, description = SPEED_MODES[mode]
+            torch.cuda.empty_cache()
+            row = _measure(pipe, images, 1, None, description=f"{description}, VRAM budget {budget_gb:g} GiB",
+                           vram_budget_gb=budget_gb, **options)
+            row["budget_gb"] = budget_gb
+            row["within_budget"] = row.get("peak_mib") is not None and row["peak_mib"] <= budget_gb * 1024
+            result[f"budget_{budget_size}"] = row
+            log(_row_line(budget_size, f"{mode} budget {budget_gb:g} GiB", row))
+    result["attention"] = attention_table(pipe, torch.rand(1, 3, sizes[0] // 2, sizes[0] // 2).to(device))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+        log(f"wrote {json_path}")
+    return result
+
+
+def _measure(pipe, images, repeats, reference, description="", **options) -> dict:
+    try:
+        timed = _time_pipeline(pipe, images, repeats, upscale=2, **options)
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return {"description": description, "error": f"OutOfMemoryError: {str(exc).splitlines()[0]}"}
+    out = timed.pop("result")
+    row = {"description": description, **timed, "ran": out.report.backends_by_role(),
+           "tiles": out.tile_size, "tile_stride": out.tile_stride}
+    if reference is not None:
+        row["psnr_db"] = _psnr(out.images, reference)
+        row["max_abs_diff"] = (out.images.float() - reference.float()).abs().max().item()
+    return row
+
+
+def _row_line(size, name, row) -> str:
+    if "error" in row:
+        return f"{size:>5} {name:<28} {row['error']}"
+    s = row["stage_ms"]
+    psnr = f"{row['psnr_db']:.1f} dB" if "psnr_db" in row else "-"
+    return (f"{size:>5} {name:<28} {row['total_ms']:8.1f} ms (enc {s.get('encode', 0):.1f}, unet {s.get('unet', 0):.1f}, "
+            f"dec {s.get('decode', 0):.1f}) first {row['first_call_ms'] / 1000:.1f} s, peak {row['peak_mib']:.0f} MiB, "
+            f"PSNR {psnr}")
+
+
+__all__ += ["run_speed", "stock_models", "SPEED_MODES"]
+
+
+def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
+    """Per attention module: its shape, the backend that ran it and the CUDA kernel that backend launched
+    (from torch.profiler); per shape: every candidate's measured time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .attention import autotune_table
+
+    report = pipe(images, upscale=2, cuda_graphs=False, torch_compile=False).report
+    kernels: dict[tuple, list[str]] = {}
+    modules = []
+    for module, backend in sorted(report.per_module.items()):
+        q_tokens, kv_tokens, heads, head_dim = report.shapes[module]
+        key = (q_tokens, kv_tokens, heads, head_dim, backend.value)
+        if key not in kernels:
+            q = torch.randn(1, q_tokens, heads, head_dim, device=images.device, dtype=pipe.models.dtype)
+            kv = torch.randn(1, kv_tokens, heads, head_dim, device=images.device, dtype=pipe.models.dtype)
+            fn = REGISTRY[backend].fn
+            fn(q, kv, kv, head_dim ** -0.5)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(q, kv, kv, head_dim ** -0.5)
+                torch.cuda.synchronize()
+            kernels[key] = sorted({e.key for e in prof.key_averages()
+                                   if e.device_type == torch.autograd.DeviceType.CUDA
+                                   and any(w in e.key.lower() for w in ATTENTION_KERNEL_WORDS)})
+        modules.append({"module": module, "shape": [q_tokens, kv_tokens, heads, head_dim], "backend": backend.value,
+                        "kernels": kernels[key]})
+    timings = [{"shape": shape.describe(), "times_ms": {b.value: t for b, t in timing.times.items()},
+                "errors": {b.value: e for b, e in timing.errors.items()},
+                "winner": timing.winner.value if timing.winner else None}
+               for shape, timing in autotune_table().items()]
+    return {"modules": modules, "per_shape_timings": timings}

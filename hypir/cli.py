@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--profile", action="store_true", help="list the attention kernels each backend ran (CUDA)")
     b.add_argument("--json", default="hypir_bench.json", help="where to write the results")
+    b.add_argument("--speed", action="store_true",
+                   help="CUDA: the fast paths (eager, CUDA graphs, torch.compile) against diffusers' stock modules "
+                        "at each --sizes, peak memory, PSNR against float32, a tiled run under --budget-gb")
+    b.add_argument("--sizes", default="1024,2048", help="--speed: output sides, comma-separated")
+    b.add_argument("--modes", default="eager,eager+graphs,compiled", help="--speed: modes, comma-separated")
+    b.add_argument("--budget-size", type=int, default=4096, help="--speed: output side of the VRAM-budget run (0: none)")
+    b.add_argument("--budget-gb", type=float, default=8.0, help="--speed: the VRAM budget of that run")
 
     d = sub.add_parser("download", help="download the base model and the HYPIR weights from the Hub")
     d.add_argument("--dir", default=os.environ.get("HYPIR_MODELS_DIR", "models"), help="target folder")
@@ -237,7 +244,18 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench import SPEED_MODES, run_bench, run_speed
+
+    if args.speed:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        unknown = [m for m in modes if m not in SPEED_MODES]
+        if unknown:
+            raise CLIError(f"unknown --modes {unknown}; choose from {', '.join(SPEED_MODES)}")
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+        run_speed(model="sd21" if args.model == "auto" else args.model, sizes=sizes, modes=modes,
+                  budget_size=args.budget_size or None, budget_gb=args.budget_gb, repeats=args.repeats or 10,
+                  json_path=args.json)
+        return 0
 
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
     result = run_bench(model=args.model, output=args.size, backends=backends, device=args.device, dtype=args.dtype,

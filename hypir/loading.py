@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .cuda_graphs import GraphedCalls
 from .kernels import triton_available
 
 logger = logging.getLogger("hypir")
@@ -411,6 +412,18 @@ class HYPIRModels:
     text_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     prompt_cache: dict = field(default_factory=dict, repr=False)
     _vae_fp32: torch.nn.Module | None = field(default=None, repr=False)
+    unet_graphs: GraphedCalls = field(default_factory=GraphedCalls, repr=False)  # CUDA graphs of the UNet call
+    _compiled: dict = field(default_factory=dict, repr=False)
+
+    def compiled(self, name: str, fn):
+        """torch.compile(fn), once per name. Inductor keeps what it compiled on disk: a later process reuses
+        it (TORCHINDUCTOR_CACHE_DIR, by default a folder in the user's cache), and skips most of the wait."""
+        with self.text_lock:
+            if name not in self._compiled:
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                                      str(Path.home() / ".cache" / "hypir" / "torchinductor"))
+                self._compiled[name] = torch.compile(fn, dynamic=False)
+            return self._compiled[name]
 
     def vae_fp32(self) -> torch.nn.Module:
         """A float32 copy of the VAE, made on first need (fp16 overflow), for recomputing a stage."""

@@ -7,6 +7,7 @@ wavelet colour fix -> clamp.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -18,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from . import config as _config
-from .attention import AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report, \
+from .attention import AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report, \
     text_encoder_implementation, use_router
 from .colorfix import wavelet_color_fix
+from .cuda_graphs import weights_signature
+from .fused_blocks import fused_kernels
 from .loading import MODEL_CACHE, HYPIRModels
 from .tiling import round_to, run_tiled, tile_count
 
@@ -43,6 +46,15 @@ class Callbacks:
             self.check_interrupt()
         if self.progress is not None:
             self.progress(stage, done, total)
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How a pass runs on a GPU; none changes results beyond bf16/fp16 rounding (see hypir_config.py)."""
+
+    fused_kernels: bool = True  # Triton GroupNorm+SiLU / bias kernels (fused_blocks.py)
+    cuda_graphs: bool = True  # the UNet call replayed as a CUDA graph when its shape repeats (cuda_graphs.py)
+    torch_compile: bool = False  # UNet and VAE through torch.compile
 
 
 @dataclass
@@ -163,10 +175,12 @@ def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Ten
     return vae.decode(x).sample
 
 
-def vae_stage(models: HYPIRModels, stage: str, x: torch.Tensor) -> torch.Tensor:
+def vae_stage(models: HYPIRModels, stage: str, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
     (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning."""
-    out = _vae_forward(models.vae, stage, x.to(models.dtype))
+    forward = models.compiled(f"vae.{stage}", functools.partial(_vae_forward, models.vae, stage)) if compiled \
+        else functools.partial(_vae_forward, models.vae, stage)
+    out = forward(x.to(models.dtype))
     if models.dtype == torch.float16 and not torch.isfinite(out).all():
         logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
         out = _vae_forward(models.vae_fp32(), stage, x.float())
@@ -241,6 +255,10 @@ class HYPIRPipeline:
         attention: str | None = None,
         use_flash_attention: bool | None = None,
         vram_budget_gb: float | None = None,
+        fused_kernels: bool | None = None,
+        cuda_graphs: bool | None = None,
+        torch_compile: bool | None = None,
+        oom_retry: bool = True,
         callbacks: Callbacks | None = None,
         sync_stages: bool = False,
     ) -> RestoreResult:
@@ -257,9 +275,11 @@ class HYPIRPipeline:
         latent = pick(latent, "latent")
         color_fix = bool(pick(color_fix, "color_fix"))
         policy = AttentionPolicy(pick(attention, "attention"), bool(pick(use_flash_attention, "use_flash_attention")))
+        speed = SpeedOptions(bool(pick(fused_kernels, "fused_kernels")), bool(pick(cuda_graphs, "cuda_graphs")),
+                             bool(pick(torch_compile, "torch_compile")))
         callbacks = callbacks or Callbacks()
-        budget = int(vram_budget_gb * 2**30) if vram_budget_gb else None
         self._check_inputs(images, upscale, long_side, latent, tile_size, tile_stride)
+        budget = self._activation_budget(vram_budget_gb, images, upscale, long_side)
 
         router = AttentionRouter(policy, self.models.device, self.models.dtype, self.device_info)
         start = time.perf_counter()
@@ -270,9 +290,11 @@ class HYPIRPipeline:
             try:
                 result = self._restore(images, upscale, long_side, prompt, seed, model_t, coeff_t, forced_tile,
                                        int(tile_stride), latent, color_fix, router, budget, callbacks, sync_stages,
-                                       max_group)
+                                       max_group, speed)
                 break
             except torch.cuda.OutOfMemoryError as exc:
+                if not oom_retry:
+                    raise
                 attempt += 1
                 h1, w1 = self._processed_size(images, upscale, long_side)
                 current = forced_tile or max(h1, w1)
@@ -341,13 +363,31 @@ class HYPIRPipeline:
                              f"full-size image buffers, and {device.type} has {available / 2**30:.1f} GiB available; "
                              f"choose a smaller upscale or long side, or a smaller batch")
 
+    def _activation_budget(self, vram_budget_gb, images, upscale, long_side) -> int | None:
+        """The bytes a pass may use for activations under a VRAM budget: the budget less what is already
+        allocated (the weights) and the full-size image buffers. None without a budget."""
+        if not vram_budget_gb:
+            return None
+        budget = int(vram_budget_gb * 2**30)
+        device = self.models.device
+        if device.type == "cuda":
+            budget -= torch.cuda.memory_allocated(device)
+        h, w = target_size(images.shape[2], images.shape[3], upscale, long_side)
+        budget -= full_size_bytes(images.shape[0], h, w)
+        if budget <= 0:
+            raise ValueError(f"a VRAM budget of {vram_budget_gb:g} GiB leaves nothing for the pass: the models hold "
+                             f"{torch.cuda.memory_allocated(device) / 2**30 if device.type == 'cuda' else 0:.1f} GiB "
+                             f"and a {w}x{h} output's image buffers about {full_size_bytes(images.shape[0], h, w) / 2**30:.1f} "
+                             f"GiB; raise the budget or choose a smaller output")
+        return budget
+
     @staticmethod
     def _processed_size(images, upscale, long_side) -> tuple[int, int]:
         h0, w0 = target_size(images.shape[2], images.shape[3], upscale, long_side)
         return short_side_size(h0, w0, PATCH) if min(h0, w0) <= PATCH else (h0, w0)
 
     def _restore(self, images, upscale, long_side, prompt, seed, model_t, coeff_t, tile, stride, latent,
-                 color_fix, router, budget, callbacks, sync_stages, max_group=None):
+                 color_fix, router, budget, callbacks, sync_stages, max_group=None, speed=SpeedOptions()):
         m = self.models
         device, dtype = m.device, m.dtype
         stages: dict[str, float] = {}
@@ -394,14 +434,16 @@ class HYPIRPipeline:
                 callbacks.step(stage, done[0], n_tiles)
             return on_tile
 
-        with use_router(router):
+        on_gpu = device.type == "cuda"
+        compiled = speed.torch_compile and on_gpu
+        with use_router(router), fused_kernels(speed.fused_kernels):
             # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does
             #    after torch.manual_seed(seed).
             callbacks.step("encode", 0, n_tiles)
             generator = torch.Generator(device=device).manual_seed(seed) if latent == "sample" else None
 
             def encode(tiles: torch.Tensor) -> torch.Tensor:
-                return vae_stage(m, "encode", tiles)
+                return vae_stage(m, "encode", tiles, compiled)
 
             def to_latent(moments: torch.Tensor, index: int) -> torch.Tensor:
                 mean, std = moments.chunk(2, dim=1)
@@ -419,9 +461,18 @@ class HYPIRPipeline:
             text = self.encode_prompt(prompt, text_encoder_implementation(router)).to(dtype)
             timestep = torch.tensor([model_t], device=device)
 
+            unet_forward = m.compiled("unet", _unet_forward(m.unet)) if compiled else _unet_forward(m.unet)
+            graphs_key = (repr(router.policy), speed, weights_signature(m.unet)) if speed.cuda_graphs and on_gpu else None
+            if graphs_key is not None and m.unet_graphs.weights != graphs_key[-1]:
+                m.unet_graphs.clear(weights=graphs_key[-1])  # the UNet moved (offloaded, reloaded): old graphs are void
+
             def unet(tiles: torch.Tensor) -> torch.Tensor:
                 n = tiles.shape[0]
-                return m.unet(tiles.to(dtype), timestep.expand(n), encoder_hidden_states=text.expand(n, -1, -1)).sample
+                inputs = [tiles.to(dtype), timestep.expand(n), text.expand(n, -1, -1)]
+                if graphs_key is None:
+                    return unet_forward(*inputs)
+                return m.unet_graphs(graphs_key, unet_forward, inputs, snapshot=lambda: router.snapshot("unet."),
+                                     restore=router.restore)
 
             callbacks.step("unet", 0, n_tiles)
             eps = run_tiled(unet, z_in, lat_tile, lat_stride, 1, 4, group, progress("unet"))
@@ -434,9 +485,13 @@ class HYPIRPipeline:
 
             # 7. VAE decode, crop the padding, back to [0, 1] at the output size.
             callbacks.step("decode", 0, n_tiles)
-            out = run_tiled(lambda t: vae_stage(m, "decode", t), z_out, lat_tile, lat_stride, VAE_SCALE, 3,
+            out = run_tiled(lambda t: vae_stage(m, "decode", t, compiled), z_out, lat_tile, lat_stride, VAE_SCALE, 3,
                             group, progress("decode"))
             lap("decode")
+        if compiled:  # the compiled graphs call SDPA directly (HYPIRAttnProcessor): report that
+            for model in (m.unet, m.vae):
+                for processor in model.attn_processors.values():
+                    router.ran.setdefault(processor.name, AttentionBackend.SDPA)
         out = (out[:, :, :h1, :w1] + 1) / 2
         out = F.interpolate(out, size=(h0, w0), mode="bicubic", antialias=True)
         # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
@@ -453,6 +508,12 @@ class HYPIRPipeline:
             self._last_console = key
             for line in report.console_lines():
                 logger.info("[HYPIR] %s", line)
+
+
+def _unet_forward(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    def forward(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return unet(sample, timestep, encoder_hidden_states=text).sample
+    return forward
 
 
 def restore(images: torch.Tensor, base: str, weights: str, device="auto", dtype="auto", **options) -> RestoreResult:

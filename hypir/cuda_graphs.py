@@ -1,0 +1,113 @@
+"""CUDA graphs for repeated calls of the same shape.
+
+At a 1024x1024 output the UNet's ~1,500 kernels are short: launching them from Python takes longer than
+running them, and the GPU waits. A CUDA graph replays the whole call with one launch.
+
+A call is captured the second time its signature is seen (the first runs eagerly: attention kernels are
+chosen and measured, Triton compiles, probes run), then replayed. The signature includes every input's
+shape, dtype and strides, the caller's options (attention policy, fused kernels) and the address of every
+weight: a model moved or reloaded (ComfyUI offloading it, for example) gets a new graph, never a stale one.
+Each graph keeps its own activation memory, so only the last `max_graphs` are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+logger = logging.getLogger("hypir")
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+    state: object  # what the capturing call recorded (the attention kernels it ran), replayed with the graph
+
+
+def weights_signature(module: torch.nn.Module) -> tuple:
+    """Where the module's weights live: changes when any of them is moved or replaced."""
+    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+
+
+class GraphedCalls:
+    """Captures and replays a function per input signature. Thread-safe; a capture that fails is not retried
+    for that signature (the call runs eagerly, with one warning)."""
+
+    def __init__(self, max_graphs: int = 2):
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._seen: set[Hashable] = set()
+        self._failed: set[Hashable] = set()
+        self._lock = threading.Lock()
+        self.replays = 0
+        self.captures = 0
+        self.weights: tuple | None = None
+
+    def clear(self, weights: tuple | None = None) -> None:
+        """Drop every graph (and its memory); `weights` notes the weights the next graphs will be made for."""
+        with self._lock:
+            self._graphs.clear()
+            self._seen.clear()
+            self._failed.clear()
+            self.weights = weights
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, key: Hashable, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+                 snapshot: Callable[[], object] = lambda: None,
+                 restore: Callable[[object], None] = lambda state: None) -> torch.Tensor:
+        key = (key, tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs))
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None:
+                if key in self._failed or key not in self._seen:
+                    if len(self._seen) > 64:
+                        self._seen.clear()
+                    self._seen.add(key)
+                    return fn(*inputs)
+                entry = self._capture(key, fn, inputs, snapshot)
+                if entry is None:
+                    return fn(*inputs)
+            self._graphs.move_to_end(key)
+            for static, value in zip(entry.inputs, inputs):
+                static.copy_(value)
+            entry.graph.replay()
+            self.replays += 1
+            restore(entry.state)
+            return entry.output.clone()
+
+    def _capture(self, key, fn, inputs, snapshot) -> _Graph | None:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        static = [t.clone() for t in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream(device=static[0].device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # a warm-up on the capture's stream, as PyTorch asks
+                fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                output = fn(*static)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be captured runs eagerly, loudly
+            self._failed.add(key)
+            logger.warning("[HYPIR] CUDA graph capture failed (%s: %s); this shape runs without CUDA graphs",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        self.captures += 1
+        entry = _Graph(graph, static, output, snapshot())
+        self._graphs[key] = entry
+        return entry
+
+
+__all__ = ["GraphedCalls", "weights_signature"]

@@ -1,0 +1,59 @@
+"""The fused Triton kernels on a GPU against PyTorch, on fresh random inputs (CUDA only)."""
+
+import pytest
+import torch
+
+from hypir import kernels
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
+                                reason="needs CUDA and Triton")
+
+# (shape, channels_last): the VAE's largest activations at a 1024x1024 output, the UNet's, the VAE attention's
+# (N, C, L) norm, and an odd size.
+SHAPES = [((1, 128, 1024, 1024), True), ((1, 256, 512, 512), False), ((1, 512, 128, 128), True),
+          ((2, 320, 128, 128), True), ((1, 512, 16384), False), ((1, 96, 333, 517), True)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,channels_last", SHAPES)
+def test_group_norm_silu_on_gpu(shape, channels_last, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=g) * 2 + 0.7
+    if channels_last and x.ndim == 4:
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    c = shape[1]
+    w, b = (torch.randn(c, device="cuda", generator=g).to(dtype) for _ in range(2))
+    pre = torch.randn(shape[0], c, device="cuda", generator=g).to(dtype)
+    assert kernels.uses_triton(x)
+    for silu, pre_bias in ((True, None), (False, None), (True, pre)):
+        y = kernels.group_norm_silu(x, w, b, 32, 1e-6, silu, pre_bias)
+        exact = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 32, 1e-6, silu,
+                                                  None if pre_bias is None else pre_bias.double())
+        torch_out = kernels.group_norm_silu_reference(x, w, b, 32, 1e-6, silu, pre_bias)
+        assert y.stride() == x.stride()
+        # within the dtype's rounding, and no further from float64 than PyTorch's own kernels
+        tolerance = {torch.bfloat16: 3e-3, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+        err, torch_err = _rel(y, exact), _rel(torch_out, exact)
+        print(f"group_norm {shape} {dtype} cl={channels_last} silu={silu} pre={pre_bias is not None}: "
+              f"triton {err:.2e}, pytorch {torch_err:.2e}")
+        assert err <= max(tolerance, 1.5 * torch_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_add_channel_bias_on_gpu(dtype, channels_last):
+    g = torch.Generator(device="cuda").manual_seed(7)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 128, 1024, 1024, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    r = torch.randn(1, 128, 1024, 1024, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    b = torch.randn(128, device="cuda", generator=g).to(dtype)
+    exact = x.double() + b.double().view(-1, 1, 1) + r.double()
+    torch_out = x + b.view(-1, 1, 1) + r
+    out = kernels.add_channel_bias_(x, b, r)
+    assert out is x and kernels.uses_triton(x)
+    assert _rel(out, exact) <= max(_rel(torch_out, exact), 4e-3 if dtype == torch.bfloat16 else 5e-4)
