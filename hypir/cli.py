@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "at each --sizes, peak memory, PSNR against float32, a tiled run under --budget-gb")
     b.add_argument("--sizes", default="1024,2048", help="--speed: output sides, comma-separated")
     b.add_argument("--modes", default="eager,eager+graphs,compiled", help="--speed: modes, comma-separated")
+    b.add_argument("--baselines", default="standard,sdpa",
+                   help="--speed: diffusers stock-module baselines (standard, sdpa), comma-separated; empty: none")
     b.add_argument("--budget-size", type=int, default=4096, help="--speed: output side of the VRAM-budget run (0: none)")
     b.add_argument("--budget-gb", type=float, default=8.0, help="--speed: the VRAM budget of that run")
 
@@ -252,7 +254,8 @@ def cmd_bench(args) -> int:
         if unknown:
             raise CLIError(f"unknown --modes {unknown}; choose from {', '.join(SPEED_MODES)}")
         sizes = tuple(int(s) for s in args.sizes.split(","))
-        run_speed(model="sd21" if args.model == "auto" else args.model, sizes=sizes, modes=modes,
+        baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+        run_speed(model="sd21" if args.model == "auto" else args.model, sizes=sizes, modes=modes, baselines=baselines,
                   budget_size=args.budget_size or None, budget_gb=args.budget_gb, repeats=args.repeats or 10,
                   json_path=args.json)
         return 0

@@ -88,8 +88,8 @@ class GraphedCalls:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         static = [t.clone() for t in inputs]
-        graph = torch.cuda.CUDAGraph()
         try:
+            graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream(device=static[0].device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # a warm-up on the capture's stream, as PyTorch asks

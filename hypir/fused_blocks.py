@@ -42,7 +42,8 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
 def _fast(x: torch.Tensor) -> bool:
     """The fused path for this call: on CUDA, switched on, and not under torch.compile (where the plain ops go
     to inductor, which writes its own fused kernels)."""
-    return x.is_cuda and _ENABLED.get() and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and x.is_cuda and _ENABLED.get()  # is_compiling first: dynamo
+    # folds it to a constant and never reads the ContextVar
 
 
 def _conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,23 @@ def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, mon
     assert _rel(got_z, want_z) < 1e-5
     assert _rel(got_x, want_x) < 1e-5
     assert _rel(got_eps, want_eps) < 1e-5
+
+
+def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
+    """Where a call cannot be captured (here: no CUDA at all), it runs eagerly, with one warning per shape."""
+    from hypir.cuda_graphs import GraphedCalls
+
+    graphs = GraphedCalls()
+    calls = []
+
+    def double(x):
+        calls.append(x.shape)
+        return x * 2
+
+    x = torch.arange(6.0).view(2, 3)
+    with caplog.at_level("WARNING", logger="hypir"):
+        outs = [graphs("key", double, [x]) for _ in range(4)]
+    assert all(torch.equal(o, x * 2) for o in outs)
+    assert len(graphs) == 0 and graphs.captures == 0 and graphs.replays == 0
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
+    assert len(calls) == 4  # each call ran the function once
