@@ -9,6 +9,12 @@ Nothing here changes global state. The SDPA kernels are called through their own
 instead of ``torch.nn.attention.sdpa_kernel`` (which flips process-wide flags), and the backend a
 module runs is read from a :class:`contextvars.ContextVar` that the pipeline sets for the duration of
 one call: two callers sharing one cached model each get the backend they asked for.
+
+Under ``auto`` on CUDA (FlashAttention on), the kernel is chosen per attention *shape*: the first call of a
+shape times every usable FlashAttention-class kernel (plus SDPA's memory-efficient kernel and blocked GEMM
+attention, which also run the VAE's head_dim 512) on that call's q/k/v, and the fastest is kept in a small process-wide
+cache, so later calls and later pipelines reuse it. ``AttentionPolicy(per_shape=False)`` or
+``HYPIR_ATTENTION_AUTOTUNE=0`` keeps the fixed preference order instead.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import contextvars
 import enum
 import importlib
 import logging
+import os
+import statistics
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +46,7 @@ class AttentionBackend(str, enum.Enum):
     SDPA_EFFICIENT = "sdpa_efficient"
     SDPA = "sdpa"
     SAGE = "sage"
+    MATMUL = "matmul"
     STANDARD = "standard"
 
 
@@ -129,6 +139,28 @@ def _sdpa_cudnn(q, k, v, scale):
     return out.transpose(1, 2)
 
 
+MATMUL_BLOCK_BYTES = 512 << 20  # float32 scores held at once by `matmul`
+
+
+def _matmul(q, k, v, scale):
+    """Exact attention as two tensor-core GEMMs: scores in float32 (bf16/fp16 inputs, float32 accumulate and
+    output), a float32 softmax, probabilities back to the input dtype for P @ V; queries in blocks so the
+    scores stay under MATMUL_BLOCK_BYTES. For the VAE's single head of 512 dims, which no flash kernel takes,
+    it runs at GEMM speed where the memory-efficient kernel reaches about a sixth of it."""
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    qh, kh, vh = (t.transpose(1, 2).reshape(b * h, -1, d) for t in (q, k, v))
+    kt = kh.transpose(1, 2)
+    out = torch.empty_like(qh)
+    rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
+    for start in range(0, n, rows):
+        scores = torch.bmm(qh[:, start:start + rows], kt, out_dtype=torch.float32)
+        probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
+        del scores
+        out[:, start:start + rows] = torch.bmm(probs, vh)
+    return out.view(b, h, n, d).transpose(1, 2)
+
+
 def _flash_attn(q, k, v, scale):
     fn = _find_function("flash_attn", "flash_attn_func")
     return fn(q, k, v, softmax_scale=scale)
@@ -170,6 +202,8 @@ class BackendSpec:
     install_hint: str = ""
     version: Callable[[], str] = field(default=lambda: torch.__version__)
     probe: bool = False  # a build may not carry kernels for every GPU: try it once per device
+    opt_in: bool = False  # changes numerics beyond fp16/bf16 rounding: runs only when requested by name
+    description: str = ""
 
     def unavailable_reason(self, device: DeviceInfo) -> str | None:
         """Why this backend cannot run on the device at all (None when it can)."""
@@ -235,12 +269,20 @@ _register(BackendSpec(AttentionBackend.SDPA_EFFICIENT, _sdpa_efficient, "memory-
 _register(BackendSpec(AttentionBackend.SDPA, _sdpa, "PyTorch SDPA", False, None))
 _register(BackendSpec(AttentionBackend.SAGE, _sage, "SageAttention", False, ("cuda",), (8, 0), HALF_DTYPES, 128, 32,
                       ("sageattention", "sageattn"), "pip install sageattention",
-                      lambda: _package_version("sageattention")))
+                      lambda: _package_version("sageattention"), opt_in=True,
+                      description="8-bit attention (INT8 Q*K^T): changes numerics beyond fp16/bf16 rounding "
+                                  "(relative error above 1e-3); runs only when requested by name, never under auto"))
+_register(BackendSpec(AttentionBackend.MATMUL, _matmul, "blocked GEMM attention", False, ("cuda",), (8, 0),
+                      HALF_DTYPES, probe=True,
+                      description="exact attention as two GEMMs with a float32 softmax, queries in blocks; "
+                                  "the fastest kernel for the VAE's head_dim 512"))
 _register(BackendSpec(AttentionBackend.STANDARD, _standard, "standard attention", False, None))
 
 # Preference order of "auto". FlashAttention-class kernels first (FA3 and cuDNN lead on Hopper at
-# head_dim 64; FA4 compiles on first use for every new shape, so it is last and opt-in in practice),
-# then the non-flash fallbacks.
+# head_dim 64; FA4 compiles on first use for every new shape, so it is last), then the non-flash
+# fallbacks. On CUDA the per-shape timing below decides among the usable kernels of TUNED_ORDER; this
+# order is what runs without it (CPU, per_shape off, inside torch.compile or a CUDA graph capture before a
+# shape was timed) and breaks ties.
 FLASH_ORDER = (
     AttentionBackend.FLASH_ATTN3,
     AttentionBackend.FLASH_ATTN,
@@ -250,6 +292,13 @@ FLASH_ORDER = (
 )
 CUDA_FALLBACK_ORDER = (AttentionBackend.SDPA_EFFICIENT, AttentionBackend.SDPA, AttentionBackend.STANDARD)
 OTHER_FALLBACK_ORDER = (AttentionBackend.SDPA, AttentionBackend.STANDARD)
+# What the per-shape timing measures: the FlashAttention-class kernels, and the two that also run
+# head_dim 512 (the VAE): SDPA's memory-efficient kernel and blocked GEMM attention.
+TUNED_ORDER = (*FLASH_ORDER, AttentionBackend.SDPA_EFFICIENT, AttentionBackend.MATMUL)
+
+_opt_in_in_auto = [b.value for b in (*TUNED_ORDER, *CUDA_FALLBACK_ORDER, *OTHER_FALLBACK_ORDER) if REGISTRY[b].opt_in]
+if _opt_in_in_auto:  # 8-bit attention and the like must never be picked by "auto"
+    raise RuntimeError(f"opt-in attention backends in the auto order: {_opt_in_in_auto}")
 
 
 def parse_backend(name: str | AttentionBackend) -> AttentionBackend | str:
@@ -290,6 +339,84 @@ def _probe(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str |
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-shape timing: one process-wide cache, shape -> measured times and the winner.
+
+AUTOTUNE_ENV = "HYPIR_ATTENTION_AUTOTUNE"
+TIMED_ITERS = 5  # timed calls per candidate, after one warm-up call; the median counts
+MAX_TUNED_SHAPES = 256  # oldest entries go first beyond this
+
+
+def autotune_enabled() -> bool:
+    """False when HYPIR_ATTENTION_AUTOTUNE is 0/false/no/off: auto then keeps the fixed preference order."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class AttentionShape(NamedTuple):
+    """What the per-shape choice is keyed by."""
+
+    batch: int
+    q_tokens: int
+    kv_tokens: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: str
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor) -> "AttentionShape":
+        return cls(q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], q.dtype, str(q.device))
+
+    def describe(self) -> str:
+        return (f"{self.batch}x{self.q_tokens}x{self.kv_tokens} tokens, {self.heads} heads x {self.head_dim}, "
+                f"{_dtype_name(self.dtype)}, {self.device}")
+
+
+@dataclass(frozen=True)
+class ShapeTiming:
+    """One shape's measurement: median ms per candidate that ran, the error of each that raised, the winner."""
+
+    times: dict[AttentionBackend, float]
+    errors: dict[AttentionBackend, str]
+    winner: AttentionBackend | None
+
+
+_TUNED: "OrderedDict[AttentionShape, ShapeTiming]" = OrderedDict()
+_TUNE_LOCK = threading.Lock()
+
+
+def autotune_table() -> dict[AttentionShape, ShapeTiming]:
+    """The per-shape timings measured in this process (oldest first): shape -> times (ms), errors, winner."""
+    with _TUNE_LOCK:
+        return dict(_TUNED)
+
+
+def clear_autotune_cache() -> None:
+    with _TUNE_LOCK:
+        _TUNED.clear()
+
+
+def time_kernel(backend: AttentionBackend, fn: Callable, q, k, v, scale: float, iters: int = TIMED_ITERS) -> float:
+    """Median milliseconds of ``fn(q, k, v, scale)`` over ``iters`` calls, timed with CUDA events on the current
+    stream of q's device. The caller has made the warm-up call."""
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream()
+        events = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            fn(q, k, v, scale)
+            end.record(stream)
+            events.append((start, end))
+        events[-1][1].synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# ----------------------------------------------------------------------------------------------
 # Selection
 
 
@@ -299,6 +426,7 @@ class AttentionPolicy:
 
     attention: str | AttentionBackend = AUTO
     use_flash_attention: bool = True
+    per_shape: bool = True  # auto on CUDA: time the candidates once per attention shape, run the fastest
 
     def __post_init__(self):
         self.attention = parse_backend(self.attention)
@@ -308,16 +436,28 @@ class AttentionRouter:
     """Resolves the backend of every attention call for one policy on one device and dtype.
 
     Keeps, per module, the kernels that failed at run time (each fails over once, with a warning)
-    and records which backend each module really ran.
+    and records which backend each module really ran, and on which shape.
+
+    ``timer(backend, fn, q, k, v, scale) -> ms`` times one candidate for the per-shape choice; None uses
+    :func:`time_kernel` (CUDA events, CUDA tensors only). A timer given here also lets the per-shape choice
+    run on tensors of other devices (tests time stand-in kernels with a fake one).
     """
 
+    timer: Callable[..., float] | None = None
+
     def __init__(self, policy: AttentionPolicy, device: torch.device | str, dtype: torch.dtype,
-                 device_info: DeviceInfo | None = None):
+                 device_info: DeviceInfo | None = None, timer: Callable[..., float] | None = None):
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
         self.info = device_info or DeviceInfo.of(self.device)
+        if timer is not None:
+            self.timer = timer
+        self.per_shape = (policy.per_shape and policy.attention == AUTO and policy.use_flash_attention
+                          and self.info.type == "cuda" and autotune_enabled())
         self.ran: dict[str, AttentionBackend] = {}
+        self.shapes: dict[str, tuple[int, int, int, int]] = {}  # module -> (q tokens, kv tokens, heads, head_dim)
+        self.tuned: dict[str, tuple[AttentionShape, ShapeTiming]] = {}  # modules whose kernel timing chose
         self.failed: dict[str, set[AttentionBackend]] = {}
         self.fallback_warnings: list[str] = []
         self._cache: dict[tuple, AttentionBackend] = {}
@@ -376,6 +516,11 @@ class AttentionRouter:
         """Why the modules under this prefix do not run a FlashAttention-class kernel."""
         failed = sorted({b.value for m, bs in self.failed.items() if m.startswith(module_prefix)
                          for b in bs if REGISTRY[b].flash_class})
+        slower = sorted({self.ran[m].value for m, (_, timing) in self.tuned.items()
+                         if m.startswith(module_prefix) and m in self.ran and not REGISTRY[self.ran[m]].flash_class
+                         and any(REGISTRY[b].flash_class for b in timing.times)})
+        if slower:
+            return f"{'+'.join(slower)} measured faster than the FlashAttention kernels at these shapes"
         if failed:
             return f"{'/'.join(failed)} failed at run time"
         _, off_reason = self.candidates()
@@ -388,21 +533,95 @@ class AttentionRouter:
             return f"head_dim {head_dim} exceeds what FlashAttention kernels support"
         return self.flash_unavailable_reason(head_dim)
 
+    # --- per-shape choice ---
+    def _tunes(self, q: torch.Tensor) -> bool:
+        """Whether this call's kernel is chosen by timing: auto + FlashAttention on CUDA, per_shape on; the
+        built-in timer needs CUDA tensors, an injected one does not."""
+        return self.per_shape and (q.device.type == "cuda" or self.timer is not None)
+
+    def _choose_for_shape(self, module: str, shape: AttentionShape, q, k, v, scale) -> AttentionBackend | None:
+        """The fastest measured kernel for this shape that has not failed in this module (None: use the order)."""
+        timing = _TUNED.get(shape)
+        if timing is None:
+            if torch.compiler.is_compiling() or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return None  # nothing can be timed while tracing or capturing: the fixed order decides
+            timing = self._measure(module, shape, q, k, v, scale)
+        if timing.errors:  # kernels that raised on this shape are failed kernels of every module running it
+            with self._lock:
+                self.failed.setdefault(module, set()).update(timing.errors)
+        failed = self.failed.get(module, ())
+        for backend in sorted(timing.times, key=timing.times.__getitem__):
+            if backend not in failed:
+                self.tuned[module] = (shape, timing)
+                return backend
+        self.tuned.pop(module, None)
+        return None
+
+    def _measure(self, module: str, shape: AttentionShape, q, k, v, scale) -> ShapeTiming:
+        """Time every usable candidate once on this call's q/k/v (one warm-up call, then the timer), cache it."""
+        with _TUNE_LOCK:
+            timing = _TUNED.get(shape)
+            if timing is not None:  # another thread measured it meanwhile
+                return timing
+            candidates = [b for b in TUNED_ORDER
+                          if not REGISTRY[b].opt_in and self.unusable_reason(b, shape.head_dim) is None]
+            timer = self.timer or time_kernel
+            times: dict[AttentionBackend, float] = {}
+            errors: dict[AttentionBackend, str] = {}
+            with torch.no_grad():
+                for backend in candidates:
+                    fn = REGISTRY[backend].fn
+                    try:
+                        fn(q, k, v, scale)  # warm-up (FA4 compiles here)
+                        times[backend] = float(timer(backend, fn, q, k, v, scale))
+                    except torch.cuda.OutOfMemoryError:  # needs more memory than is free now: not a defect
+                        logger.warning("[HYPIR] %s ran out of GPU memory while timed on %s; not used for it",
+                                       backend.value, shape.describe())
+                    except Exception as exc:  # noqa: BLE001 - a kernel that raises is excluded, loudly, once
+                        errors[backend] = _first_line(exc)
+                        self._record_failure(module, backend, exc)
+            # min() keeps the first of equal times: ties go to the preference order
+            timing = ShapeTiming(times, errors, min(times, key=times.__getitem__) if times else None)
+            _TUNED[shape] = timing
+            while len(_TUNED) > MAX_TUNED_SHAPES:
+                _TUNED.popitem(last=False)
+        logger.info("[HYPIR] attention %s: %s -> %s", shape.describe(),
+                    ", ".join(f"{b.value} {ms:.3f} ms" for b, ms in times.items()) or "no kernel ran",
+                    timing.winner.value if timing.winner else "fixed order")
+        return timing
+
+    def _record_failure(self, module: str, backend: AttentionBackend, exc: BaseException) -> None:
+        with self._lock:
+            self.failed.setdefault(module, set()).add(backend)
+        message = f"[HYPIR] {backend.value} failed in {module} ({_first_line(exc)}); falling back"
+        self.fallback_warnings.append(message)
+        logger.warning(message)
+
+    def snapshot(self, prefix: str) -> dict:
+        """What the modules under `prefix` ran (backends, shapes, timing choices): a CUDA graph replays the
+        kernels of the call that captured it, and `restore` reports them for the replay."""
+        pick = lambda d: {m: value for m, value in d.items() if m.startswith(prefix)}  # noqa: E731
+        return {"ran": pick(self.ran), "shapes": pick(self.shapes), "tuned": pick(self.tuned)}
+
+    def restore(self, snapshot: dict) -> None:
+        self.ran.update(snapshot["ran"])
+        self.shapes.update(snapshot["shapes"])
+        self.tuned.update(snapshot["tuned"])
+
     def run(self, module: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         head_dim = q.shape[-1]
+        self.shapes[module] = (q.shape[1], k.shape[1], q.shape[2], head_dim)
+        shape = AttentionShape.of(q, k) if self._tunes(q) else None
         while True:
-            backend = self.choose(module, head_dim)
+            backend = self._choose_for_shape(module, shape, q, k, v, scale) if shape is not None else None
+            if backend is None:
+                backend = self.choose(module, head_dim)
             try:
                 out = REGISTRY[backend].fn(q, k, v, scale)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failing kernel falls back, once per module, loudly
-                with self._lock:
-                    self.failed.setdefault(module, set()).add(backend)
-                message = (f"[HYPIR] {backend.value} failed in {module} "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); falling back")
-                self.fallback_warnings.append(message)
-                logger.warning(message)
+                self._record_failure(module, backend, exc)
                 continue
             self.ran[module] = backend
             return out
@@ -473,7 +692,10 @@ class HYPIRAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = dispatch(self.name, query, key, value, attn.scale)
+        if torch.compiler.is_compiling():  # torch.compile picks the SDPA kernel and fuses around it
+            hidden_states = _sdpa(query, key, value, attn.scale)
+        else:
+            hidden_states = dispatch(self.name, query, key, value, attn.scale)
         hidden_states = hidden_states.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -524,6 +746,8 @@ class AttentionReport:
     text_encoder: str
     reason: str | None  # why FlashAttention is not used for the UNet self-attention
     warnings: list[str]
+    # module -> (q tokens, kv tokens, heads, head_dim)
+    shapes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     @property
     def flash_enabled(self) -> bool:
@@ -548,9 +772,16 @@ class AttentionReport:
         result["text_encoder"] = self.text_encoder
         return result
 
+    def _unet_backends(self) -> list[AttentionBackend]:
+        """The kernels the UNet ran, the main one first."""
+        ran = {b for m, b in self.per_module.items() if m.startswith("unet.")}
+        return sorted(ran, key=lambda b: (b != self.unet_self, b.value))
+
     def console_lines(self) -> list[str]:
+        unet = self._unet_backends()
         if not self.flash_enabled:
-            backend = self.unet_self.value if self.unet_self else "none"
+            backend = "+".join(b.value for b in unet) if len(unet) > 1 else \
+                (self.unet_self.value if self.unet_self else "none")
             lines = [f"FlashAttention is not used ({self.reason}); attention runs on {backend}."]
             lines.append(f"CLIPTextModel uses {self.text_encoder} attention")
             return lines
@@ -566,7 +797,11 @@ class AttentionReport:
         else:
             lines.append(f"CLIPTextModel uses {self.text_encoder} attention "
                          "(transformers runs FlashAttention only through the flash-attn 2 package)")
-        lines.append(f"{spec.label} enabled for UNet2DConditionModel")
+        if len(unet) > 1:
+            lines.append(" + ".join(REGISTRY[b].label for b in unet)
+                         + " enabled for UNet2DConditionModel, chosen per attention shape")
+        else:
+            lines.append(f"{spec.label} enabled for UNet2DConditionModel")
         vae = {b for m, b in self.per_module.items() if m.startswith("vae.")}
         if vae:
             lines.append("AutoencoderKL attention (head_dim 512, beyond FlashAttention kernels) runs on "
@@ -578,4 +813,5 @@ def build_report(router: AttentionRouter, text_encoder: str) -> AttentionReport:
     unet_self = [b for m, b in router.ran.items() if m.startswith("unet.") and m.endswith("attn1")]
     main = max(set(unet_self), key=unet_self.count) if unet_self else None
     reason = None if main is not None and REGISTRY[main].flash_class else router.flash_off_reason("unet.", 64)
-    return AttentionReport(main, dict(router.ran), text_encoder, reason, list(router.fallback_warnings))
+    return AttentionReport(main, dict(router.ran), text_encoder, reason, list(router.fallback_warnings),
+                           dict(router.shapes))

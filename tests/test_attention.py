@@ -3,16 +3,20 @@ conditions, the exact console and status lines, run-time fallback, and no global
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
+import time
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hypir.attention import (REGISTRY, AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter,
-                             DeviceInfo, build_report, use_router, dispatch)
+import hypir.attention as attention_module
+from hypir.attention import (CUDA_FALLBACK_ORDER, FLASH_ORDER, OTHER_FALLBACK_ORDER, REGISTRY, TUNED_ORDER,
+                             AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter, AttentionShape,
+                             DeviceInfo, autotune_table, build_report, clear_autotune_cache, use_router, dispatch)
 from hypir.pipeline import HYPIRPipeline
 
 A100 = DeviceInfo("cuda", (8, 0), "NVIDIA A100-SXM4-80GB")
@@ -68,11 +72,14 @@ def test_restore_backends_agree_end_to_end(pipe, image_factory):
 class StandIn:
     """flash_attn_func that checks what a real one requires: (B, N, H, D), fp16/bf16, last dim contiguous."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, offset: float = 0.0):
         self.calls = []
         self.fail = fail
+        self.offset = offset  # added to the output, so a test can tell which stand-in produced it
+        self.attempts = 0
 
     def __call__(self, q, k, v, softmax_scale=None, **kwargs):
+        self.attempts += 1
         if self.fail:
             raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
         assert q.ndim == k.ndim == v.ndim == 4
@@ -81,7 +88,7 @@ class StandIn:
         assert q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:] and k.shape == v.shape
         self.calls.append((tuple(q.shape), tuple(k.shape), q.dtype))
         out = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), scale=softmax_scale)
-        return out.transpose(1, 2).to(q.dtype)
+        return (out.transpose(1, 2) + self.offset).to(q.dtype)
 
 
 @pytest.fixture()
@@ -116,10 +123,10 @@ def bf16_models(tiny_files):
     return load_models(folder, weights, device="cpu", dtype="bf16")
 
 
-def unet_pass(models, info, **policy):
+def unet_pass(models, info, timer=None, **policy):
     """One UNet call of the bf16 tiny model on a 64x64 latent (a 512 px image) under a router; bf16
     convolutions are slow on CPUs, so the stand-in tests run the UNet alone, and one test the whole pass."""
-    router = AttentionRouter(AttentionPolicy(**policy), "cpu", models.dtype, info)
+    router = AttentionRouter(AttentionPolicy(**policy), "cpu", models.dtype, info, timer=timer)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, 64, 64, generator=gen).to(models.dtype)
     text = torch.randn(1, 77, 32, generator=gen).to(models.dtype)
@@ -306,3 +313,285 @@ def test_router_is_context_local():
         t.start()
         t.join()
     assert router.ran == {"m": AttentionBackend.STANDARD}
+
+
+# ---- per-shape choice (auto on CUDA): timed once per shape through an injected timer ---------------------
+
+# Every timed kernel that needs no package (the SDPA kernels, ...) gets a stand-in with its own output offset.
+BUILTIN_STAND_INS = {b: float(i + 1) for i, b in enumerate(b for b in TUNED_ORDER if REGISTRY[b].package is None)}
+
+
+@pytest.fixture()
+def kernels(monkeypatch, flash_attn2):
+    """Stand-ins for every kernel the per-shape timing measures on an A100 (flash-attn 2 as a package, the SDPA
+    kernels in the registry), each adding its own offset to the output; and an empty process-wide cache."""
+    stand_ins = {AttentionBackend.FLASH_ATTN: flash_attn2}
+    for backend, offset in BUILTIN_STAND_INS.items():
+        stand_in = StandIn(offset=offset)
+        stand_ins[backend] = stand_in
+        fn = lambda q, k, v, scale, s=stand_in: s(q, k, v, softmax_scale=scale)  # noqa: E731
+        monkeypatch.setitem(REGISTRY, backend, dataclasses.replace(REGISTRY[backend], fn=fn))
+    clear_autotune_cache()
+    yield stand_ins
+    clear_autotune_cache()
+
+
+class FakeTimer:
+    """Says `fastest(shape)` takes 1 ms and every other kernel longer; records what it was asked to time."""
+
+    def __init__(self, fastest):
+        self.fastest = fastest
+        self.calls = []
+
+    def __call__(self, backend, fn, q, k, v, scale):
+        shape = AttentionShape.of(q, k)
+        self.calls.append((shape, backend))
+        return 1.0 if backend == self.fastest(shape) else 2.0 + TUNED_ORDER.index(backend)
+
+
+SHAPE_A = (1, 64, 64, 2, 16)  # batch, q tokens, kv tokens, heads, head_dim
+SHAPE_B = (1, 96, 77, 2, 16)
+SHAPE_VAE = (1, 64, 64, 1, 512)
+WINNERS = {64: AttentionBackend.SDPA_CUDNN, 96: AttentionBackend.FLASH_ATTN}
+
+
+def by_q_tokens(shape):
+    return WINNERS.get(shape.q_tokens, AttentionBackend.SDPA_FLASH)
+
+
+def run_shape(router, module, shape, seed=0):
+    """Runs one call; returns its output and what each stand-in gives on the same inputs."""
+    b, n, m, h, d = shape
+    q, k, v = qkv(b, n, m, h, d, seed=seed, dtype=torch.bfloat16)
+    out = router.run(module, q, k, v, d ** -0.5)
+    return out, lambda backend: REGISTRY[backend].fn(q, k, v, d ** -0.5)
+
+
+def tuned_router(timer, policy=None, info=A100):
+    return AttentionRouter(policy or AttentionPolicy(), "cpu", torch.bfloat16, info, timer=timer)
+
+
+def test_per_shape_choice_follows_the_measured_winner(kernels):
+    timer = FakeTimer(by_q_tokens)
+    router = tuned_router(timer)
+    for module, shape in (("unet.a.attn1", SHAPE_A), ("unet.b.attn2", SHAPE_B), ("vae.mid", SHAPE_VAE)):
+        out, output_of = run_shape(router, module, shape)
+        # The output returned is the winner's (each stand-in adds its own offset).
+        assert torch.equal(out, output_of(router.ran[module])), module
+    assert router.ran == {"unet.a.attn1": AttentionBackend.SDPA_CUDNN, "unet.b.attn2": AttentionBackend.FLASH_ATTN,
+                          "vae.mid": AttentionBackend.SDPA_EFFICIENT}  # head_dim 512: no flash kernel
+    assert router.shapes == {"unet.a.attn1": (64, 64, 2, 16), "unet.b.attn2": (96, 77, 2, 16),
+                             "vae.mid": (64, 64, 1, 512)}
+    measured = {AttentionBackend.FLASH_ATTN, *BUILTIN_STAND_INS}  # FA3/FA4 are not installed
+    table = autotune_table()
+    a = AttentionShape(1, 64, 64, 2, 16, torch.bfloat16, "cpu")
+    assert table[a].winner == AttentionBackend.SDPA_CUDNN and set(table[a].times) == measured
+    assert table[a].times[AttentionBackend.SDPA_CUDNN] == 1.0 and not table[a].errors
+    at_512 = {b for b in measured if router.unusable_reason(b, 512) is None}
+    assert AttentionBackend.SDPA_EFFICIENT in at_512 and not any(REGISTRY[b].flash_class for b in at_512)
+    assert set(table[AttentionShape(1, 64, 64, 1, 512, torch.bfloat16, "cpu")].times) == at_512
+    assert sorted((s.q_tokens, b.value) for s, b in timer.calls) == sorted(
+        [(64, b.value) for b in measured] + [(96, b.value) for b in measured] + [(64, b.value) for b in at_512])
+    report = build_report(router, "sdpa")
+    assert report.shapes == router.shapes
+
+
+def test_each_shape_is_measured_once_across_routers(kernels):
+    timer = FakeTimer(by_q_tokens)
+    first = tuned_router(timer)
+    run_shape(first, "unet.a.attn1", SHAPE_A)
+    run_shape(first, "unet.b.attn2", SHAPE_B)
+    timed = len(timer.calls)
+    warm_ups = {b: s.attempts for b, s in kernels.items()}
+    second = tuned_router(timer)
+    for module, shape in (("unet.a.attn1", SHAPE_A), ("unet.c.attn1", SHAPE_A), ("unet.b.attn2", SHAPE_B)):
+        run_shape(second, module, shape, seed=5)
+    assert len(timer.calls) == timed  # no timing again
+    assert second.ran == {"unet.a.attn1": AttentionBackend.SDPA_CUDNN, "unet.c.attn1": AttentionBackend.SDPA_CUDNN,
+                          "unet.b.attn2": AttentionBackend.FLASH_ATTN}
+    # Only the winners were called again, once per call: no warm-ups either.
+    calls = {AttentionBackend.FLASH_ATTN: 1, AttentionBackend.SDPA_CUDNN: 2}
+    assert {b: s.attempts - warm_ups[b] for b, s in kernels.items()} == {b: calls.get(b, 0) for b in kernels}
+    assert len(autotune_table()) == 2
+
+
+def test_concurrent_first_calls_measure_once(kernels):
+    def slow_timer(backend, fn, q, k, v, scale):
+        time.sleep(0.01)
+        return timer(backend, fn, q, k, v, scale)
+
+    timer = FakeTimer(by_q_tokens)
+    barrier = threading.Barrier(4)
+    routers = [tuned_router(slow_timer) for _ in range(4)]
+
+    def go(router):
+        barrier.wait()
+        run_shape(router, "unet.a.attn1", SHAPE_A)
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(timer.calls) == len(kernels)  # each candidate, once
+    assert all(r.ran == {"unet.a.attn1": AttentionBackend.SDPA_CUDNN} for r in routers)
+
+
+def test_cache_is_bounded(kernels, monkeypatch):
+    monkeypatch.setattr(attention_module, "MAX_TUNED_SHAPES", 2)
+    router = tuned_router(FakeTimer(by_q_tokens))
+    for n in (64, 96, 128):
+        run_shape(router, f"unet.{n}.attn1", (1, n, n, 2, 16))
+    assert [s.q_tokens for s in autotune_table()] == [96, 128]
+
+
+def test_failing_candidate_is_excluded_once(kernels, caplog):
+    kernels[AttentionBackend.FLASH_ATTN].fail = True
+    timer = FakeTimer(lambda shape: AttentionBackend.FLASH_ATTN if shape.q_tokens == 64 else
+                      AttentionBackend.SDPA_FLASH)
+    router = tuned_router(timer)
+    with caplog.at_level("WARNING", logger="hypir"):
+        out, output_of = run_shape(router, "unet.a.attn1", SHAPE_A)
+        second = tuned_router(timer)
+        run_shape(second, "unet.c.attn1", SHAPE_A)
+    # flash_attn would have been fastest, but it raised when measured: the fastest of the rest runs.
+    assert router.ran == {"unet.a.attn1": AttentionBackend.SDPA_CUDNN}
+    assert second.ran == {"unet.c.attn1": AttentionBackend.SDPA_CUDNN}
+    assert torch.equal(out, output_of(AttentionBackend.SDPA_CUDNN))
+    timing = next(iter(autotune_table().values()))
+    assert AttentionBackend.FLASH_ATTN not in timing.times and timing.winner == AttentionBackend.SDPA_CUDNN
+    assert timing.errors == {
+        AttentionBackend.FLASH_ATTN: "RuntimeError: FlashAttention only supports Ampere GPUs or newer."}
+    assert AttentionBackend.FLASH_ATTN not in {b for _, b in timer.calls}
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["[HYPIR] flash_attn failed in unet.a.attn1 (RuntimeError: FlashAttention only supports "
+                      "Ampere GPUs or newer.); falling back"]  # once, by the router that measured
+    assert router.fallback_warnings == warned and second.fallback_warnings == []
+    assert router.failed == {"unet.a.attn1": {AttentionBackend.FLASH_ATTN}}
+    assert kernels[AttentionBackend.FLASH_ATTN].attempts == 1  # the second router did not try it
+    assert build_report(router, "sdpa").status_line().startswith("FlashAttention: enabled (sdpa_cudnn ")
+
+
+def test_winner_failing_at_run_time_falls_to_the_next_fastest(kernels, monkeypatch, caplog):
+    timer = FakeTimer(by_q_tokens)
+    run_shape(tuned_router(timer), "unet.a.attn1", SHAPE_A)  # measured: sdpa_cudnn wins
+    kernels[AttentionBackend.SDPA_CUDNN].fail = True
+    router = tuned_router(timer)
+    with caplog.at_level("WARNING", logger="hypir"):
+        run_shape(router, "unet.a.attn1", SHAPE_A)
+    assert router.ran == {"unet.a.attn1": AttentionBackend.FLASH_ATTN}  # 2.0 + index 1: next after cudnn's 1.0
+    assert [r.getMessage() for r in caplog.records] == [
+        "[HYPIR] sdpa_cudnn failed in unet.a.attn1 (RuntimeError: FlashAttention only supports Ampere GPUs or "
+        "newer.); falling back"]
+
+
+@pytest.mark.parametrize("policy,expected", [
+    (AttentionPolicy("sdpa_flash"), AttentionBackend.SDPA_FLASH),  # a requested backend skips measurement
+    (AttentionPolicy(per_shape=False), AttentionBackend.FLASH_ATTN),  # first usable of FLASH_ORDER
+    (AttentionPolicy(use_flash_attention=False), AttentionBackend.SDPA_EFFICIENT),
+], ids=["requested", "per_shape_off", "flash_off"])
+def test_no_measurement_outside_auto_flash(kernels, policy, expected):
+    timer = FakeTimer(by_q_tokens)
+    router = tuned_router(timer, policy)
+    run_shape(router, "unet.a.attn1", SHAPE_A)
+    assert router.ran == {"unet.a.attn1": expected}
+    assert timer.calls == [] and autotune_table() == {}
+
+
+def test_env_var_switches_per_shape_off(kernels, monkeypatch):
+    monkeypatch.setenv("HYPIR_ATTENTION_AUTOTUNE", "0")
+    timer = FakeTimer(by_q_tokens)
+    router = tuned_router(timer)
+    run_shape(router, "unet.a.attn1", SHAPE_A)
+    assert router.ran == {"unet.a.attn1": AttentionBackend.FLASH_ATTN}
+    assert timer.calls == [] and autotune_table() == {}
+
+
+def test_cpu_keeps_first_usable_without_measuring(kernels):
+    timer = FakeTimer(by_q_tokens)
+    router = AttentionRouter(AttentionPolicy(), "cpu", torch.float32, CPU, timer=timer)
+    q, k, v = qkv(1, 64, 64, 2, 16, seed=0)
+    router.run("unet.a.attn1", q, k, v, 0.25)
+    assert router.ran == {"unet.a.attn1": AttentionBackend.SDPA} and timer.calls == []
+    # Without an injected timer, CPU tensors are never timed (the built-in timer uses CUDA events).
+    router = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100)
+    run_shape(router, "unet.a.attn1", SHAPE_A)
+    assert router.ran == {"unet.a.attn1": AttentionBackend.FLASH_ATTN} and autotune_table() == {}
+
+
+def test_sage_is_opt_in(kernels, monkeypatch):
+    spec = REGISTRY[AttentionBackend.SAGE]
+    assert spec.opt_in and "numerics" in spec.description
+    auto = {*FLASH_ORDER, *TUNED_ORDER, *CUDA_FALLBACK_ORDER, *OTHER_FALLBACK_ORDER}
+    assert AttentionBackend.SAGE not in auto
+    assert not any(REGISTRY[b].opt_in for b in auto)
+    sage = StandIn()
+    module = types.ModuleType("sageattention")
+    module.sageattn = lambda q, k, v, tensor_layout, is_causal, sm_scale: sage(q, k, v, softmax_scale=sm_scale)
+    monkeypatch.setitem(sys.modules, "sageattention", module)
+    timer = FakeTimer(lambda shape: AttentionBackend.SAGE)
+    router = tuned_router(timer, info=H100)
+    assert router.unusable_reason(AttentionBackend.SAGE, 64) is None
+    run_shape(router, "unet.a.attn1", (1, 64, 64, 2, 64))
+    assert AttentionBackend.SAGE not in {b for _, b in timer.calls} and sage.attempts == 0
+    assert router.ran["unet.a.attn1"] != AttentionBackend.SAGE
+    named = tuned_router(timer, AttentionPolicy("sage"), info=H100)
+    run_shape(named, "unet.a.attn1", (1, 64, 64, 2, 64))
+    assert named.ran == {"unet.a.attn1": AttentionBackend.SAGE} and sage.attempts == 1
+
+
+def test_per_shape_unet_pass_and_exact_lines(bf16_models, kernels):
+    """The tiny UNet at a 64x64 latent: flash_attn measured fastest at 4096 query tokens, cuDNN elsewhere."""
+    def fastest(shape):
+        return AttentionBackend.FLASH_ATTN if shape.q_tokens == 4096 else AttentionBackend.SDPA_CUDNN
+
+    for stand_in in kernels.values():
+        stand_in.offset = 0.0
+    out, router = unet_pass(bf16_models, A100, timer=FakeTimer(fastest))
+    assert router.ran and set(router.ran) == set(router.shapes)
+    for module, backend in router.ran.items():
+        assert backend == (AttentionBackend.FLASH_ATTN if router.shapes[module][0] == 4096 else
+                           AttentionBackend.SDPA_CUDNN), module
+    assert {AttentionBackend.FLASH_ATTN, AttentionBackend.SDPA_CUDNN} == set(router.ran.values())
+    report = build_report(router, "sdpa")
+    roles = report.backends_by_role()
+    assert roles["unet.attn1"] == roles["unet.attn2"] == "flash_attn+sdpa_cudnn"
+    main = report.unet_self
+    other = ({AttentionBackend.FLASH_ATTN, AttentionBackend.SDPA_CUDNN} - {main}).pop()
+    assert report.flash_enabled
+    lines = report.console_lines()
+    assert f"{REGISTRY[main].label} enabled for UNet2DConditionModel" not in lines
+    assert (f"{REGISTRY[main].label} + {REGISTRY[other].label} enabled for UNet2DConditionModel, chosen per "
+            "attention shape") in lines
+    assert len(autotune_table()) == len({AttentionShape(1, *s[:2], s[2], s[3], torch.bfloat16, "cpu")
+                                         for s in router.shapes.values()})
+    sdpa, _ = unet_pass(bf16_models, A100, attention="sdpa")
+    assert ((out.float() - sdpa.float()).norm() / sdpa.float().norm()).item() < 2e-2  # bf16 rounding
+
+
+def test_report_when_a_non_flash_kernel_measures_fastest(kernels):
+    router = tuned_router(FakeTimer(lambda shape: AttentionBackend.SDPA_EFFICIENT))
+    run_shape(router, "unet.a.attn1", SHAPE_A)
+    run_shape(router, "unet.b.attn2", SHAPE_B)
+    report = build_report(router, "sdpa")
+    assert report.status_line() == ("FlashAttention: disabled (sdpa_efficient measured faster than the "
+                                    "FlashAttention kernels at these shapes), using sdpa_efficient")
+    assert report.console_lines()[0] == ("FlashAttention is not used (sdpa_efficient measured faster than the "
+                                         "FlashAttention kernels at these shapes); attention runs on sdpa_efficient.")
+
+
+def test_candidate_out_of_memory_while_timed_is_skipped_for_that_shape(kernels, caplog):
+    def out_of_memory(q, k, v, scale):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cudnn = REGISTRY[AttentionBackend.SDPA_CUDNN]
+    REGISTRY[AttentionBackend.SDPA_CUDNN] = dataclasses.replace(cudnn, fn=out_of_memory)  # restored by `kernels`
+    router = tuned_router(FakeTimer(by_q_tokens))
+    with caplog.at_level("WARNING", logger="hypir"):
+        run_shape(router, "unet.a.attn1", SHAPE_A)  # cuDNN would be fastest here
+    timing = next(iter(autotune_table().values()))
+    assert AttentionBackend.SDPA_CUDNN not in timing.times and not timing.errors
+    assert router.ran == {"unet.a.attn1": AttentionBackend.FLASH_ATTN} and not router.failed
+    assert [r.getMessage() for r in caplog.records] == [
+        "[HYPIR] sdpa_cudnn ran out of GPU memory while timed on 1x64x64 tokens, 2 heads x 16, bf16, cpu; "
+        "not used for it"]
