@@ -216,7 +216,7 @@ def _time_pipeline(pipe: HYPIRPipeline, images: torch.Tensor, repeats: int, **op
         result = pipe(images, **options)
         totals.append(result.seconds * 1000)
     stages: dict[str, list[float]] = {}
-    for _ in range(3):
+    for _ in range(max(1, min(3, repeats))):
         staged = pipe(images, sync_stages=True, **options)
         for k, v in staged.stage_seconds.items():
             stages.setdefault(k, []).append(v * 1000)
@@ -279,6 +279,7 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
         result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows}
         reference = None
         torch.cuda.empty_cache()
+        _write(result, json_path)  # as it goes: a run cut short keeps what it measured
     if budget_size:
         side = budget_size // 2
         images = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
@@ -292,10 +293,15 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
             result[f"budget_{budget_size}"] = row
             log(_row_line(budget_size, f"{mode} budget {budget_gb:g} GiB", row))
     result["attention"] = attention_table(pipe, torch.rand(1, 3, sizes[0] // 2, sizes[0] // 2).to(device))
+    _write(result, json_path)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
         log(f"wrote {json_path}")
     return result
+
+
+def _write(result: dict, json_path: str | None) -> None:
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
 
 
 def _measure(pipe, images, repeats, reference, description="", **options) -> dict:
