@@ -183,6 +183,7 @@ def release(model: HYPIRModel) -> None:
             loaded.model_unload()
             mm.current_loaded_models.remove(loaded)
     _PATCHERS.pop(id(model.pipeline.models), None)
+    model.pipeline.models.unet_graphs.clear()  # the CUDA graphs' working memory goes with the model
     MODEL_CACHE.evict(model.pipeline.models)
     mm.soft_empty_cache()
 

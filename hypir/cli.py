@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu or mps")
     r.add_argument("--latent", default=cfg["latent"], choices=["sample", "mode"])
     r.add_argument("--no-color-fix", action="store_true", default=not cfg["color_fix"])
-    r.add_argument("--vram-budget", type=float, default=None, metavar="GIB", help="tile to stay within this budget")
+    r.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
+                   help="tile to keep the whole process (models included) within this budget")
+    r.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=cfg["fused_kernels"],
+                   help="Triton GroupNorm+SiLU and bias kernels on NVIDIA GPUs")
+    r.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=cfg["cuda_graphs"],
+                   help="replay the UNet as a CUDA graph when an image size repeats")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cfg["torch_compile"],
+                   help="torch.compile the UNet and VAE (the first image of each size compiles for minutes)")
     r.add_argument("--download", action="store_true", help="download missing models from the Hugging Face Hub")
 
     sub.add_parser("doctor", help="what this machine can run, and which models were found")
@@ -191,6 +198,7 @@ def cmd_restore(args) -> int:
                       model_t=args.model_t, coeff_t=args.coeff_t, tile_size=tile_size, tile_stride=args.tile_stride,
                       latent=args.latent, color_fix=not args.no_color_fix, attention=args.attention,
                       use_flash_attention=not args.no_flash_attention, vram_budget_gb=args.vram_budget,
+                      fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs, torch_compile=args.compile,
                       callbacks=Callbacks(progress=progress))
         save_image(result.images, alpha, mode, target)
         bar.update(1)
@@ -209,7 +217,8 @@ def _int_arg(name: str, value: str) -> int:
 def cmd_doctor(args) -> int:
     import torch
 
-    from .attention import AttentionBackend, AttentionPolicy, AttentionRouter, REGISTRY
+    from .attention import TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter, REGISTRY
+    from .kernels import triton_available
     from .loading import resolve_device, resolve_dtype
     from .model_files import _cached_hub_file, _cached_hub_snapshot, find_file, search_dirs
 
@@ -237,6 +246,13 @@ def cmd_doctor(args) -> int:
     print(f"auto picks for UNet attention: {backend.value}"
           + ("" if flash else f" (FlashAttention not used: {router.flash_off_reason()})"))
     print(f"auto picks for VAE attention (head_dim 512): {router.choose('vae.mid', 512).value}")
+    if device.type == "cuda" and router.per_shape:
+        tuned = ", ".join(b.value for b in TUNED_ORDER if router.unusable_reason(b, 64) is None)
+        print(f"  (those are the fixed order; on this GPU the first call of each attention shape times {tuned} "
+              f"and runs the fastest)")
+    fused = "Triton" if device.type == "cuda" and triton_available() else \
+        ("PyTorch (no Triton: pip install triton)" if device.type == "cuda" else "PyTorch (CPU)")
+    print(f"fused GroupNorm+SiLU and bias kernels: {fused}")
     print("model folders searched: " + ", ".join(str(d) for d in search_dirs()) + ", Hugging Face cache")
     weights = find_file(cfg["weights_file"]) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
     base = find_file(cfg["base_model_file"]) or _cached_hub_snapshot(cfg["base_model_repo"])

@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("hypir")
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,17 +48,41 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
 TRITON_MIN_ELEMENTS = 1 << 22
 
 
+_TRITON_FAILURE: list[str] = []  # why Triton could not run here (first failure), once it failed
+
+
 def uses_triton(x: torch.Tensor) -> bool:
     return (x.is_cuda and x.dtype in TRITON_DTYPES and x.numel() >= TRITON_MIN_ELEMENTS and triton_available()
-            and x.ndim >= 3 and not (torch.is_grad_enabled() and x.requires_grad))
+            and not _TRITON_FAILURE and x.ndim >= 3 and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def triton_failure() -> str | None:
+    """Why the Triton kernels stopped being used in this process (None while they run)."""
+    return _TRITON_FAILURE[0] if _TRITON_FAILURE else None
+
+
+def _run_triton(launch, fallback):
+    """Launch a Triton kernel; if Triton cannot compile or launch here (no C compiler or Python headers for
+    its launcher, a driver it does not support), warn once and use the PyTorch path from then on."""
+    try:
+        return launch()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an accelerator that cannot run falls back, loudly, once
+        if not _TRITON_FAILURE:
+            _TRITON_FAILURE.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            logger.warning("[HYPIR] Triton kernels cannot run here (%s); using PyTorch's GroupNorm instead",
+                           _TRITON_FAILURE[0])
+        return fallback()
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
                     eps: float, silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm over (N, C, *spatial) with optional pre-bias (N, C) and SiLU; fused on CUDA with Triton."""
+    reference = lambda: group_norm_silu_reference(x, weight, bias, groups, eps, silu, pre_bias)  # noqa: E731
     if not uses_triton(x) or _flat_strides(x) is None:
-        return group_norm_silu_reference(x, weight, bias, groups, eps, silu, pre_bias)
-    return _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias)
+        return reference()
+    return _run_triton(lambda: _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias), reference)
 
 
 def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
@@ -64,15 +91,18 @@ def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torc
     skip connection. PyTorch adds a convolution's bias with a broadcast kernel that, on the VAE's large
     activations, takes about a third as long as the convolution itself."""
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    def reference():
+        if bias is not None:
+            x.add_(bias.view(-1, *([1] * (x.ndim - 2))))
+        if residual is not None:
+            x.add_(residual)
+        return x
+
     if (uses_triton(x) and dense and (bias is None or bias.is_contiguous())
             and (residual is None or residual.stride() == x.stride())):
-        _triton_add_channel_bias(x, bias, residual)
-        return x
-    if bias is not None:
-        x.add_(bias.view(-1, *([1] * (x.ndim - 2))))
-    if residual is not None:
-        x.add_(residual)
-    return x
+        # A launch that fails does so before writing: x is unchanged when the fallback runs.
+        return _run_triton(lambda: _triton_add_channel_bias(x, bias, residual) or x, reference)
+    return reference()
 
 
 def _flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -243,4 +273,4 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
     return y
 
 
-__all__ = ["add_channel_bias_", "group_norm_silu", "group_norm_silu_reference", "triton_available", "uses_triton"]
+__all__ = ["add_channel_bias_", "group_norm_silu", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]

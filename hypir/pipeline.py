@@ -24,6 +24,7 @@ from .attention import AttentionBackend, AttentionPolicy, AttentionReport, Atten
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
+from .kernels import triton_available, triton_failure
 from .loading import MODEL_CACHE, HYPIRModels
 from .tiling import round_to, run_tiled, tile_count
 
@@ -66,12 +67,14 @@ class RestoreResult:
     tile_size: int | None  # None: one pass
     tile_stride: int | None
     processed_size: tuple[int, int]  # (h1, w1), the size the VAE and UNet saw
+    speedups: str = ""  # what else ran on the GPU: "Triton norms, UNet CUDA graph, torch.compile"
 
     def status_line(self) -> str:
         b, _, h, w = self.images.shape
         tiles = f"tiles {self.tile_size}/{self.tile_stride}" if self.tile_size else "one pass"
         roles = ", ".join(f"{k} {v}" for k, v in self.report.backends_by_role().items())
-        return (f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles} | {self.seconds:.2f} s")
+        extra = f" | {self.speedups}" if self.speedups else ""
+        return f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles}{extra} | {self.seconds:.2f} s"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +285,7 @@ class HYPIRPipeline:
         budget = self._activation_budget(vram_budget_gb, images, upscale, long_side)
 
         router = AttentionRouter(policy, self.models.device, self.models.dtype, self.device_info)
+        replays_before = self.models.unet_graphs.replays
         start = time.perf_counter()
         forced_tile = None if tile_size in (None, "auto") else int(tile_size)
         max_group = None  # tiles sent together; one at a time after an out-of-memory
@@ -317,7 +321,27 @@ class HYPIRPipeline:
         seconds = time.perf_counter() - start
         report = build_report(router, text_encoder_implementation(router))
         self._log_report(report)
-        return RestoreResult(images_out, report, seconds, stages, tile, stride, processed)
+        speedups = self._speedups(speed, self.models.unet_graphs.replays > replays_before)
+        return RestoreResult(images_out, report, seconds, stages, tile, stride, processed, speedups)
+
+    def _speedups(self, speed: SpeedOptions, replayed: bool) -> str:
+        """The status line's account of the fused kernels, CUDA graphs and torch.compile (GPU only)."""
+        if self.models.device.type != "cuda":
+            return ""
+        if not speed.fused_kernels:
+            norms = "PyTorch norms (fused kernels off)"
+        elif not triton_available():
+            norms = "PyTorch norms (Triton not installed)"
+        elif triton_failure():
+            norms = "PyTorch norms (Triton failed)"
+        else:
+            norms = "Triton norms"
+        parts = [norms]
+        if speed.cuda_graphs:
+            parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
+        if speed.torch_compile:
+            parts.append("torch.compile")
+        return ", ".join(parts)
 
     def _check_inputs(self, images, upscale, long_side, latent, tile_size, tile_stride):
         if not isinstance(images, torch.Tensor) or images.ndim != 4:

@@ -147,3 +147,26 @@ def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
     assert len(graphs) == 0 and graphs.captures == 0 and graphs.replays == 0
     assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
     assert len(calls) == 4  # each call ran the function once
+
+
+def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
+    """Triton present but unable to compile its launcher (no C compiler, no Python headers): one warning,
+    then PyTorch's kernels, with the same results, for the rest of the process."""
+    monkeypatch.setattr(kernels, "uses_triton", lambda x: not kernels._TRITON_FAILURE)
+    monkeypatch.setattr(kernels, "_TRITON_FAILURE", [])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to compile the launcher: Python.h: No such file or directory")
+
+    monkeypatch.setattr(kernels, "_triton_group_norm_silu", broken)
+    monkeypatch.setattr(kernels, "_triton_add_channel_bias", broken)
+    x = torch.randn(1, 8, 5, 5)
+    w, b = torch.randn(8), torch.randn(8)
+    with caplog.at_level("WARNING", logger="hypir"):
+        y = kernels.group_norm_silu(x, w, b, 4, 1e-6, True)
+        z = kernels.add_channel_bias_(x.clone(), b, x)
+        kernels.group_norm_silu(x, w, b, 4, 1e-6, True)
+    assert torch.equal(y, kernels.group_norm_silu_reference(x, w, b, 4, 1e-6, True))
+    assert torch.equal(z, x + b.view(-1, 1, 1) + x)
+    assert kernels.triton_failure().startswith("RuntimeError: Failed to compile the launcher")
+    assert sum("Triton kernels cannot run here" in r.message for r in caplog.records) == 1
