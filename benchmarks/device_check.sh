@@ -11,6 +11,6 @@ fi
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m hypir doctor 2>&1 | tee "$OUT/doctor.txt"
-python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.txt" | tail -60
+python3 -m pytest tests/test_gpu.py tests/test_gpu_kernels.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.txt" | tail -60
 python3 -m hypir bench --model sd21 --size 1024 --profile --json "$OUT/bench_1024.json" 2>&1 | tee "$OUT/bench_1024.txt" | grep -v "^\[HYPIR\]"
 python3 -m hypir bench --model sd21 --size 512 --json "$OUT/bench_512.json" 2>&1 | tee "$OUT/bench_512.txt" | grep -v "^\[HYPIR\]"
