@@ -7,8 +7,10 @@ a GPU), with the device synchronised at stage boundaries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import math
 import statistics
 import time
@@ -179,7 +181,12 @@ SPEED_MODES = {
     "eager": (dict(cuda_graphs=False, torch_compile=False), "fused kernels, per-shape attention, no CUDA graphs"),
     "eager+graphs": (dict(cuda_graphs=True, torch_compile=False), "the default: eager with the UNet as a CUDA graph"),
     "compiled": (dict(cuda_graphs=True, torch_compile=True), "torch.compile of UNet and VAE, UNet as a CUDA graph"),
+    # The default with the whole-pixel channels_last GroupNorm kernels (kernels.CHANNELS_LAST_ENV), to measure
+    # before they become the default.
+    "whole-pixel-norms": (dict(cuda_graphs=True, torch_compile=False),
+                          "the default with the whole-pixel channels_last GroupNorm kernels"),
 }
+SPEED_MODE_ENV = {"whole-pixel-norms": {"HYPIR_CHANNELS_LAST_GROUPNORM": "1"}}
 
 
 def stock_models(models: HYPIRModels, attention: str, dtype: torch.dtype | None = None) -> HYPIRModels:
@@ -273,8 +280,9 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
             log(_row_line(size, f"stock {name}", rows[f"stock {name}"]))
         for mode in modes:
             options, description = SPEED_MODES[mode]
-            rows[mode] = _measure(pipe, images, repeats, reference, description=description, oom_retry=False,
-                                  **options)
+            with _environment(SPEED_MODE_ENV.get(mode, {})):
+                rows[mode] = _measure(pipe, images, repeats, reference, description=description, oom_retry=False,
+                                      **options)
             log(_row_line(size, mode, rows[mode]))
         result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows}
         reference = None
@@ -302,6 +310,20 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
 def _write(result: dict, json_path: str | None) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _measure(pipe, images, repeats, reference, description="", **options) -> dict:

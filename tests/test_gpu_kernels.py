@@ -18,9 +18,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.parametrize("whole_pixel", ["0", "1"])  # channels_last inputs: the strided and whole-pixel kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape,channels_last", SHAPES)
-def test_group_norm_silu_on_gpu(shape, channels_last, dtype):
+def test_group_norm_silu_on_gpu(shape, channels_last, dtype, whole_pixel, monkeypatch):
+    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, whole_pixel)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, device="cuda", generator=g) * 2 + 0.7
     if channels_last and x.ndim == 4:
@@ -39,7 +41,8 @@ def test_group_norm_silu_on_gpu(shape, channels_last, dtype):
         # within the dtype's rounding, and no further from float64 than PyTorch's own kernels
         tolerance = {torch.bfloat16: 3e-3, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
         err, torch_err = _rel(y, exact), _rel(torch_out, exact)
-        print(f"group_norm {shape} {dtype} cl={channels_last} silu={silu} pre={pre_bias is not None}: "
+        print(f"group_norm {shape} {dtype} cl={channels_last} whole_pixel={whole_pixel} silu={silu} "
+              f"pre={pre_bias is not None}: "
               f"triton {err:.2e}, pytorch {torch_err:.2e}")
         assert err <= max(tolerance, 1.5 * torch_err)
 

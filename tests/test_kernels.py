@@ -38,7 +38,9 @@ def _rel(a, b):
     ((2, 32, 37), 32, False, False, False),      # (N, C, L): the VAE attention's norm
     ((1, 320, 8, 8), 32, True, True, True),      # the UNet's 10 channels a group
 ])
-def test_group_norm_matches_pytorch(interpreted, shape, groups, channels_last, pre, silu):
+@pytest.mark.parametrize("whole_pixel", ["0", "1"])
+def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, channels_last, pre, silu, whole_pixel):
+    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, whole_pixel)  # channels_last inputs: both kernels
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: the statistics must not cancel
     if channels_last:
@@ -60,6 +62,40 @@ def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
     y = kernels.group_norm_silu(x, None, None, 2, 1e-6, False)
     expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-6)
     assert _rel(y, expected) < 1e-5
+
+
+def test_channels_last_kernel_many_chunks(interpreted, monkeypatch):
+    """channels_last takes the whole-pixel kernels (25 chunks here), and matches float64."""
+    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, "1")
+    calls = []
+    original = kernels._group_norm_channels_last
+    monkeypatch.setattr(kernels, "_group_norm_channels_last", lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(1, 64, 40, 40, generator=g) * 0.5 + 50.0).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    pre = torch.randn(1, 64, generator=g)
+    y = kernels.group_norm_silu(x, w, b, 32, 1e-6, True, pre)
+    expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 32, 1e-6, True, pre.double())
+    assert calls and y.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, expected) < 1e-5
+
+
+def test_channels_last_kernel_failure_uses_the_strided_one(interpreted, monkeypatch, caplog):
+    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, "1")
+    monkeypatch.setattr(kernels, "_CHANNELS_LAST_FAILURE", [])
+
+    def broken(*args):
+        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:8")
+
+    monkeypatch.setattr(kernels, "_group_norm_channels_last", broken)
+    x = torch.randn(1, 32, 6, 6).to(memory_format=torch.channels_last)
+    w, b = torch.randn(32), torch.randn(32)
+    with caplog.at_level("WARNING", logger="hypir"):
+        y = kernels.group_norm_silu(x, w, b, 8, 1e-6, True)
+        kernels.group_norm_silu(x, w, b, 8, 1e-6, True)
+    assert _rel(y, kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 8, 1e-6, True)) < 1e-6
+    assert sum("channels_last GroupNorm kernel failed" in r.message for r in caplog.records) == 1
+    assert kernels.triton_failure() is None  # Triton itself still runs
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
