@@ -304,24 +304,23 @@ def main() -> int:
             return enhancer.enhance(lq=lq, prompt=args.prompt, scale_by="factor", upscale=args.upscale,
                                     patch_size=patch, stride=stride, return_type=args.return_type)
 
-        warm_ms = []
-        out = None
-        with quiet_stderr(not args.show_progress):
-            for _ in range(args.warmup):
+        def timed(count):
+            """`count` synchronised calls: their ms and the last output."""
+            ms, result = [], None
+            for _ in range(count):
                 sync(device)
                 t = time.perf_counter()
-                out = call()
+                result = call()
                 sync(device)
-                warm_ms.append((time.perf_counter() - t) * 1e3)
+                ms.append((time.perf_counter() - t) * 1e3)
+            return ms, result
+
+        with quiet_stderr(not args.show_progress):
+            warm_ms, out = timed(args.warmup)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            timings = []
-            for _ in range(args.repeats):
-                sync(device)
-                t = time.perf_counter()
-                out = call()
-                sync(device)
-                timings.append((time.perf_counter() - t) * 1e3)
+            timings, last = timed(args.repeats)
+            out = last if last is not None else out
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
         if out is None:  # --warmup 0 --repeats 0: a load-only check
