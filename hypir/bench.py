@@ -300,7 +300,11 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
             row["within_budget"] = row.get("peak_mib") is not None and row["peak_mib"] <= budget_gb * 1024
             result[f"budget_{budget_size}"] = row
             log(_row_line(budget_size, f"{mode} budget {budget_gb:g} GiB", row))
-    result["attention"] = attention_table(pipe, torch.rand(1, 3, sizes[0] // 2, sizes[0] // 2).to(device))
+    first = torch.rand(1, 3, sizes[0] // 2, sizes[0] // 2).to(device)
+    result["attention"] = attention_table(pipe, first)
+    result["profile"] = time_by_kind(pipe, first)
+    log("where the GPU time goes (default mode, " + f"{sizes[0]}): " +
+        ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in result["profile"]["kinds"].items()))
     _write(result, json_path)
     if json_path:
         log(f"wrote {json_path}")
@@ -352,7 +356,53 @@ def _row_line(size, name, row) -> str:
             f"PSNR {psnr}")
 
 
-__all__ += ["run_speed", "stock_models", "SPEED_MODES"]
+__all__ += ["run_speed", "stock_models", "SPEED_MODES", "summarize_kernels", "kernel_kind"]
+
+
+# Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
+KERNEL_KINDS = (
+    ("attention", ("fmha", "flash", "sdpa", "attention", "softmax")),
+    ("convolution", ("conv", "fprop", "implicit_gemm", "xmma", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")),
+    ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize")),
+    ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
+    ("bias and skip add (Triton)", ("channel_bias_add",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
+    ("upsample", ("upsample",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "copy", "cat", "fill", "triton_")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in lowered for w in words)), "other")
+
+
+def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
+    """One default-mode pass under torch.profiler: GPU time per kind of kernel, and the ten longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe(images, upscale=2, cuda_graphs=False)  # the profiler sees kernels, not CUDA graph replays
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe(images, upscale=2, cuda_graphs=False)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return summarize_kernels([(e.key, e.self_device_time_total / 1000, e.count) for e in events])
+
+
+def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
+    """(name, ms, calls) per kernel -> ms and share per kind, and the ten longest kernels."""
+    total = sum(ms for _, ms, _ in kernels) or 1.0
+    kinds: dict[str, dict] = {}
+    for name, ms, calls in kernels:
+        entry = kinds.setdefault(kernel_kind(name), {"ms": 0.0, "calls": 0})
+        entry["ms"] += ms
+        entry["calls"] += calls
+    for entry in kinds.values():
+        entry["share"] = entry["ms"] / total
+    ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
+    longest = [{"kernel": n[:160], "ms": ms, "calls": c} for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:10]]
+    return {"gpu_ms": total, "kinds": ordered, "longest": longest}
 
 
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:

@@ -136,3 +136,30 @@ def test_cli_defaults_come_from_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPIR_CONFIG_FILE", str(path))
     args = build_parser().parse_args(["restore", "x.png", "-o", "y.png"])
     assert (args.coeff_t, args.seed, args.attention) == (120, 7, "standard")
+
+
+def test_speed_profile_sorts_kernels_by_kind():
+    """The speed bench's account of GPU time, on kernel names an H100 profile of the pass showed."""
+    from hypir.bench import summarize_kernels
+
+    kernels = [
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1", 10.0, 24),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0", 4.0, 10),
+        ("fmha_cutlassF_bf16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>)", 3.0, 2),
+        ("normalize", 2.0, 100), ("partial_stats", 1.0, 100), ("channel_bias_add", 1.5, 60),
+        ("nvjet_sm90_tst_168x128_64x5_1x2_h_bz_coopA_bias_TNN", 0.5, 26),
+        ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", 2.0, 112),
+        ("void at::native::(anonymous namespace)::upsample_nearest2d_nhwc_out_frame<c10::BFloat16>", 1.0, 3),
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>", 1.0, 10),
+    ]
+    summary = summarize_kernels(kernels)
+    kinds = summary["kinds"]
+    assert summary["gpu_ms"] == pytest.approx(26.0)
+    assert kinds["convolution"]["ms"] == pytest.approx(11.0) and kinds["convolution"]["calls"] == 34
+    assert kinds["attention"]["ms"] == pytest.approx(7.0)
+    assert kinds["group norm (Triton)"]["ms"] == pytest.approx(3.0)
+    assert kinds["bias and skip add (Triton)"]["ms"] == pytest.approx(1.5)
+    assert kinds["matmul"]["ms"] == pytest.approx(0.5)
+    assert kinds["elementwise"]["ms"] == pytest.approx(2.0) and kinds["upsample"]["ms"] == pytest.approx(1.0)
+    assert list(kinds)[0] == "convolution" and sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
+    assert summary["longest"][0]["ms"] == 10.0 and len(summary["longest"]) == 10
