@@ -29,7 +29,7 @@ python3 -m hypir doctor > "$OUT/doctor.txt" 2>&1
 timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu.py \
   -k "gpu_kernels or out_of_memory" > "$OUT/test_gpu.txt" 2>&1
 tail -2 "$OUT/test_gpu.txt"
-timeout 220 python3 -m hypir bench --speed --sizes 1024,2048 --modes eager,eager+graphs,whole-pixel-norms --budget-size 4096 \
+timeout 220 python3 -m hypir bench --speed --sizes 1024,2048 --modes eager,eager+graphs,experimental-kernels --budget-size 4096 \
   --budget-gb 8 --repeats 10 --json "$OUT/speed.json" 2>&1 | grep -v "^\[HYPIR\]" | tee "$OUT/speed.txt"
 commit=$(cat .reference/COMMIT 2>/dev/null || echo unknown)
 timeout $(( $(left) > 150 ? 130 : $(left) - 20 )) python3 benchmarks/reference_baseline.py --reference .reference \

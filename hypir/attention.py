@@ -34,6 +34,8 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .kernels import scaled_softmax
+
 logger = logging.getLogger("hypir")
 
 
@@ -155,7 +157,7 @@ def _matmul(q, k, v, scale):
     rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
     for start in range(0, n, rows):
         scores = torch.bmm(qh[:, start:start + rows], kt, out_dtype=torch.float32)
-        probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
+        probs = scaled_softmax(scores, scale, q.dtype)
         del scores
         out[:, start:start + rows] = torch.bmm(probs, vh)
     return out.view(b, h, n, d).transpose(1, 2)

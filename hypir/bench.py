@@ -181,12 +181,12 @@ SPEED_MODES = {
     "eager": (dict(cuda_graphs=False, torch_compile=False), "fused kernels, per-shape attention, no CUDA graphs"),
     "eager+graphs": (dict(cuda_graphs=True, torch_compile=False), "the default: eager with the UNet as a CUDA graph"),
     "compiled": (dict(cuda_graphs=True, torch_compile=True), "torch.compile of UNet and VAE, UNet as a CUDA graph"),
-    # The default with the whole-pixel channels_last GroupNorm kernels (kernels.CHANNELS_LAST_ENV), to measure
-    # before they become the default.
-    "whole-pixel-norms": (dict(cuda_graphs=True, torch_compile=False),
-                          "the default with the whole-pixel channels_last GroupNorm kernels"),
+    # The default with the kernels that await a device measurement (kernels.EXPERIMENTAL_ENV): the whole-pixel
+    # channels_last GroupNorm and the fused attention softmax.
+    "experimental-kernels": (dict(cuda_graphs=True, torch_compile=False),
+                             "the default with the experimental kernels (whole-pixel GroupNorm, fused softmax)"),
 }
-SPEED_MODE_ENV = {"whole-pixel-norms": {"HYPIR_CHANNELS_LAST_GROUPNORM": "1"}}
+SPEED_MODE_ENV = {"experimental-kernels": {"HYPIR_EXPERIMENTAL_KERNELS": "1"}}
 
 
 def stock_models(models: HYPIRModels, attention: str, dtype: torch.dtype | None = None) -> HYPIRModels:

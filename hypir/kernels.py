@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import logging
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,16 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
         x = x + pre_bias.view(*pre_bias.shape, *([1] * (x.ndim - 2)))
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
+
+
+# Kernels tested in Triton's interpreter but not yet measured on a GPU (the whole-pixel channels_last
+# GroupNorm, the fused attention softmax) run only with HYPIR_EXPERIMENTAL_KERNELS=1, until a device run
+# shows their numerics and speed.
+EXPERIMENTAL_ENV = "HYPIR_EXPERIMENTAL_KERNELS"
+
+
+def experimental_kernels() -> bool:
+    return os.environ.get(EXPERIMENTAL_ENV, "0") == "1"
 
 
 # Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves:
@@ -274,13 +285,59 @@ def _kernels():
             v += tl.load(res_ptr + i, mask=mask, other=0.0).to(tl.float32)
         tl.store(x_ptr + i, v.to(x_ptr.dtype.element_ty), mask=mask)
 
-    return partial_stats, merge_stats, normalize, channel_bias_add, partial_stats_cl, normalize_cl
+    @triton.jit
+    def scaled_softmax(scores_ptr, out_ptr, M, scale, BLOCK: tl.constexpr):
+        # One row: a running max and sum over the row in one read, then the probabilities in a second.
+        row = tl.program_id(0).to(tl.int64) * M
+        running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, M, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")) * scale
+            new_max = tl.maximum(running_max, v)
+            pivot = tl.where(new_max > float("-inf"), new_max, 0.0)  # a lane with nothing yet: exp(-inf) = 0
+            running_sum = running_sum * tl.exp(running_max - pivot) + tl.exp(v - pivot)
+            running_max = new_max
+        row_max = tl.max(running_max, axis=0)
+        row_sum = tl.sum(running_sum * tl.exp(running_max - row_max), axis=0)
+        for start in range(0, M, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")) * scale
+            p = tl.exp(v - row_max) / row_sum
+            tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
+
+    return types.SimpleNamespace(partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
+                                 channel_bias_add=channel_bias_add, partial_stats_cl=partial_stats_cl,
+                                 normalize_cl=normalize_cl, scaled_softmax=scaled_softmax)
+
+
+def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scores * scale) over the last dimension of float32 scores, returned in `dtype`; the scores are
+    consumed (scaled in place). Experimental kernels on: one Triton kernel that reads the scores twice and
+    writes the probabilities once; else PyTorch's scale, softmax and cast."""
+    def reference():
+        return torch.softmax(scores.mul_(scale), dim=-1).to(dtype)
+
+    if not (experimental_kernels() and uses_triton(scores) and scores.is_contiguous()
+            and scores.dtype == torch.float32):
+        return reference()
+    return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
+
+
+def _triton_scaled_softmax(scores, scale, dtype):
+    kernel = _kernels().scaled_softmax
+    m = scores.shape[-1]
+    out = torch.empty(scores.shape, device=scores.device, dtype=dtype)
+    with _launch_context(scores):
+        kernel[(scores.numel() // m,)](scores, out, m, scale, BLOCK=min(4096, 1 << (m - 1).bit_length()),
+                                       num_warps=8)
+    return out
 
 
 def _triton_add_channel_bias(x, bias, residual):
     import triton
 
-    kernel = _kernels()[3]
+    kernel = _kernels().channel_bias_add
     block = 2048
     with _launch_context(x):
         kernel[(triton.cdiv(x.numel(), block),)](
@@ -295,13 +352,10 @@ def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
 
 
 _CHANNELS_LAST_FAILURE: list[str] = []  # the channels_last kernels failed here: the strided ones are used
-# The whole-pixel channels_last kernels are tested in Triton's interpreter but not yet measured on a GPU:
-# they run only with HYPIR_CHANNELS_LAST_GROUPNORM=1 until a device run shows their numerics and speed.
-CHANNELS_LAST_ENV = "HYPIR_CHANNELS_LAST_GROUPNORM"
 
 
 def _channels_last_kernels_on() -> bool:
-    return os.environ.get(CHANNELS_LAST_ENV, "0") == "1" and not _CHANNELS_LAST_FAILURE
+    return experimental_kernels() and not _CHANNELS_LAST_FAILURE
 
 
 def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
@@ -329,7 +383,7 @@ def _launch_context(x):
 def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
     import triton
 
-    _, merge_stats, _, _, partial_stats_cl, normalize_cl = _kernels()
+    k = _kernels()
     n, c = x.shape[:2]
     spatial = x[0, 0].numel()
     cpg = c // groups
@@ -346,12 +400,12 @@ def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
     b = bias if bias is not None else mean
     grid = (n, chunks)
     with _launch_context(x):
-        partial_stats_cl[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks,
+        k.partial_stats_cl[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks,
                                HAS_PRE=pre_bias is not None, BLOCK_G=block_g, BLOCK_CPG=block_cpg, BLOCK_S=block_s,
                                num_warps=4)
-        merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, spatial, cpg, chunks, eps,
+        k.merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, spatial, cpg, chunks, eps,
                                    BLOCK_S=block_s, BLOCK_K=256, num_warps=4)
-        normalize_cl[grid](x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, HAS_PRE=pre_bias is not None,
+        k.normalize_cl[grid](x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, HAS_PRE=pre_bias is not None,
                            HAS_AFFINE=weight is not None, SILU=silu, BLOCK_G=block_g, BLOCK_CPG=block_cpg,
                            BLOCK_S=block_s, num_warps=4)
     return y
@@ -360,7 +414,7 @@ def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
 def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
     import triton
 
-    partial_stats, merge_stats, normalize = _kernels()[:3]
+    k = _kernels()
     n, c = x.shape[:2]
     spatial = x[0, 0].numel()
     cpg = c // groups
@@ -377,14 +431,14 @@ def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
     b = bias if bias is not None else mean
     grid = (n * groups, chunks)
     with _launch_context(x):
-        partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,
+        k.partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,
                             HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
-        merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, spatial, cpg, chunks, eps,
+        k.merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, spatial, cpg, chunks, eps,
                                    BLOCK_S=block_s, BLOCK_K=256, num_warps=4)
-        normalize[grid](x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, s_c, s_s, o_n, o_c, o_s,
+        k.normalize[grid](x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, s_c, s_s, o_n, o_c, o_s,
                         HAS_PRE=pre_bias is not None, HAS_AFFINE=weight is not None, SILU=silu,
                         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     return y
 
 
-__all__ = ["add_channel_bias_", "group_norm_silu", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]
+__all__ = ["add_channel_bias_", "experimental_kernels", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]

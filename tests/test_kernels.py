@@ -40,7 +40,7 @@ def _rel(a, b):
 ])
 @pytest.mark.parametrize("whole_pixel", ["0", "1"])
 def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, channels_last, pre, silu, whole_pixel):
-    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, whole_pixel)  # channels_last inputs: both kernels
+    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, whole_pixel)  # channels_last inputs: both kernels
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: the statistics must not cancel
     if channels_last:
@@ -51,6 +51,7 @@ def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, cha
     expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), groups, 1e-6, silu,
                                                  None if pre_bias is None else pre_bias.double())
     assert y.stride() == x.stride()  # the layout is kept
+    assert not kernels._CHANNELS_LAST_FAILURE  # no silent fallback from the whole-pixel kernels
     assert _rel(y, expected) < 1e-6
 
 
@@ -66,7 +67,7 @@ def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
 
 def test_channels_last_kernel_many_chunks(interpreted, monkeypatch):
     """channels_last takes the whole-pixel kernels (25 chunks here), and matches float64."""
-    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, "1")
+    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, "1")
     calls = []
     original = kernels._group_norm_channels_last
     monkeypatch.setattr(kernels, "_group_norm_channels_last", lambda *a: calls.append(1) or original(*a))
@@ -81,7 +82,7 @@ def test_channels_last_kernel_many_chunks(interpreted, monkeypatch):
 
 
 def test_channels_last_kernel_failure_uses_the_strided_one(interpreted, monkeypatch, caplog):
-    monkeypatch.setenv(kernels.CHANNELS_LAST_ENV, "1")
+    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, "1")
     monkeypatch.setattr(kernels, "_CHANNELS_LAST_FAILURE", [])
 
     def broken(*args):
@@ -206,3 +207,26 @@ def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
     assert torch.equal(z, x + b.view(-1, 1, 1) + x)
     assert kernels.triton_failure().startswith("RuntimeError: Failed to compile the launcher")
     assert sum("Triton kernels cannot run here" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("width", [77, 1000, 5000])  # 5000: two 4096-wide blocks a row
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
+    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, "1")
+    calls = []
+    original = kernels._triton_scaled_softmax
+    monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(2, 3, width, generator=g) * 20  # wide logits: the running max must rescale
+    expected = torch.softmax(scores.double() * 0.125, dim=-1)
+    probs = kernels.scaled_softmax(scores.clone(), 0.125, dtype)
+    assert calls and probs.dtype == dtype and probs.shape == scores.shape
+    tolerance = 4e-3 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(probs.double(), expected, rtol=tolerance, atol=tolerance * expected.max().item())
+
+
+def test_scaled_softmax_without_experimental_kernels_is_pytorch(monkeypatch):
+    monkeypatch.delenv(kernels.EXPERIMENTAL_ENV, raising=False)
+    scores = torch.randn(4, 33)
+    expected = torch.softmax(scores * 0.5, dim=-1).to(torch.bfloat16)
+    assert torch.equal(kernels.scaled_softmax(scores.clone(), 0.5, torch.bfloat16), expected)
