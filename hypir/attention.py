@@ -34,6 +34,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .errors import one_line
 from .kernels import scaled_softmax
 
 logger = logging.getLogger("hypir")
@@ -336,7 +337,7 @@ def _probe(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str |
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 _PROBES[key] = None if err < 2e-2 else f"probe gave relative error {err:.1e}"
             except Exception as exc:  # noqa: BLE001 - the probe exists to turn any failure into a reason
-                _PROBES[key] = f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                _PROBES[key] = f"probe failed: {one_line(exc)}"
     return _PROBES[key]
 
 
@@ -411,11 +412,6 @@ def time_kernel(backend: AttentionBackend, fn: Callable, q, k, v, scale: float, 
             events.append((start, end))
         events[-1][1].synchronize()
         return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +576,7 @@ class AttentionRouter:
                         logger.warning("[HYPIR] %s ran out of GPU memory while timed on %s; not used for it",
                                        backend.value, shape.describe())
                     except Exception as exc:  # noqa: BLE001 - a kernel that raises is excluded, loudly, once
-                        errors[backend] = _first_line(exc)
+                        errors[backend] = one_line(exc)
                         self._record_failure(module, backend, exc)
             # min() keeps the first of equal times: ties go to the preference order
             timing = ShapeTiming(times, errors, min(times, key=times.__getitem__) if times else None)
@@ -595,7 +591,7 @@ class AttentionRouter:
     def _record_failure(self, module: str, backend: AttentionBackend, exc: BaseException) -> None:
         with self._lock:
             self.failed.setdefault(module, set()).add(backend)
-        message = f"[HYPIR] {backend.value} failed in {module} ({_first_line(exc)}); falling back"
+        message = f"[HYPIR] {backend.value} failed in {module} ({one_line(exc)}); falling back"
         self.fallback_warnings.append(message)
         logger.warning(message)
 

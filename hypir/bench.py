@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo
+from .errors import one_line
 from .loading import HYPIRModels, install_fast_paths, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
 from .pipeline import HYPIRPipeline
 
@@ -128,7 +129,7 @@ def run_bench(model: str = "auto", output: int | None = None, backends: list[str
                                  peak, (out - reference).abs().max().item(), _psnr(out, reference), kernels))
         except Exception as exc:  # noqa: BLE001 - a backend that fails is a result of the benchmark
             rows.append(BenchRow(backend, {}, float("nan"), {}, None, None, None, [],
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+                                 one_line(exc)))
             if on_gpu:
                 torch.cuda.empty_cache()
 
@@ -335,8 +336,7 @@ def _measure(pipe, images, repeats, reference, description="", **options) -> dic
         timed = _time_pipeline(pipe, images, repeats, upscale=2, **options)
     except Exception as exc:  # noqa: BLE001 - out of memory (the standard baseline at 2048) is a result
         torch.cuda.empty_cache()
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        return {"description": description, "error": f"{type(exc).__name__}: {message}"}
+        return {"description": description, "error": one_line(exc)}
     out = timed.pop("result")
     row = {"description": description, **timed, "ran": out.report.backends_by_role(),
            "tiles": out.tile_size, "tile_stride": out.tile_stride}

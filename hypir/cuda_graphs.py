@@ -20,6 +20,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from .errors import one_line
+
 logger = logging.getLogger("hypir")
 
 
@@ -101,8 +103,8 @@ class GraphedCalls:
             raise
         except Exception as exc:  # noqa: BLE001 - a model that cannot be captured runs eagerly, loudly
             self._failed.add(key)
-            logger.warning("[HYPIR] CUDA graph capture failed (%s: %s); this shape runs without CUDA graphs",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            logger.warning("[HYPIR] CUDA graph capture failed (%s); this shape runs without CUDA graphs",
+                           one_line(exc))
             return None
         self.captures += 1
         entry = _Graph(graph, static, output, snapshot())

@@ -24,6 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .errors import one_line
 logger = logging.getLogger("hypir")
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,7 +83,7 @@ def _run_triton(launch, fallback):
         raise
     except Exception as exc:  # noqa: BLE001 - an accelerator that cannot run falls back, loudly, once
         if not _TRITON_FAILURE:
-            _TRITON_FAILURE.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            _TRITON_FAILURE.append(one_line(exc))
             logger.warning("[HYPIR] Triton kernels cannot run here (%s); using PyTorch's GroupNorm instead",
                            _TRITON_FAILURE[0])
         return fallback()
@@ -370,7 +371,7 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - fall back to the strided kernels, loudly, once
-            _CHANNELS_LAST_FAILURE.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            _CHANNELS_LAST_FAILURE.append(one_line(exc))
             logger.warning("[HYPIR] the channels_last GroupNorm kernel failed (%s); using the strided one",
                            _CHANNELS_LAST_FAILURE[0])
     return _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias)

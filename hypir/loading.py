@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .cuda_graphs import GraphedCalls
+from .errors import one_line
 from .kernels import triton_available
 
 logger = logging.getLogger("hypir")
@@ -262,7 +263,7 @@ def load_tensor_file(path: Path, role: str = "model") -> dict[str, torch.Tensor]
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise HYPIRLoadError(
             f"{path}: cannot be read as a torch tensor file without running code "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            f"({one_line(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

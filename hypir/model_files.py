@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as _config
+from .errors import one_line
 from .loading import BASE_ALLOW_PATTERNS, HYPIRLoadError
 
 logger = logging.getLogger("hypir")
@@ -100,7 +101,7 @@ def _download_errors(what: str, repo: str, folder: Path, files: str):
         yield
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, OSError) as exc:
         reason = "HF_HUB_OFFLINE is set" if isinstance(exc, OfflineModeIsEnabled) or os.environ.get(
-            "HF_HUB_OFFLINE") == "1" else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            "HF_HUB_OFFLINE") == "1" else one_line(exc)
         raise HYPIRLoadError(f"cannot download {what} from https://huggingface.co/{repo} ({reason}). "
                              f"{_by_hand(folder, files)}") from exc
 
