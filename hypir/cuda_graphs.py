@@ -4,9 +4,10 @@ At a 1024x1024 output the UNet's ~1,500 kernels are short: launching them from P
 running them, and the GPU waits. A CUDA graph replays the whole call with one launch.
 
 A call is captured the second time its signature is seen (the first runs eagerly: attention kernels are
-chosen and measured, Triton compiles, probes run), then replayed. The signature includes every input's
-shape, dtype and strides, the caller's options (attention policy, fused kernels) and the address of every
-weight: a model moved or reloaded (ComfyUI offloading it, for example) gets a new graph, never a stale one.
+chosen and measured, Triton compiles, probes run), then replayed. The signature is every input's shape, dtype
+and strides and the caller's options (attention policy, fused kernels). The address of every weight is given
+with each call: a model moved or reloaded (ComfyUI offloading it, for example) drops the old graphs and gets
+new ones, never a stale one.
 Each graph keeps its own activation memory, so only the last `max_graphs` are kept.
 """
 
@@ -52,22 +53,29 @@ class GraphedCalls:
         self.captures = 0
         self.weights: tuple | None = None
 
-    def clear(self, weights: tuple | None = None) -> None:
-        """Drop every graph (and its memory); `weights` notes the weights the next graphs will be made for."""
+    def clear(self) -> None:
+        """Drop every graph and the memory it keeps."""
         with self._lock:
-            self._graphs.clear()
-            self._seen.clear()
-            self._failed.clear()
-            self.weights = weights
+            self._reset(None)
+
+    def _reset(self, weights: tuple | None) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self._failed.clear()
+        self.weights = weights
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def __call__(self, key: Hashable, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
-                 snapshot: Callable[[], object] = lambda: None,
+                 weights: tuple = (), snapshot: Callable[[], object] = lambda: None,
                  restore: Callable[[object], None] = lambda state: None) -> torch.Tensor:
+        """fn(*inputs), eagerly or from a graph. `weights` is `weights_signature` of what fn reads: when it
+        changes (the model was moved or reloaded), every graph made before is dropped."""
         key = (key, tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs))
         with self._lock:
+            if weights != self.weights:
+                self._reset(weights)
             entry = self._graphs.get(key)
             if entry is None:
                 if key in self._failed or key not in self._seen:

@@ -181,8 +181,9 @@ def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Ten
 def vae_stage(models: HYPIRModels, stage: str, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
     (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning."""
-    forward = models.compiled(f"vae.{stage}", functools.partial(_vae_forward, models.vae, stage)) if compiled \
-        else functools.partial(_vae_forward, models.vae, stage)
+    forward = functools.partial(_vae_forward, models.vae, stage)
+    if compiled:
+        forward = models.compiled(f"vae.{stage}", forward)
     out = forward(x.to(models.dtype))
     if models.dtype == torch.float16 and not torch.isfinite(out).all():
         logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
@@ -392,17 +393,15 @@ class HYPIRPipeline:
         allocated (the weights) and the full-size image buffers. None without a budget."""
         if not vram_budget_gb:
             return None
-        budget = int(vram_budget_gb * 2**30)
         device = self.models.device
-        if device.type == "cuda":
-            budget -= torch.cuda.memory_allocated(device)
+        held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         h, w = target_size(images.shape[2], images.shape[3], upscale, long_side)
-        budget -= full_size_bytes(images.shape[0], h, w)
+        buffers = full_size_bytes(images.shape[0], h, w)
+        budget = int(vram_budget_gb * 2**30) - held - buffers
         if budget <= 0:
             raise ValueError(f"a VRAM budget of {vram_budget_gb:g} GiB leaves nothing for the pass: the models hold "
-                             f"{torch.cuda.memory_allocated(device) / 2**30 if device.type == 'cuda' else 0:.1f} GiB "
-                             f"and a {w}x{h} output's image buffers about {full_size_bytes(images.shape[0], h, w) / 2**30:.1f} "
-                             f"GiB; raise the budget or choose a smaller output")
+                             f"{held / 2**30:.1f} GiB and a {w}x{h} output's image buffers about "
+                             f"{buffers / 2**30:.1f} GiB; raise the budget or choose a smaller output")
         return budget
 
     @staticmethod
@@ -486,17 +485,16 @@ class HYPIRPipeline:
             timestep = torch.tensor([model_t], device=device)
 
             unet_forward = m.compiled("unet", _unet_forward(m.unet)) if compiled else _unet_forward(m.unet)
-            graphs_key = (repr(router.policy), speed, weights_signature(m.unet)) if speed.cuda_graphs and on_gpu else None
-            if graphs_key is not None and m.unet_graphs.weights != graphs_key[-1]:
-                m.unet_graphs.clear(weights=graphs_key[-1])  # the UNet moved (offloaded, reloaded): old graphs are void
+            graphs_key = (repr(router.policy), speed) if speed.cuda_graphs and on_gpu else None
+            unet_weights = weights_signature(m.unet) if graphs_key is not None else ()
 
             def unet(tiles: torch.Tensor) -> torch.Tensor:
                 n = tiles.shape[0]
                 inputs = [tiles.to(dtype), timestep.expand(n), text.expand(n, -1, -1)]
                 if graphs_key is None:
                     return unet_forward(*inputs)
-                return m.unet_graphs(graphs_key, unet_forward, inputs, snapshot=lambda: router.snapshot("unet."),
-                                     restore=router.restore)
+                return m.unet_graphs(graphs_key, unet_forward, inputs, weights=unet_weights,
+                                     snapshot=lambda: router.snapshot("unet."), restore=router.restore)
 
             callbacks.step("unet", 0, n_tiles)
             eps = run_tiled(unet, z_in, lat_tile, lat_stride, 1, 4, group, progress("unet"))
