@@ -8,6 +8,7 @@ a GPU), with the device synchronised at stage boundaries.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo
+from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo, _package_version
 from .errors import one_line
+from .kernels import EXPERIMENTAL_ENV, triton_available
 from .loading import HYPIRModels, install_fast_paths, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
 from .pipeline import HYPIRPipeline
 
@@ -43,7 +45,6 @@ class BenchRow:
 
 
 def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> HYPIRModels:
-    from .attention import install_processors
     from .random_models import build_random_base, random_lora
 
     base = build_random_base(size, seed)
@@ -177,17 +178,26 @@ __all__ = ["run_bench", "format_table", "available_backends", "REGISTRY"]
 # ----------------------------------------------------------------------------------------------
 # `hypir bench --speed`: the fast paths against diffusers' stock modules, per output size.
 
+@dataclass(frozen=True)
+class SpeedMode:
+    options: dict  # pipeline keyword arguments
+    description: str
+    environment: dict = field(default_factory=dict)  # set for the mode's calls
+
+
 SPEED_MODES = {
-    # name: (pipeline options, description)
-    "eager": (dict(cuda_graphs=False, torch_compile=False), "fused kernels, per-shape attention, no CUDA graphs"),
-    "eager+graphs": (dict(cuda_graphs=True, torch_compile=False), "the default: eager with the UNet as a CUDA graph"),
-    "compiled": (dict(cuda_graphs=True, torch_compile=True), "torch.compile of UNet and VAE, UNet as a CUDA graph"),
-    # The default with the kernels that await a device measurement (kernels.EXPERIMENTAL_ENV): the whole-pixel
-    # channels_last GroupNorm and the fused attention softmax.
-    "experimental-kernels": (dict(cuda_graphs=True, torch_compile=False),
-                             "the default with the experimental kernels (whole-pixel GroupNorm, fused softmax)"),
+    "eager": SpeedMode(dict(cuda_graphs=False, torch_compile=False),
+                       "fused kernels, per-shape attention, no CUDA graphs"),
+    "eager+graphs": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
+                              "the default: eager with the UNet as a CUDA graph"),
+    "compiled": SpeedMode(dict(cuda_graphs=True, torch_compile=True),
+                          "torch.compile of UNet and VAE, UNet as a CUDA graph"),
+    # The default with the kernels that await a device measurement: the whole-pixel channels_last GroupNorm
+    # and the fused attention softmax.
+    "experimental-kernels": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
+                                      "the default with the experimental kernels (whole-pixel GroupNorm, fused "
+                                      "softmax)", {EXPERIMENTAL_ENV: "1"}),
 }
-SPEED_MODE_ENV = {"experimental-kernels": {"HYPIR_EXPERIMENTAL_KERNELS": "1"}}
 
 
 def stock_models(models: HYPIRModels, attention: str, dtype: torch.dtype | None = None) -> HYPIRModels:
@@ -205,7 +215,7 @@ def stock_models(models: HYPIRModels, attention: str, dtype: torch.dtype | None 
         stock.set_attn_processor(processor())
         parts.append(torch.nn.Module.to(stock, device=models.device, dtype=dtype).eval().requires_grad_(False))
     text_encoder = models.text_encoder if dtype == models.dtype else \
-        torch.nn.Module.to(__import__("copy").deepcopy(models.text_encoder), dtype=dtype)
+        torch.nn.Module.to(copy.deepcopy(models.text_encoder), dtype=dtype)
     return HYPIRModels(models.tokenizer, text_encoder, parts[0], parts[1], models.alphas_cumprod, models.device,
                        dtype, models.lora_rank, models.base_source, f"{models.weights_source} (diffusers stock)")
 
@@ -241,11 +251,9 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
     dtype = resolve_dtype("auto", device)
     info = DeviceInfo.of(device)
     import diffusers
-    from .kernels import triton_available
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                "diffusers": diffusers.__version__,
-                "triton": __import__("triton").__version__ if triton_available() else None}
+                "diffusers": diffusers.__version__, "triton": _package_version("triton") if triton_available() else None}
     log(f"hypir bench --speed: {model} random weights, {dtype}, {info.name} ({info.sm}), {versions}")
     t0 = time.perf_counter()
     models = build_models(model, device, dtype)
@@ -256,7 +264,7 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
                     "repeats": repeats, "sizes": {}}
     for size in sizes:
         side = size // 2
-        images = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+        images = _random_images(side, device)
         rows: dict[str, dict] = {}
         reference, reference_name = None, None
         for attention in ("standard", "sdpa"):  # the float32 path PSNR is measured against
@@ -280,28 +288,26 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
             torch.cuda.empty_cache()
             log(_row_line(size, f"stock {name}", rows[f"stock {name}"]))
         for mode in modes:
-            options, description = SPEED_MODES[mode]
-            with _environment(SPEED_MODE_ENV.get(mode, {})):
-                rows[mode] = _measure(pipe, images, repeats, reference, description=description, oom_retry=False,
-                                      **options)
+            speed_mode = SPEED_MODES[mode]
+            with _environment(speed_mode.environment):
+                rows[mode] = _measure(pipe, images, repeats, reference, description=speed_mode.description,
+                                      oom_retry=False, **speed_mode.options)
             log(_row_line(size, mode, rows[mode]))
         result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows}
         reference = None
         torch.cuda.empty_cache()
         _write(result, json_path)  # as it goes: a run cut short keeps what it measured
     if budget_size:
-        side = budget_size // 2
-        images = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
-        for mode in ("eager+graphs",):
-            options, description = SPEED_MODES[mode]
-            torch.cuda.empty_cache()
-            row = _measure(pipe, images, 1, None, description=f"{description}, VRAM budget {budget_gb:g} GiB",
-                           vram_budget_gb=budget_gb, **options)
-            row["budget_gb"] = budget_gb
-            row["within_budget"] = row.get("peak_mib") is not None and row["peak_mib"] <= budget_gb * 1024
-            result[f"budget_{budget_size}"] = row
-            log(_row_line(budget_size, f"{mode} budget {budget_gb:g} GiB", row))
-    first = torch.rand(1, 3, sizes[0] // 2, sizes[0] // 2).to(device)
+        default = SPEED_MODES["eager+graphs"]
+        torch.cuda.empty_cache()
+        row = _measure(pipe, _random_images(budget_size // 2, device), 1, None,
+                       description=f"{default.description}, VRAM budget {budget_gb:g} GiB", vram_budget_gb=budget_gb,
+                       **default.options)
+        row["budget_gb"] = budget_gb
+        row["within_budget"] = row.get("peak_mib") is not None and row["peak_mib"] <= budget_gb * 1024
+        result[f"budget_{budget_size}"] = row
+        log(_row_line(budget_size, f"eager+graphs budget {budget_gb:g} GiB", row))
+    first = _random_images(sizes[0] // 2, device)
     result["attention"] = attention_table(pipe, first)
     result["profile"] = time_by_kind(pipe, first)
     log("where the GPU time goes (default mode, " + f"{sizes[0]}): " +
@@ -310,6 +316,10 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
     if json_path:
         log(f"wrote {json_path}")
     return result
+
+
+def _random_images(side: int, device: torch.device) -> torch.Tensor:
+    return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
 
 
 def _write(result: dict, json_path: str | None) -> None:
