@@ -4,7 +4,6 @@ HYPIR-format LoRA file, built once per test session."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hypir.pipeline import Callbacks, HYPIRPipeline, target_size
+from hypir.pipeline import Callbacks, target_size
 
 
 # ---- an independent implementation of the method, written from the specification --------------
