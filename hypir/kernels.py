@@ -381,6 +381,19 @@ def _launch_context(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()  # CPU: Triton's interpreter
 
 
+def _statistics_buffers(x, rows, chunks, weight, bias, pre_bias):
+    """Float32 partial statistics (rows x chunks) and per-row mean and rstd; the optional pre-bias, weight and
+    bias, with a placeholder pointer (never read) for those that are None."""
+    partial_mean = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+    partial_m2 = torch.empty_like(partial_mean)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    pre = pre_bias.contiguous() if pre_bias is not None else mean
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    return partial_mean, partial_m2, mean, rstd, pre, w, b
+
+
 def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
     import triton
 
@@ -392,13 +405,8 @@ def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
     block_cpg = 1 << (cpg - 1).bit_length()
     block_s = max(1, min(4096 // (block_g * block_cpg), 1 << max(0, (spatial - 1).bit_length())))
     chunks = triton.cdiv(spatial, block_s)
-    partial_mean = torch.empty(n * groups, chunks, device=x.device, dtype=torch.float32)
-    partial_m2 = torch.empty_like(partial_mean)
-    mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    pre = pre_bias.contiguous() if pre_bias is not None else mean
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
+    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
+                                                                          pre_bias)
     grid = (n, chunks)
     with _launch_context(x):
         k.partial_stats_cl[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks,
@@ -423,13 +431,8 @@ def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
     o_n, o_c, o_s = _flat_strides(y)
     block_c, block_s = _block_sizes(cpg, spatial)
     chunks = triton.cdiv(spatial, block_s)
-    partial_mean = torch.empty(n * groups, chunks, device=x.device, dtype=torch.float32)
-    partial_m2 = torch.empty_like(partial_mean)
-    mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    pre = pre_bias.contiguous() if pre_bias is not None else mean  # placeholder pointer when unused
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
+    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
+                                                                          pre_bias)
     grid = (n * groups, chunks)
     with _launch_context(x):
         k.partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,
