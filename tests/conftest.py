@@ -16,16 +16,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(scope="session")
-def tiny_files(tmp_path_factory):
+def write_random_model(root, size: str = "tiny"):
+    """A random SD2.1-architecture diffusers folder of `size` and a rank-4 HYPIR LoRA file for it, in root."""
     from hypir.random_models import build_random_base, random_lora, save_diffusers_folder
 
-    root = tmp_path_factory.mktemp("tiny")
-    base = build_random_base("tiny", seed=0)
-    folder = save_diffusers_folder(base, root / "tiny_sd")
-    weights = root / "HYPIR_tiny.pth"
+    base = build_random_base(size, seed=0)
+    folder = save_diffusers_folder(base, root / f"{size}_sd")
+    weights = root / f"HYPIR_{size}.pth"
     torch.save(random_lora(base.unet, rank=4, seed=0), weights)
     return folder, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

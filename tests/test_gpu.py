@@ -14,6 +14,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import hypir.attention as attention_module  # noqa: E402
+from conftest import write_random_model  # noqa: E402
 from hypir.attention import (REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter,  # noqa: E402
                              AttentionShape, autotune_table, clear_autotune_cache)
 
@@ -133,15 +134,11 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def gpu_models(tmp_path_factory):
+def gpu_models(tiny_files):
     from hypir.loading import load_models
-    from hypir.random_models import build_random_base, random_lora, save_diffusers_folder
 
-    root = tmp_path_factory.mktemp("gpu")
-    base = build_random_base("tiny", 0)
-    folder = save_diffusers_folder(base, root / "tiny")
-    torch.save(random_lora(base.unet, 4, 0), root / "lora.pth")
-    return {dtype: load_models(folder, root / "lora.pth", device="cuda", dtype=dtype) for dtype in ("fp32", "bf16")}
+    folder, weights = tiny_files
+    return {dtype: load_models(folder, weights, device="cuda", dtype=dtype) for dtype in ("fp32", "bf16")}
 
 
 def _psnr(a, b):
@@ -222,13 +219,9 @@ def test_no_global_sdpa_flags_changed(gpu_models):
 def small_models_bf16(tmp_path_factory):
     """Quarter-width SD2.1 models: at a 2048 output their activations, not the image buffers, fill memory."""
     from hypir.loading import load_models
-    from hypir.random_models import build_random_base, random_lora, save_diffusers_folder
 
-    root = tmp_path_factory.mktemp("gpu_small")
-    base = build_random_base("small", 0)
-    folder = save_diffusers_folder(base, root / "small")
-    torch.save(random_lora(base.unet, 4, 0), root / "lora.pth")
-    return load_models(folder, root / "lora.pth", device="cuda", dtype="bf16")
+    folder, weights = write_random_model(tmp_path_factory.mktemp("gpu_small"), "small")
+    return load_models(folder, weights, device="cuda", dtype="bf16")
 
 
 def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, monkeypatch):
