@@ -8,7 +8,7 @@
 #    against the eager and CUDA-graph modes, PSNR against float32, and a 4096 output under an 8 GiB budget;
 # 3. the reference implementation (XPixelGroup/HYPIR, extracted into .reference/, never committed) at its
 #    defaults on the same random weights, 512 -> 1024;
-# 4. the torch.compile mode at 1024 with a cold compile cache, in the time left.
+# 4. the torch.compile mode at 1024 and 2048 with a cold compile cache, in the time left.
 # Needs diffusers (a wheel in .wheels/ is installed if present) and, for 3, peft.
 # With flash-attn-4 installed by benchmarks/install_wheels.sh, /tmp/hypir_env.sh puts it on the path.
 set -uo pipefail
@@ -29,7 +29,7 @@ python3 -m hypir doctor > "$OUT/doctor.txt" 2>&1
 timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu.py \
   -k "gpu_kernels or out_of_memory" > "$OUT/test_gpu.txt" 2>&1
 tail -2 "$OUT/test_gpu.txt"
-timeout 220 python3 -m hypir bench --speed --sizes 1024,2048 --modes eager,eager+graphs,experimental-kernels --budget-size 4096 \
+timeout 270 python3 -m hypir bench --speed --sizes 1024,2048 --modes eager,eager+graphs,experimental-kernels,experimental+cudnn-benchmark --budget-size 4096 \
   --budget-gb 8 --repeats 10 --json "$OUT/speed.json" 2>&1 | grep -v "^\[HYPIR\]" | tee "$OUT/speed.txt"
 commit=$(cat .reference/COMMIT 2>/dev/null || echo unknown)
 timeout $(( $(left) > 150 ? 130 : $(left) - 20 )) python3 benchmarks/reference_baseline.py --reference .reference \
@@ -37,6 +37,6 @@ timeout $(( $(left) > 150 ? 130 : $(left) - 20 )) python3 benchmarks/reference_b
   --json "$OUT/reference_512.json" > "$OUT/reference_512.txt" 2>&1
 tail -3 "$OUT/reference_512.txt"
 echo "compiled: $(left) s left"
-timeout $(( $(left) - 5 )) python3 -m hypir bench --speed --sizes 1024 --modes compiled --baselines "" \
+timeout $(( $(left) - 5 )) python3 -m hypir bench --speed --sizes 1024,2048 --modes compiled --baselines "" \
   --budget-size 0 --repeats 10 --json "$OUT/speed_compiled.json" 2>&1 | grep -v "^\[HYPIR\]" | tee "$OUT/speed_compiled.txt"
 echo "done at $SECONDS s"
