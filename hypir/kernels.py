@@ -45,14 +45,14 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
     return F.silu(y) if silu else y
 
 
-# Kernels tested in Triton's interpreter but not yet measured on a GPU (the whole-pixel channels_last
-# GroupNorm, the fused attention softmax) run only with HYPIR_EXPERIMENTAL_KERNELS=1, until a device run
-# shows their numerics and speed.
-EXPERIMENTAL_ENV = "HYPIR_EXPERIMENTAL_KERNELS"
+# HYPIR_BASIC_KERNELS=1 keeps only the first kernels (the strided GroupNorm for every layout, PyTorch's
+# attention softmax): the whole-pixel channels_last GroupNorm and the fused softmax are off. For comparisons
+# (`hypir bench --speed --modes basic-kernels`) and as a way around a problem with the newer kernels.
+BASIC_KERNELS_ENV = "HYPIR_BASIC_KERNELS"
 
 
-def experimental_kernels() -> bool:
-    return os.environ.get(EXPERIMENTAL_ENV, "0") == "1"
+def basic_kernels() -> bool:
+    return os.environ.get(BASIC_KERNELS_ENV, "0") == "1"
 
 
 # Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves:
@@ -74,6 +74,12 @@ def triton_failure() -> str | None:
     return _TRITON_FAILURE[0] if _TRITON_FAILURE else None
 
 
+def kernel_fallbacks() -> dict[str, str]:
+    """Every kernel that failed in this process and was replaced by its fallback, with the reason."""
+    found = {"triton": triton_failure(), "channels_last_group_norm": (_CHANNELS_LAST_FAILURE or [None])[0]}
+    return {name: reason for name, reason in found.items() if reason}
+
+
 def _run_triton(launch, fallback):
     """Launch a Triton kernel; if Triton cannot compile or launch here (no C compiler or Python headers for
     its launcher, a driver it does not support), warn once and use the PyTorch path from then on."""
@@ -93,7 +99,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     eps: float, silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm over (N, C, *spatial) with optional pre-bias (N, C) and SiLU; fused on CUDA with Triton."""
     reference = lambda: group_norm_silu_reference(x, weight, bias, groups, eps, silu, pre_bias)  # noqa: E731
-    if not uses_triton(x) or _flat_strides(x) is None:
+    if not uses_triton(x) or _flat_strides(x) is None or x.shape[0] * groups > MAX_GRID_Y:
         return reference()
     return _run_triton(lambda: _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias), reference)
 
@@ -143,8 +149,8 @@ def _kernels():
     @triton.jit
     def partial_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, GROUPS, CPG, CHUNKS, s_n, s_c, s_s,
                       HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        group_id = tl.program_id(0)  # n * GROUPS + g: neighbouring programs read neighbouring channels
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 chunks (axes 1 and 2 stop at 65535)
+        group_id = tl.program_id(1)  # n * GROUPS + g
         n = group_id // GROUPS
         g = group_id % GROUPS
         ci = tl.arange(0, BLOCK_C)
@@ -194,8 +200,8 @@ def _kernels():
     def normalize(x_ptr, y_ptr, pre_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, GROUPS, CPG,
                   s_n, s_c, s_s, o_n, o_c, o_s, HAS_PRE: tl.constexpr, HAS_AFFINE: tl.constexpr,
                   SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        group_id = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)
+        group_id = tl.program_id(1)
         n = group_id // GROUPS
         g = group_id % GROUPS
         ci = tl.arange(0, BLOCK_C)
@@ -225,8 +231,8 @@ def _kernels():
     @triton.jit
     def partial_stats_cl(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, GROUPS, CPG, CHUNKS, HAS_PRE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, BLOCK_S: tl.constexpr):
-        n = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)
+        n = tl.program_id(1)
         si = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
         g = tl.arange(0, BLOCK_G)
         j = tl.arange(0, BLOCK_CPG)
@@ -250,8 +256,8 @@ def _kernels():
     def normalize_cl(x_ptr, y_ptr, pre_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, GROUPS, CPG,
                      HAS_PRE: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
                      BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, BLOCK_S: tl.constexpr):
-        n = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)
+        n = tl.program_id(1)
         si = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
         g = tl.arange(0, BLOCK_G)
         j = tl.arange(0, BLOCK_CPG)
@@ -314,12 +320,12 @@ def _kernels():
 
 def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """softmax(scores * scale) over the last dimension of float32 scores, returned in `dtype`; the scores are
-    consumed (scaled in place). Experimental kernels on: one Triton kernel that reads the scores twice and
-    writes the probabilities once; else PyTorch's scale, softmax and cast."""
+    consumed (scaled in place). With Triton on CUDA: one kernel that reads the scores twice and writes the
+    probabilities once; else (or with HYPIR_BASIC_KERNELS=1) PyTorch's scale, softmax and cast."""
     def reference():
         return torch.softmax(scores.mul_(scale), dim=-1).to(dtype)
 
-    if not (experimental_kernels() and uses_triton(scores) and scores.is_contiguous()
+    if not (not basic_kernels() and uses_triton(scores) and scores.is_contiguous()
             and scores.dtype == torch.float32):
         return reference()
     return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
@@ -356,7 +362,7 @@ _CHANNELS_LAST_FAILURE: list[str] = []  # the channels_last kernels failed here:
 
 
 def _channels_last_kernels_on() -> bool:
-    return experimental_kernels() and not _CHANNELS_LAST_FAILURE
+    return not basic_kernels() and not _CHANNELS_LAST_FAILURE
 
 
 def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
@@ -394,6 +400,12 @@ def _statistics_buffers(x, rows, chunks, weight, bias, pre_bias):
     return partial_mean, partial_m2, mean, rstd, pre, w, b
 
 
+# A GroupNorm launch has one program per (chunk, row), the chunks on the grid's first axis, which allows
+# 2**31 - 1: at a 2048x2048 output the VAE's 256-channel activations have 131072 whole-pixel chunks, more than
+# the 65535 of the second axis, where the rows (sample, or sample and group) go.
+MAX_GRID_Y = 65535
+
+
 def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
     import triton
 
@@ -407,7 +419,7 @@ def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
     chunks = triton.cdiv(spatial, block_s)
     partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
                                                                           pre_bias)
-    grid = (n, chunks)
+    grid = (chunks, n)
     with _launch_context(x):
         k.partial_stats_cl[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks,
                                HAS_PRE=pre_bias is not None, BLOCK_G=block_g, BLOCK_CPG=block_cpg, BLOCK_S=block_s,
@@ -433,7 +445,7 @@ def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
     chunks = triton.cdiv(spatial, block_s)
     partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
                                                                           pre_bias)
-    grid = (n * groups, chunks)
+    grid = (chunks, n * groups)
     with _launch_context(x):
         k.partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,
                             HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
@@ -445,4 +457,4 @@ def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
     return y
 
 
-__all__ = ["add_channel_bias_", "experimental_kernels", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]
+__all__ = ["add_channel_bias_", "basic_kernels", "kernel_fallbacks", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]

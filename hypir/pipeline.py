@@ -7,7 +7,6 @@ wavelet colour fix -> clamp.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -57,7 +56,6 @@ class SpeedOptions:
     fused_kernels: bool = True  # Triton GroupNorm+SiLU / bias kernels (fused_blocks.py)
     cuda_graphs: bool = True  # the UNet call replayed as a CUDA graph when its shape repeats (cuda_graphs.py)
     torch_compile: bool = False  # UNet and VAE through torch.compile
-    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms on the first pass of each shape
 
 
 @dataclass
@@ -264,7 +262,6 @@ class HYPIRPipeline:
         fused_kernels: bool | None = None,
         cuda_graphs: bool | None = None,
         torch_compile: bool | None = None,
-        cudnn_benchmark: bool | None = None,
         oom_retry: bool = True,
         callbacks: Callbacks | None = None,
         sync_stages: bool = False,
@@ -283,7 +280,7 @@ class HYPIRPipeline:
         color_fix = bool(pick(color_fix, "color_fix"))
         policy = AttentionPolicy(pick(attention, "attention"), bool(pick(use_flash_attention, "use_flash_attention")))
         speed = SpeedOptions(bool(pick(fused_kernels, "fused_kernels")), bool(pick(cuda_graphs, "cuda_graphs")),
-                             bool(pick(torch_compile, "torch_compile")), bool(pick(cudnn_benchmark, "cudnn_benchmark")))
+                             bool(pick(torch_compile, "torch_compile")))
         callbacks = callbacks or Callbacks()
         self._check_inputs(images, upscale, long_side, latent, tile_size, tile_stride)
         budget = self._activation_budget(vram_budget_gb, images, upscale, long_side)
@@ -345,8 +342,6 @@ class HYPIRPipeline:
             parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
         if speed.torch_compile:
             parts.append("torch.compile")
-        if speed.cudnn_benchmark:
-            parts.append("cuDNN benchmark")
         return ", ".join(parts)
 
     def _check_inputs(self, images, upscale, long_side, latent, tile_size, tile_stride):
@@ -464,7 +459,7 @@ class HYPIRPipeline:
 
         on_gpu = device.type == "cuda"
         compiled = speed.torch_compile and on_gpu
-        with use_router(router), fused_kernels(speed.fused_kernels), cudnn_benchmark(speed.cudnn_benchmark):
+        with use_router(router), fused_kernels(speed.fused_kernels):
             # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does
             #    after torch.manual_seed(seed).
             callbacks.step("encode", 0, n_tiles)
@@ -535,19 +530,6 @@ class HYPIRPipeline:
             self._last_console = key
             for line in report.console_lines():
                 logger.info("[HYPIR] %s", line)
-
-
-@contextlib.contextmanager
-def cudnn_benchmark(enabled: bool):
-    """cuDNN's algorithm search for this pass (its first pass of each shape is slower); the process-wide
-    flag is put back afterwards, and left alone when not enabled (ComfyUI may have set it)."""
-    previous = torch.backends.cudnn.benchmark
-    if enabled:
-        torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
 
 
 def _unet_forward(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:

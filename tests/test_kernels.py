@@ -38,9 +38,9 @@ def _rel(a, b):
     ((2, 32, 37), 32, False, False, False),      # (N, C, L): the VAE attention's norm
     ((1, 320, 8, 8), 32, True, True, True),      # the UNet's 10 channels a group
 ])
-@pytest.mark.parametrize("whole_pixel", ["0", "1"])
-def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, channels_last, pre, silu, whole_pixel):
-    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, whole_pixel)  # channels_last inputs: both kernels
+@pytest.mark.parametrize("basic", ["0", "1"])
+def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, channels_last, pre, silu, basic):
+    monkeypatch.setenv(kernels.BASIC_KERNELS_ENV, basic)  # channels_last inputs: whole-pixel (0), strided (1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: the statistics must not cancel
     if channels_last:
@@ -67,7 +67,7 @@ def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
 
 def test_channels_last_kernel_many_chunks(interpreted, monkeypatch):
     """channels_last takes the whole-pixel kernels (25 chunks here), and matches float64."""
-    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, "1")
+    monkeypatch.delenv(kernels.BASIC_KERNELS_ENV, raising=False)
     calls = []
     original = kernels._group_norm_channels_last
     monkeypatch.setattr(kernels, "_group_norm_channels_last", lambda *a: calls.append(1) or original(*a))
@@ -82,7 +82,7 @@ def test_channels_last_kernel_many_chunks(interpreted, monkeypatch):
 
 
 def test_channels_last_kernel_failure_uses_the_strided_one(interpreted, monkeypatch, caplog):
-    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, "1")
+    monkeypatch.delenv(kernels.BASIC_KERNELS_ENV, raising=False)
     monkeypatch.setattr(kernels, "_CHANNELS_LAST_FAILURE", [])
 
     def broken(*args):
@@ -212,7 +212,7 @@ def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
 @pytest.mark.parametrize("width", [77, 1000, 5000])  # 5000: two 4096-wide blocks a row
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
-    monkeypatch.setenv(kernels.EXPERIMENTAL_ENV, "1")
+    monkeypatch.delenv(kernels.BASIC_KERNELS_ENV, raising=False)
     calls = []
     original = kernels._triton_scaled_softmax
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
@@ -225,8 +225,9 @@ def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
     torch.testing.assert_close(probs.double(), expected, rtol=tolerance, atol=tolerance * expected.max().item())
 
 
-def test_scaled_softmax_without_experimental_kernels_is_pytorch(monkeypatch):
-    monkeypatch.delenv(kernels.EXPERIMENTAL_ENV, raising=False)
+def test_scaled_softmax_with_basic_kernels_is_pytorch(interpreted, monkeypatch):
+    monkeypatch.setenv(kernels.BASIC_KERNELS_ENV, "1")
+    monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: pytest.fail("the Triton softmax ran"))
     scores = torch.randn(4, 33)
     expected = torch.softmax(scores * 0.5, dim=-1).to(torch.bfloat16)
     assert torch.equal(kernels.scaled_softmax(scores.clone(), 0.5, torch.bfloat16), expected)
