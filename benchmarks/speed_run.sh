@@ -4,10 +4,10 @@
 #   bash benchmarks/speed_run.sh [part] [seconds]   # part: all (default), eager or compiled; seconds: the part
 #                                                    # stays within this many (default 560)
 #
-# eager:    1. the GPU tests of the fused kernels (both GroupNorm kernels, the fused softmax), CUDA graphs and
+# eager:    1. the GPU tests of the fused kernels (GroupNorm, bias, the fused softmax), CUDA graphs and
 #              the out-of-memory retry;
 #           2. `hypir bench --speed` at 1024 and 2048 output: diffusers' stock modules (standard and SDPA
-#              attention) against the eager, default (CUDA graph) and basic-kernels modes, PSNR against
+#              attention) against the eager, default (CUDA graph) and pytorch-softmax modes, PSNR against
 #              float32, a 4096 output under an 8 GiB budget, the attention kernels and the GPU time by kind;
 #           3. the reference implementation (XPixelGroup/HYPIR, extracted into .reference/, never committed)
 #              at its defaults on the same random weights, 512 -> 1024;
@@ -37,7 +37,7 @@ if [ "$PART" != compiled ]; then
   timeout 170 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu.py \
     -k "gpu_kernels or out_of_memory" > "$OUT/test_gpu.txt" 2>&1
   tail -2 "$OUT/test_gpu.txt"
-  timeout 280 python3 -m hypir bench --speed --sizes 1024,2048 --modes eager,eager+graphs,basic-kernels --budget-size 4096 \
+  timeout 280 python3 -m hypir bench --speed --sizes 1024,2048 --modes eager,eager+graphs,pytorch-softmax --budget-size 4096 \
     --budget-gb 8 --repeats 10 --json "$OUT/speed.json" 2>&1 | grep -v "^\[HYPIR\]" | tee "$OUT/speed.txt"
   commit=$(cat .reference/COMMIT 2>/dev/null || echo unknown)
   timeout $(( $(left) > 150 ? 130 : $(left) - 20 )) python3 benchmarks/reference_baseline.py --reference .reference \

@@ -22,7 +22,7 @@ import torch
 
 from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo, _package_version
 from .errors import one_line
-from .kernels import BASIC_KERNELS_ENV, kernel_fallbacks, triton_available
+from .kernels import FUSED_SOFTMAX_ENV, kernel_fallbacks, triton_available
 from .loading import HYPIRModels, install_fast_paths, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
 from .pipeline import HYPIRPipeline
 
@@ -192,10 +192,9 @@ SPEED_MODES = {
                               "the default: eager with the UNet as a CUDA graph"),
     "compiled": SpeedMode(dict(cuda_graphs=True, torch_compile=True),
                           "torch.compile of UNet and VAE, UNet as a CUDA graph"),
-    # The default with only the first kernels: the strided GroupNorm in every layout, PyTorch's softmax.
-    "basic-kernels": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
-                               "the default without the whole-pixel GroupNorm and the fused softmax",
-                               {BASIC_KERNELS_ENV: "1"}),
+    "pytorch-softmax": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
+                                 "the default with PyTorch's softmax in the VAE attention instead of the fused one",
+                                 {FUSED_SOFTMAX_ENV: "0"}),
 }
 
 

@@ -45,14 +45,13 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
     return F.silu(y) if silu else y
 
 
-# HYPIR_BASIC_KERNELS=1 keeps only the first kernels (the strided GroupNorm for every layout, PyTorch's
-# attention softmax): the whole-pixel channels_last GroupNorm and the fused softmax are off. For comparisons
-# (`hypir bench --speed --modes basic-kernels`) and as a way around a problem with the newer kernels.
-BASIC_KERNELS_ENV = "HYPIR_BASIC_KERNELS"
+# HYPIR_FUSED_SOFTMAX=0 computes the `matmul` attention's softmax with PyTorch instead of the fused kernel:
+# for comparisons (`hypir bench --speed --modes pytorch-softmax`) and as a way around a problem with it.
+FUSED_SOFTMAX_ENV = "HYPIR_FUSED_SOFTMAX"
 
 
-def basic_kernels() -> bool:
-    return os.environ.get(BASIC_KERNELS_ENV, "0") == "1"
+def fused_softmax_enabled() -> bool:
+    return os.environ.get(FUSED_SOFTMAX_ENV, "1") != "0"
 
 
 # Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves:
@@ -76,8 +75,7 @@ def triton_failure() -> str | None:
 
 def kernel_fallbacks() -> dict[str, str]:
     """Every kernel that failed in this process and was replaced by its fallback, with the reason."""
-    found = {"triton": triton_failure(), "channels_last_group_norm": (_CHANNELS_LAST_FAILURE or [None])[0]}
-    return {name: reason for name, reason in found.items() if reason}
+    return {"triton": triton_failure()} if triton_failure() else {}
 
 
 def _run_triton(launch, fallback):
@@ -99,7 +97,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
                     eps: float, silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm over (N, C, *spatial) with optional pre-bias (N, C) and SiLU; fused on CUDA with Triton."""
     reference = lambda: group_norm_silu_reference(x, weight, bias, groups, eps, silu, pre_bias)  # noqa: E731
-    if not uses_triton(x) or _flat_strides(x) is None or x.shape[0] * groups > MAX_GRID_Y:
+    if not uses_triton(x) or _flat_strides(x) is None:
         return reference()
     return _run_triton(lambda: _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias), reference)
 
@@ -149,8 +147,8 @@ def _kernels():
     @triton.jit
     def partial_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, GROUPS, CPG, CHUNKS, s_n, s_c, s_s,
                       HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 chunks (axes 1 and 2 stop at 65535)
-        group_id = tl.program_id(1)  # n * GROUPS + g
+        group_id = tl.program_id(0)  # n * GROUPS + g: neighbouring programs read neighbouring channels
+        chunk = tl.program_id(1)
         n = group_id // GROUPS
         g = group_id % GROUPS
         ci = tl.arange(0, BLOCK_C)
@@ -200,8 +198,8 @@ def _kernels():
     def normalize(x_ptr, y_ptr, pre_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, GROUPS, CPG,
                   s_n, s_c, s_s, o_n, o_c, o_s, HAS_PRE: tl.constexpr, HAS_AFFINE: tl.constexpr,
                   SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        chunk = tl.program_id(0)
-        group_id = tl.program_id(1)
+        group_id = tl.program_id(0)
+        chunk = tl.program_id(1)
         n = group_id // GROUPS
         g = group_id % GROUPS
         ci = tl.arange(0, BLOCK_C)
@@ -225,59 +223,6 @@ def _kernels():
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + n64 * o_n + c64 * o_c + s64 * o_s, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    # channels_last: one program reads whole pixels (all C channels, contiguous) and keeps every group's
-    # statistics, instead of each group's few channels at a stride of C (3.6x slower at 128 channels).
-    @triton.jit
-    def partial_stats_cl(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, GROUPS, CPG, CHUNKS, HAS_PRE: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, BLOCK_S: tl.constexpr):
-        chunk = tl.program_id(0)
-        n = tl.program_id(1)
-        si = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-        g = tl.arange(0, BLOCK_G)
-        j = tl.arange(0, BLOCK_CPG)
-        c = g[:, None] * CPG + j[None, :]  # [G, CPG]
-        cmask = (g < GROUPS)[:, None] & (j < CPG)[None, :]
-        mask = (si < S)[:, None, None] & cmask[None, :, :]
-        offsets = n.to(tl.int64) * S * C + si[:, None, None].to(tl.int64) * C + c[None, :, :]
-        v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            v += tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :, :]
-            v = tl.where(mask, v, 0.0)
-        count = tl.sum(tl.sum(mask.to(tl.float32), axis=2), axis=0)  # [G]
-        mean = tl.sum(tl.sum(v, axis=2), axis=0) / tl.maximum(count, 1.0)
-        d = tl.where(mask, v - mean[None, :, None], 0.0)
-        m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
-        out = (n * GROUPS + g) * CHUNKS + chunk
-        tl.store(mean_ptr + out, mean, mask=g < GROUPS)
-        tl.store(m2_ptr + out, m2, mask=g < GROUPS)
-
-    @triton.jit
-    def normalize_cl(x_ptr, y_ptr, pre_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, GROUPS, CPG,
-                     HAS_PRE: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BLOCK_CPG: tl.constexpr, BLOCK_S: tl.constexpr):
-        chunk = tl.program_id(0)
-        n = tl.program_id(1)
-        si = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-        g = tl.arange(0, BLOCK_G)
-        j = tl.arange(0, BLOCK_CPG)
-        c = g[:, None] * CPG + j[None, :]
-        cmask = (g < GROUPS)[:, None] & (j < CPG)[None, :]
-        mask = (si < S)[:, None, None] & cmask[None, :, :]
-        offsets = n.to(tl.int64) * S * C + si[:, None, None].to(tl.int64) * C + c[None, :, :]
-        v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            v += tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :, :]
-        mean = tl.load(mean_ptr + n * GROUPS + g, mask=g < GROUPS, other=0.0)
-        rstd = tl.load(rstd_ptr + n * GROUPS + g, mask=g < GROUPS, other=0.0)
-        y = (v - mean[None, :, None]) * rstd[None, :, None]
-        if HAS_AFFINE:
-            w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)
-            b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-            y = y * w[None, :, :] + b[None, :, :]
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def channel_bias_add(x_ptr, bias_ptr, res_ptr, numel, C, CHANNEL_STRIDE, HAS_BIAS: tl.constexpr,
@@ -314,18 +259,17 @@ def _kernels():
             tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
 
     return types.SimpleNamespace(partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
-                                 channel_bias_add=channel_bias_add, partial_stats_cl=partial_stats_cl,
-                                 normalize_cl=normalize_cl, scaled_softmax=scaled_softmax)
+                                 channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
 
 
 def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """softmax(scores * scale) over the last dimension of float32 scores, returned in `dtype`; the scores are
     consumed (scaled in place). With Triton on CUDA: one kernel that reads the scores twice and writes the
-    probabilities once; else (or with HYPIR_BASIC_KERNELS=1) PyTorch's scale, softmax and cast."""
+    probabilities once; else (or with HYPIR_FUSED_SOFTMAX=0) PyTorch's scale, softmax and cast."""
     def reference():
         return torch.softmax(scores.mul_(scale), dim=-1).to(dtype)
 
-    if not (not basic_kernels() and uses_triton(scores) and scores.is_contiguous()
+    if not (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
             and scores.dtype == torch.float32):
         return reference()
     return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
@@ -352,35 +296,18 @@ def _triton_add_channel_bias(x, bias, residual):
             x.stride(1), HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK=block, num_warps=4)
 
 
+# A GroupNorm launch is one program per ((sample, group), chunk): the groups on the grid's first axis, so that
+# programs launched together read neighbouring channels of the same pixels (in channels_last; with the chunks
+# first, a whole pass at 1024x1024 took 122 ms instead of 84 on the H100). The second axis allows at most
+# 65535 chunks: very large activations get longer chunks.
+MAX_GRID_Y = 65535
+
+
 def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
     block_c = max(1, 1 << (cpg - 1).bit_length())
     block_s = max(16, min(4096 // block_c, 1 << max(0, (spatial - 1).bit_length())))
+    block_s = max(block_s, 1 << (-(-spatial // MAX_GRID_Y) - 1).bit_length())  # chunks within the grid
     return block_c, block_s
-
-
-_CHANNELS_LAST_FAILURE: list[str] = []  # the channels_last kernels failed here: the strided ones are used
-
-
-def _channels_last_kernels_on() -> bool:
-    return not basic_kernels() and not _CHANNELS_LAST_FAILURE
-
-
-def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
-    n, c = x.shape[:2]
-    if c % groups:
-        raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
-    spatial = x[0, 0].numel()
-    y = torch.empty_like(x)  # same strides as x (dense tensors keep their layout)
-    if _flat_strides(x) == _flat_strides(y) == (spatial * c, 1, c) and _channels_last_kernels_on():
-        try:
-            return _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - fall back to the strided kernels, loudly, once
-            _CHANNELS_LAST_FAILURE.append(one_line(exc))
-            logger.warning("[HYPIR] the channels_last GroupNorm kernel failed (%s); using the strided one",
-                           _CHANNELS_LAST_FAILURE[0])
-    return _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias)
 
 
 def _launch_context(x):
@@ -400,52 +327,23 @@ def _statistics_buffers(x, rows, chunks, weight, bias, pre_bias):
     return partial_mean, partial_m2, mean, rstd, pre, w, b
 
 
-# A GroupNorm launch has one program per (chunk, row), the chunks on the grid's first axis, which allows
-# 2**31 - 1: at a 2048x2048 output the VAE's 256-channel activations have 131072 whole-pixel chunks, more than
-# the 65535 of the second axis, where the rows (sample, or sample and group) go.
-MAX_GRID_Y = 65535
-
-
-def _group_norm_channels_last(x, y, weight, bias, groups, eps, silu, pre_bias):
+def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
     import triton
 
     k = _kernels()
     n, c = x.shape[:2]
+    if c % groups:
+        raise ValueError(f"GroupNorm: {c} channels do not split into {groups} groups")
     spatial = x[0, 0].numel()
     cpg = c // groups
-    block_g = 1 << (groups - 1).bit_length()
-    block_cpg = 1 << (cpg - 1).bit_length()
-    block_s = max(1, min(4096 // (block_g * block_cpg), 1 << max(0, (spatial - 1).bit_length())))
-    chunks = triton.cdiv(spatial, block_s)
-    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
-                                                                          pre_bias)
-    grid = (chunks, n)
-    with _launch_context(x):
-        k.partial_stats_cl[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks,
-                               HAS_PRE=pre_bias is not None, BLOCK_G=block_g, BLOCK_CPG=block_cpg, BLOCK_S=block_s,
-                               num_warps=4)
-        k.merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, spatial, cpg, chunks, eps,
-                                   BLOCK_S=block_s, BLOCK_K=256, num_warps=4)
-        k.normalize_cl[grid](x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, HAS_PRE=pre_bias is not None,
-                           HAS_AFFINE=weight is not None, SILU=silu, BLOCK_G=block_g, BLOCK_CPG=block_cpg,
-                           BLOCK_S=block_s, num_warps=4)
-    return y
-
-
-def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
-    import triton
-
-    k = _kernels()
-    n, c = x.shape[:2]
-    spatial = x[0, 0].numel()
-    cpg = c // groups
+    y = torch.empty_like(x)  # same strides as x (dense tensors keep their layout)
     s_n, s_c, s_s = _flat_strides(x)
     o_n, o_c, o_s = _flat_strides(y)
     block_c, block_s = _block_sizes(cpg, spatial)
     chunks = triton.cdiv(spatial, block_s)
     partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
                                                                           pre_bias)
-    grid = (chunks, n * groups)
+    grid = (n * groups, chunks)
     with _launch_context(x):
         k.partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,
                             HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
@@ -457,4 +355,4 @@ def _group_norm_strided(x, y, weight, bias, groups, eps, silu, pre_bias):
     return y
 
 
-__all__ = ["add_channel_bias_", "basic_kernels", "kernel_fallbacks", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]
+__all__ = ["add_channel_bias_", "fused_softmax_enabled", "kernel_fallbacks", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]

@@ -38,9 +38,7 @@ def _rel(a, b):
     ((2, 32, 37), 32, False, False, False),      # (N, C, L): the VAE attention's norm
     ((1, 320, 8, 8), 32, True, True, True),      # the UNet's 10 channels a group
 ])
-@pytest.mark.parametrize("basic", ["0", "1"])
-def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, channels_last, pre, silu, basic):
-    monkeypatch.setenv(kernels.BASIC_KERNELS_ENV, basic)  # channels_last inputs: whole-pixel (0), strided (1)
+def test_group_norm_matches_pytorch(interpreted, shape, groups, channels_last, pre, silu):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: the statistics must not cancel
     if channels_last:
@@ -51,7 +49,6 @@ def test_group_norm_matches_pytorch(interpreted, monkeypatch, shape, groups, cha
     expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), groups, 1e-6, silu,
                                                  None if pre_bias is None else pre_bias.double())
     assert y.stride() == x.stride()  # the layout is kept
-    assert not kernels._CHANNELS_LAST_FAILURE  # no silent fallback from the whole-pixel kernels
     assert _rel(y, expected) < 1e-6
 
 
@@ -65,38 +62,13 @@ def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
     assert _rel(y, expected) < 1e-5
 
 
-def test_channels_last_kernel_many_chunks(interpreted, monkeypatch):
-    """channels_last takes the whole-pixel kernels (25 chunks here), and matches float64."""
-    monkeypatch.delenv(kernels.BASIC_KERNELS_ENV, raising=False)
-    calls = []
-    original = kernels._group_norm_channels_last
-    monkeypatch.setattr(kernels, "_group_norm_channels_last", lambda *a: calls.append(1) or original(*a))
-    g = torch.Generator().manual_seed(5)
-    x = (torch.randn(1, 64, 40, 40, generator=g) * 0.5 + 50.0).to(memory_format=torch.channels_last)
-    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
-    pre = torch.randn(1, 64, generator=g)
-    y = kernels.group_norm_silu(x, w, b, 32, 1e-6, True, pre)
-    expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 32, 1e-6, True, pre.double())
-    assert calls and y.is_contiguous(memory_format=torch.channels_last)
-    assert _rel(y, expected) < 1e-5
-
-
-def test_channels_last_kernel_failure_uses_the_strided_one(interpreted, monkeypatch, caplog):
-    monkeypatch.delenv(kernels.BASIC_KERNELS_ENV, raising=False)
-    monkeypatch.setattr(kernels, "_CHANNELS_LAST_FAILURE", [])
-
-    def broken(*args):
-        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:8")
-
-    monkeypatch.setattr(kernels, "_group_norm_channels_last", broken)
-    x = torch.randn(1, 32, 6, 6).to(memory_format=torch.channels_last)
-    w, b = torch.randn(32), torch.randn(32)
-    with caplog.at_level("WARNING", logger="hypir"):
-        y = kernels.group_norm_silu(x, w, b, 8, 1e-6, True)
-        kernels.group_norm_silu(x, w, b, 8, 1e-6, True)
-    assert _rel(y, kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 8, 1e-6, True)) < 1e-6
-    assert sum("channels_last GroupNorm kernel failed" in r.message for r in caplog.records) == 1
-    assert kernels.triton_failure() is None  # Triton itself still runs
+@pytest.mark.parametrize("cpg", [4, 8, 16, 40])
+@pytest.mark.parametrize("side", [64, 2048, 16384, 65536])
+def test_group_norm_chunks_fit_the_grid(cpg, side):
+    """The chunks of one group go on the launch grid's second axis, which stops at 65535 programs."""
+    block_c, block_s = kernels._block_sizes(cpg, side * side)
+    assert block_c >= cpg and -(-side * side // block_s) <= kernels.MAX_GRID_Y
+    assert block_s == 1 << (block_s.bit_length() - 1)  # a power of two (tl.arange)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -212,7 +184,7 @@ def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
 @pytest.mark.parametrize("width", [77, 1000, 5000])  # 5000: two 4096-wide blocks a row
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
-    monkeypatch.delenv(kernels.BASIC_KERNELS_ENV, raising=False)
+    monkeypatch.delenv(kernels.FUSED_SOFTMAX_ENV, raising=False)
     calls = []
     original = kernels._triton_scaled_softmax
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
@@ -225,8 +197,8 @@ def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
     torch.testing.assert_close(probs.double(), expected, rtol=tolerance, atol=tolerance * expected.max().item())
 
 
-def test_scaled_softmax_with_basic_kernels_is_pytorch(interpreted, monkeypatch):
-    monkeypatch.setenv(kernels.BASIC_KERNELS_ENV, "1")
+def test_scaled_softmax_switched_off_is_pytorch(interpreted, monkeypatch):
+    monkeypatch.setenv(kernels.FUSED_SOFTMAX_ENV, "0")
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: pytest.fail("the Triton softmax ran"))
     scores = torch.randn(4, 33)
     expected = torch.softmax(scores * 0.5, dim=-1).to(torch.bfloat16)
