@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -67,14 +68,19 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def _kernel_names(fn) -> list[str]:
+def _cuda_kernels(fn) -> list[tuple[str, float, int]]:
+    """(name, GPU ms, calls) of every CUDA kernel that fn() launched, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
-    return sorted(n for n in names if any(w in n.lower() for w in ATTENTION_KERNEL_WORDS))
+    return [(e.key, e.self_device_time_total / 1000, e.count) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _attention_kernel_names(fn) -> list[str]:
+    return sorted({name for name, _, _ in _cuda_kernels(fn) if kernel_kind(name) == "attention"})
 
 
 def run_bench(model: str = "auto", output: int | None = None, backends: list[str] | None = None, device="auto",
@@ -95,9 +101,7 @@ def run_bench(model: str = "auto", output: int | None = None, backends: list[str
     models = build_models(model, device, dtype)
     log(f"built models in {time.perf_counter() - t0:.1f} s")
     pipe = HYPIRPipeline(models)
-    gen = torch.Generator().manual_seed(1)
-    side = int(output / upscale)
-    images = torch.rand(batch, 3, side, side, generator=gen).to(device)
+    images = _random_images(int(output / upscale), device, batch)
 
     availability = available_backends(device, dtype)
     wanted = backends or [b for b, why in availability.items() if why is None]
@@ -125,7 +129,7 @@ def run_bench(model: str = "auto", output: int | None = None, backends: list[str
             out = result.images.float().cpu()
             if reference is None:
                 reference = out
-            kernels = _kernel_names(run) if (profile and on_gpu) else []
+            kernels = _attention_kernel_names(run) if (profile and on_gpu) else []
             rows.append(BenchRow(backend, result.report.backends_by_role(), statistics.median(totals), {k: statistics.median(v) for k, v in stages.items()},
                                  peak, (out - reference).abs().max().item(), _psnr(out, reference), kernels))
         except Exception as exc:  # noqa: BLE001 - a backend that fails is a result of the benchmark
@@ -319,8 +323,8 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
     return result
 
 
-def _random_images(side: int, device: torch.device) -> torch.Tensor:
-    return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+def _random_images(side: int, device: torch.device, batch: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
 
 
 def _write(result: dict, json_path: str | None) -> None:
@@ -374,7 +378,7 @@ __all__ += ["run_speed", "stock_models", "SPEED_MODES", "summarize_kernels", "ke
 
 # Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
 KERNEL_KINDS = (
-    ("attention", ("fmha", "flash", "sdpa", "attention", "softmax")),
+    ("attention", ATTENTION_KERNEL_WORDS),
     ("convolution", ("conv", "fprop", "implicit_gemm", "xmma", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")),
     ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize")),
     ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
@@ -392,17 +396,11 @@ def kernel_kind(name: str) -> str:
 
 def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_MODES["eager+graphs"]) -> dict:
     """One pass of an eager mode under torch.profiler: GPU time per kind of kernel, and the 30 longest kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     options = {**mode.options, "cuda_graphs": False}  # the profiler sees kernels, not CUDA graph replays
     with _environment(mode.environment):
         pipe(images, upscale=2, **options)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            pipe(images, upscale=2, **options)
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return summarize_kernels([(e.key, e.self_device_time_total / 1000, e.count) for e in events])
+        return summarize_kernels(_cuda_kernels(lambda: pipe(images, upscale=2, **options)))
 
 
 def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
@@ -423,8 +421,6 @@ def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
     """Per attention module: its shape, the backend that ran it and the CUDA kernel that backend launched
     (from torch.profiler); per shape: every candidate's measured time."""
-    from torch.profiler import ProfilerActivity, profile
-
     from .attention import autotune_table
 
     report = pipe(images, upscale=2, cuda_graphs=False, torch_compile=False).report
@@ -436,15 +432,10 @@ def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
         if key not in kernels:
             q = torch.randn(1, q_tokens, heads, head_dim, device=images.device, dtype=pipe.models.dtype)
             kv = torch.randn(1, kv_tokens, heads, head_dim, device=images.device, dtype=pipe.models.dtype)
-            fn = REGISTRY[backend].fn
-            fn(q, kv, kv, head_dim ** -0.5)
+            run = functools.partial(REGISTRY[backend].fn, q, kv, kv, head_dim ** -0.5)
+            run()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn(q, kv, kv, head_dim ** -0.5)
-                torch.cuda.synchronize()
-            kernels[key] = sorted({e.key for e in prof.key_averages()
-                                   if e.device_type == torch.autograd.DeviceType.CUDA
-                                   and any(w in e.key.lower() for w in ATTENTION_KERNEL_WORDS)})
+            kernels[key] = _attention_kernel_names(run)
         modules.append({"module": module, "shape": [q_tokens, kv_tokens, heads, head_dim], "backend": backend.value,
                         "kernels": kernels[key]})
     timings = [{"shape": shape.describe(), "times_ms": {b.value: t for b, t in timing.times.items()},
