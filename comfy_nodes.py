@@ -13,7 +13,7 @@ import time
 from .hypir import config as _config
 from .hypir.attention import AUTO, AttentionBackend
 from .hypir.loading import BUNDLED_SD21_CONFIG, MODEL_CACHE, HYPIRLoadError
-from .hypir.pipeline import Callbacks, HYPIRPipeline, pass_bytes
+from .hypir.pipeline import Callbacks, HYPIRPipeline
 
 logger = logging.getLogger("hypir")
 
@@ -214,10 +214,13 @@ def run_restore(model: HYPIRModel, image, **options):
 
     images = image.movedim(-1, 1)
     pipeline = model.pipeline
-    h, w = images.shape[2:]
-    long_side = options.get("long_side")
-    scale = long_side / max(h, w) if long_side else options["upscale"]
-    need = pass_bytes(max(512, int(h * scale)), max(512, int(w * scale)), images.shape[0], pipeline.models.dtype)
+    tile = options.get("tile_size")
+    # What the pass will need, from the engine's own plan (the processed size after the short-side rule,
+    # tiles included), planned against the card's whole memory: ComfyUI frees that much.
+    plan = pipeline.plan(images, options.get("upscale"), options.get("long_side"),
+                         None if tile in (None, "auto") else int(tile), options.get("tile_stride"),
+                         vram_budget_gb=mm.get_total_memory(pipeline.models.device) / 2**30)
+    need = plan.total_bytes
     # Make room (ComfyUI offloads other models) and bring HYPIR back to the GPU if it was offloaded.
     mm.load_models_gpu([model.patcher], memory_required=need)
     result = pipeline(images, attention=model.attention, use_flash_attention=model.use_flash_attention,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import enum
 import importlib
 import logging
 import os
@@ -34,26 +33,13 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .attention_names import AUTO, AttentionBackend
 from .errors import one_line
 from .kernels import scaled_softmax
 
 logger = logging.getLogger("hypir")
 
 
-class AttentionBackend(str, enum.Enum):
-    FLASH_ATTN = "flash_attn"
-    FLASH_ATTN3 = "flash_attn3"
-    FLASH_ATTN4 = "flash_attn4"
-    SDPA_CUDNN = "sdpa_cudnn"
-    SDPA_FLASH = "sdpa_flash"
-    SDPA_EFFICIENT = "sdpa_efficient"
-    SDPA = "sdpa"
-    SAGE = "sage"
-    MATMUL = "matmul"
-    STANDARD = "standard"
-
-
-AUTO = "auto"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -1,29 +1,76 @@
-"""The `hypir` command: restore, doctor, bench, download."""
+"""The `hypir` command: restore, doctor, bench, download.
+
+Only the standard library and the settings are imported at start: `hypir --help`, `--version` and
+`hypir download` never import torch. `hypir restore` checks everything it can before the models load: the
+options, every output path (nothing is overwritten that this tool did not write), and every input, decoded,
+with the memory its pass will need.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from . import config as _config
+from .attention_names import ATTENTION_CHOICES
+from .errors import BASE_FOLDER
 
 logger = logging.getLogger("hypir")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
 
 class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+    """A user-facing failure: each line printed after `hypir: error: `, exit status 1."""
+
+    def __init__(self, *lines: str):
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
-def _attention_choices() -> list[str]:
-    from .attention import AttentionBackend
+class Stopped(BaseException):
+    """SIGTERM (or SIGHUP) during a command: unwinds like Ctrl-C, so no partial file is left."""
 
-    return ["auto", *[b.value for b in AttentionBackend]]
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _option(key: str, parse=int):
+    """An argparse type that parses a flag's text and checks it as hypir_config.py's `key` is checked, so the
+    message names the flag the user gave."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        try:
+            return _config.check_setting(key, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _tile_size(text: str):
+    return "auto" if text == "auto" else _option("tile_size")(text)
+
+
+def _bounded(low: float, high: float, parse=float):
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (low <= value <= high):  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(f"must be in {low:g}..{high:g}, got {text}")
+        return value
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,27 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True,
                    help="output file (one input file) or folder (several inputs or a folder)")
     size = r.add_mutually_exclusive_group()
-    size.add_argument("--upscale", type=float, default=None, help=f"upscale factor (default {cfg['upscale']})")
-    size.add_argument("--long-side", type=int, default=None, help="target longest side in pixels")
+    size.add_argument("--upscale", type=_option("upscale", float), default=None,
+                      help=f"upscale factor in (0, 16] (default {cfg['upscale']})")
+    size.add_argument("--long-side", type=_bounded(1, 65536, int), default=None, help="target longest side in pixels")
     r.add_argument("--prompt", default=cfg["prompt"])
-    r.add_argument("--seed", type=int, default=cfg["seed"])
-    r.add_argument("--model-t", type=int, default=cfg["model_t"])
-    r.add_argument("--coeff-t", type=int, default=cfg["coeff_t"])
+    r.add_argument("--seed", type=_option("seed"), default=cfg["seed"])
+    r.add_argument("--model-t", type=_option("model_t"), default=cfg["model_t"])
+    r.add_argument("--coeff-t", type=_option("coeff_t"), default=cfg["coeff_t"])
     r.add_argument("--base", default=None, metavar="PATH|ID",
                    help="SD2.1-base diffusers folder, single-file checkpoint or Hub id (default: found in the "
                         f"model folders, else {cfg['base_model_repo']} from the Hugging Face cache)")
     r.add_argument("--weights", default=None, metavar="PATH", help=f"HYPIR weights (default: {cfg['weights_file']} "
                                                                     "found in the model folders or the HF cache)")
-    r.add_argument("--tile-size", default=str(cfg["tile_size"]), metavar="auto|N")
-    r.add_argument("--tile-stride", type=int, default=cfg["tile_stride"], metavar="N")
-    r.add_argument("--attention", default=cfg["attention"], choices=_attention_choices())
+    r.add_argument("--tile-size", type=_tile_size, default=cfg["tile_size"], metavar="auto|N",
+                   help="tiles in processed-image pixels (a multiple of 8, at least 64); auto: one pass when it fits")
+    r.add_argument("--tile-stride", type=_option("tile_stride"), default=cfg["tile_stride"], metavar="N",
+                   help="distance between tiles; at or beyond the tile size it becomes half the tile size")
+    r.add_argument("--attention", default=cfg["attention"], choices=ATTENTION_CHOICES)
     r.add_argument("--no-flash-attention", action="store_true", default=not cfg["use_flash_attention"])
     r.add_argument("--dtype", default=cfg["dtype"], choices=["auto", "bf16", "fp16", "fp32"])
     r.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu or mps")
     r.add_argument("--latent", default=cfg["latent"], choices=["sample", "mode"])
     r.add_argument("--no-color-fix", action="store_true", default=not cfg["color_fix"])
-    r.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
-                   help="tile to keep the whole process (models included) within this budget")
+    r.add_argument("--vram-budget", type=_bounded(0.25, 65536), default=None, metavar="GIB",
+                   help="tile to keep the whole process (models included) within this much memory (GPU memory, or "
+                        "RAM on a CPU)")
     r.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=cfg["fused_kernels"],
                    help="Triton GroupNorm+SiLU and bias kernels on NVIDIA GPUs")
     r.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=cfg["cuda_graphs"],
@@ -66,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cfg["torch_compile"],
                    help="torch.compile the UNet and VAE (the first image of each size compiles for minutes)")
     r.add_argument("--download", action="store_true", help="download missing models from the Hugging Face Hub")
+    r.add_argument("--format", choices=["png", "jpeg", "webp", "tiff"], default="png",
+                   help="output format for folder outputs (a single output file's suffix decides its own)")
+    r.add_argument("--quality", type=_bounded(1, 100, int), default=95,
+                   help="JPEG and WebP quality (100: lossless WebP); PNG and TIFF are lossless")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace existing files that hypir did not write (its own outputs are always replaced)")
+    r.add_argument("--skip-existing", action="store_true", help="keep outputs that exist already (resume a run)")
+    r.add_argument("--keep-going", action="store_true",
+                   help="restore every good input even if some are bad; the run ends non-zero with a summary")
 
     sub.add_parser("doctor", help="what this machine can run, and which models were found")
 
@@ -99,120 +159,228 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------
+# restore: inputs and outputs, checked before any work
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
+@dataclass
+class Job:
+    source: Path
+    target: Path
+
+
+@dataclass
+class RunPlan:
+    jobs: list[Job] = field(default_factory=list)
+    problems: list[tuple[Path | None, str]] = field(default_factory=list)  # (file or None, message)
+    skipped: list[Job] = field(default_factory=list)  # --skip-existing
+    notes: list[str] = field(default_factory=list)
+
+    def fail(self, path: Path | None, message: str) -> None:
+        self.problems.append((path, message))
+
+
+def collect_inputs(inputs: list[str], run: RunPlan) -> tuple[list[Path], list[Path]]:
+    """(files, folders) named on the command line; a folder gives its image files (not its subfolders, not
+    hidden files such as macOS's ._ companions)."""
+    from .images import INPUT_SUFFIXES
+
     files: list[Path] = []
+    folders: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            folders.append(path)
+            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            found = [p for p in entries if p.suffix.lower() in INPUT_SUFFIXES]
+            others = sorted({p.suffix.lower() or p.name for p in entries if p not in found})
+            if others:
+                run.notes.append(f"{path}: {len(entries) - len(found)} files that are not images of a supported kind "
+                                 f"were left alone ({', '.join(others)})")
             if not found:
-                raise CLIError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                run.fail(path, f"folder holds no images ({', '.join(INPUT_SUFFIXES)})")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise CLIError(f"{path}: no such file or folder")
-    return files
+            run.fail(path, "no such file or folder")
+    return files, folders
 
 
-def output_paths(files: list[Path], output: str, single_input_file: bool) -> list[Path]:
-    out = Path(output)
-    if single_input_file and not out.is_dir():
-        if out.suffix.lower() != ".png":
-            raise CLIError(f"{out}: the output file must end in .png (or give an existing folder)")
-        return [out]
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"{out}: several inputs need an output folder, and this is a file")
-    names = [f.stem + ".png" for f in files]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise CLIError(f"several inputs would write the same output name: {sorted(duplicates)}")
-    return [out / n for n in names]
+def plan_outputs(args, run: RunPlan) -> None:
+    """Pair every input with its output, refusing anything that could lose a file: an output that is an input,
+    a folder restored into itself, an existing file this tool did not write (unless --overwrite)."""
+    from .images import FORMAT_SUFFIX, OUTPUT_FORMATS, is_hypir_output
+
+    files, folders = collect_inputs(args.inputs, run)
+    out = Path(args.output)
+    single = len(args.inputs) == 1 and len(files) == 1 and not folders
+    if single and not out.is_dir() and out.suffix:
+        if out.suffix.lower() not in OUTPUT_FORMATS:
+            run.fail(out, "the output file must end in .png, .jpg, .webp or .tif (the format follows the suffix), "
+                          "or name a folder")
+            return
+        targets = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            run.fail(out, "several inputs or a folder need an output folder, and this is a file")
+            return
+        for folder in folders:
+            if folder.resolve() == out.resolve():
+                run.fail(folder, "restoring a folder into itself would put outputs among the originals; choose "
+                                 "another output folder")
+                return
+        suffix = FORMAT_SUFFIX[args.format]
+        targets = [out / (f.stem + suffix) for f in files]
+        seen: dict[Path, Path] = {}
+        for source, target in zip(files, targets):
+            if target in seen:
+                run.fail(source, f"{seen[target].name} and {source.name} would both be written to {target}; restore "
+                                 f"them into separate folders")
+            seen.setdefault(target, source)
+    inputs = {f.resolve() for f in files}
+    for source, target in zip(files, targets):
+        if target.resolve() in inputs or (target.exists() and os.path.samefile(target, source)):
+            run.fail(source, f"its output {target} is an input file; nothing is ever written over an original: "
+                             f"choose another output")
+        elif target.is_dir():
+            run.fail(source, f"its output {target} is a folder")
+        elif target.exists() and args.skip_existing:
+            run.skipped.append(Job(source, target))
+        elif target.exists() and not args.overwrite and not is_hypir_output(target):
+            run.fail(source, f"its output {target} exists and was not written by hypir; it is kept (--overwrite "
+                             f"replaces it, --skip-existing keeps it and goes on)")
+        else:
+            run.jobs.append(Job(source, target))
 
 
-def load_image(path: Path):
-    """(1, 3, H, W) float tensor, the alpha channel (1, 1, H, W) or None, and the PIL mode."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+def check_inputs(args, run: RunPlan, device, element_bytes: int) -> None:
+    """Decode every input (in threads), check that its output format can hold it and that its pass fits in
+    memory; failing files move from the jobs to the problems."""
+    from .images import ImageError, check_output, read_image
+    from .planning import PlanError, model_bytes, plan_pass
+    from .pipeline import memory_available
 
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            has_alpha = "A" in img.getbands() or (mode == "P" and "transparency" in img.info)
-            rgba = img.convert("RGBA") if has_alpha else None
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CLIError(f"{path}: not a readable image ({exc})") from exc
-    array = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    alpha = None
-    if rgba is not None:
-        alpha = torch.from_numpy(np.asarray(rgba, dtype=np.float32)[..., 3] / 255.0)[None, None]
-    return array, alpha, mode
+    available, where = memory_available(device, args.vram_budget)
+    if available is not None:
+        available -= model_bytes(element_bytes)  # the models are not loaded yet
+        where += f", less {model_bytes(element_bytes) / 2**30:.1f} GiB for the models"
+    tile = None if args.tile_size == "auto" else args.tile_size
+
+    def check(job: Job) -> str | None:
+        try:
+            picture = read_image(job.source)
+            h, w = picture.size
+            plan = plan_pass(h, w, 1, upscale=args.upscale, long_side=args.long_side, element_bytes=element_bytes,
+                             available_bytes=available, tile_size=tile, tile_stride=args.tile_stride, where=where)
+            check_output(job.target, plan.output_size, picture.channels, len(picture.frames))
+            del picture
+            return None
+        except (ImageError, PlanError) as exc:
+            return str(exc).removeprefix(f"{job.source}: ")
+        except MemoryError:
+            return "not enough memory to decode it"
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        verdicts = list(pool.map(check, run.jobs))
+    good = []
+    for job, problem in zip(run.jobs, verdicts):
+        if problem is None:
+            good.append(job)
+        else:
+            run.fail(job.source, problem)
+    run.jobs = good
 
 
-def save_image(tensor, alpha, mode: str, path: Path) -> None:
-    import numpy as np
-    import torch.nn.functional as F
-    from PIL import Image
-
-    rgb = (tensor[0].permute(1, 2, 0).float().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-    image = Image.fromarray(rgb, "RGB")
-    if mode in ("L", "I", "I;16", "F", "1"):
-        image = image.convert("L")
-    if alpha is not None:
-        a = F.interpolate(alpha, size=rgb.shape[:2], mode="bicubic", antialias=True).clamp(0, 1)
-        image.putalpha(Image.fromarray((a[0, 0].numpy() * 255.0).round().astype(np.uint8), "L"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _problem_lines(run: RunPlan) -> list[str]:
+    return [f"{path}: {message}" if path is not None else message for path, message in run.problems]
 
 
 def cmd_restore(args) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
+    if args.upscale is None and args.long_side is None:
+        args.upscale = float(_config.load_config()["upscale"])
+    run = RunPlan()
+    plan_outputs(args, run)
+    for note in run.notes:
+        logger.info("[HYPIR] %s", note)
+    if run.problems and not run.jobs and not run.skipped:
+        raise CLIError(*_problem_lines(run), *(["nothing was restored"] if len(run.problems) > 1 else []))
+    if run.problems and not args.keep_going:
+        raise CLIError(*_problem_lines(run), f"{len(run.problems)} problem(s) found before any work; nothing was "
+                                             f"restored (--keep-going restores the other inputs)")
+
+    import torch
+
+    from .loading import resolve_device, resolve_dtype
     from .model_files import resolve_model_files
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    failed_before = len(run.problems)
+    check_inputs(args, run, device, dtype.itemsize)
+    if len(run.problems) > failed_before and not args.keep_going:
+        raise CLIError(*_problem_lines(run), f"{len(run.problems)} of {len(run.problems) + len(run.jobs)} inputs "
+                                             f"cannot be restored; nothing was restored (--keep-going restores the "
+                                             f"others)")
+    for line in _problem_lines(run):  # --keep-going: said now, and again in the closing summary
+        print(f"hypir: skipping {line}", file=sys.stderr)
+    if run.skipped:
+        logger.info("[HYPIR] %d outputs exist already and are kept (--skip-existing)", len(run.skipped))
+    if not run.jobs:
+        if run.problems:
+            raise CLIError(f"none of the {len(run.problems)} inputs can be restored")
+        return 0
+
+    from .images import read_image, write_image
     from .pipeline import Callbacks, HYPIRPipeline
 
-    files = collect_inputs(args.inputs)
-    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
-    outputs = output_paths(files, args.output, single)
-    tile_size = args.tile_size if args.tile_size == "auto" else _int_arg("--tile-size", args.tile_size)
     model_files = resolve_model_files(args.base, args.weights, allow_download=args.download)
-    pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, args.device, args.dtype,
-                                    allow_download=args.download)
-    bar = tqdm(total=len(files), unit="image", desc="HYPIR")
-    stage_text = {}
+    pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype, allow_download=args.download)
+    options = dict(upscale=args.upscale, long_side=args.long_side, prompt=args.prompt, seed=args.seed,
+                   model_t=args.model_t, coeff_t=args.coeff_t, tile_size=args.tile_size, tile_stride=args.tile_stride,
+                   latent=args.latent, color_fix=not args.no_color_fix, attention=args.attention,
+                   use_flash_attention=not args.no_flash_attention, vram_budget_gb=args.vram_budget,
+                   fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs, torch_compile=args.compile)
+    failures: list[str] = []
+    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=len(run.jobs), unit="image", desc="HYPIR") as bar:
+        def progress(stage, done, total):
+            bar.set_postfix_str(f"{stage} {done}/{total}", refresh=True)
 
-    def progress(stage, done, total):
-        stage_text["s"] = f"{stage} {done}/{total}"
-        bar.set_postfix_str(stage_text["s"], refresh=True)
-
-    for source, target in zip(files, outputs):
-        images, alpha, mode = load_image(source)
-        result = pipe(images, upscale=args.upscale, long_side=args.long_side, prompt=args.prompt, seed=args.seed,
-                      model_t=args.model_t, coeff_t=args.coeff_t, tile_size=tile_size, tile_stride=args.tile_stride,
-                      latent=args.latent, color_fix=not args.no_color_fix, attention=args.attention,
-                      use_flash_attention=not args.no_flash_attention, vram_budget_gb=args.vram_budget,
-                      fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs, torch_compile=args.compile,
-                      callbacks=Callbacks(progress=progress))
-        save_image(result.images, alpha, mode, target)
-        bar.update(1)
-        tqdm.write(f"{source} -> {target}: {result.status_line()}")
-    bar.close()
+        for job in run.jobs:
+            try:
+                picture = read_image(job.source)
+                restored = []
+                for frame in picture.frames:
+                    result = pipe(torch.from_numpy(frame)[None], callbacks=Callbacks(progress=progress), **options)
+                    restored.append(result.images[0].float().cpu().numpy())
+                write_image(job.target, restored, picture, args.quality)
+            except (KeyboardInterrupt, Stopped):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one file's failure is reported with its name
+                if not args.keep_going or args.debug:
+                    raise CLIError(f"{job.source}: {_message(exc)}") from exc
+                failures.append(f"{job.source}: {_message(exc)}")
+                tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
+                bar.update(1)
+                continue
+            bar.update(1)
+            frames = f" ({len(restored)} frames)" if len(restored) > 1 else ""
+            tqdm.write(f"{job.source} -> {job.target}{frames}: {result.status_line()}")
+            for note in picture.notes:
+                tqdm.write(f"  note: {note}")
+    failures = _problem_lines(run) + failures
+    if failures:
+        done = len(run.jobs) - (len(failures) - len(run.problems))
+        raise CLIError(*failures, f"{len(failures)} of {len(failures) + done} inputs failed; {done} restored"
+                                  + (f", {len(run.skipped)} kept" if run.skipped else ""))
     return 0
 
 
-def _int_arg(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise CLIError(f"{name} must be 'auto' or an integer, got {value!r}") from None
-
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 def cmd_doctor(args) -> int:
     import torch
@@ -220,7 +388,7 @@ def cmd_doctor(args) -> int:
     from .attention import TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter, REGISTRY
     from .kernels import triton_available
     from .loading import resolve_device, resolve_dtype
-    from .model_files import _cached_hub_file, _cached_hub_snapshot, find_file, search_dirs
+    from .model_files import find_models, search_dirs
 
     cfg = _config.load_config()
     print(f"hypir {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
@@ -254,10 +422,13 @@ def cmd_doctor(args) -> int:
         ("PyTorch (no Triton: pip install triton)" if device.type == "cuda" else "PyTorch (CPU)")
     print(f"fused GroupNorm+SiLU and bias kernels: {fused}")
     print("model folders searched: " + ", ".join(str(d) for d in search_dirs()) + ", Hugging Face cache")
-    weights = find_file(cfg["weights_file"]) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
-    base = find_file(cfg["base_model_file"]) or _cached_hub_snapshot(cfg["base_model_repo"])
+    weights, base = find_models()
     print(f"  HYPIR weights ({cfg['weights_file']}): {weights or 'not found'}")
-    print(f"  base model ({cfg['base_model_file']} or {cfg['base_model_repo']}): {base or 'not found'}")
+    print(f"  base model ({cfg['base_model_file']}, a {BASE_FOLDER} folder, or {cfg['base_model_repo']} in the "
+          f"cache): {base or 'not found'}")
+    if weights is None or base is None:
+        print("  missing models: `hypir download` puts them in ./models (or $HYPIR_MODELS_DIR), where restore finds "
+              "them; or pass --weights/--base to restore")
     return 0
 
 
@@ -288,11 +459,16 @@ def cmd_bench(args) -> int:
 def cmd_download(args) -> int:
     from .model_files import download_base, download_weights
 
+    from .model_files import search_dirs
+
     folder = Path(args.dir)
     if not args.base_only:
         print(f"HYPIR weights: {download_weights(folder)}")
     if not args.weights_only:
-        print(f"base model: {download_base(folder / 'stable-diffusion-2-1-base')}")
+        print(f"base model: {download_base(folder / BASE_FOLDER)}")
+    if folder.resolve() not in {d.resolve() for d in search_dirs()}:
+        print(f"hypir restore looks in ./models and $HYPIR_MODELS_DIR: set HYPIR_MODELS_DIR={folder.resolve()} to use "
+              f"these, or pass --weights and --base")
     return 0
 
 
@@ -306,15 +482,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypir: error: {exc}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    # Only hypir's own logger is configured (the root logger is left alone, so huggingface_hub, which has its
+    # own handler, is not printed twice), and only for this call.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    previous = _catch_stop_signals()
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("hypir: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as exc:
+        name = f" by {exc}" if isinstance(exc, Stopped) else ""
+        print(f"hypir: interrupted{name}; finished outputs are complete and nothing partial was left", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Stopped) else 130
+    except CLIError as exc:
+        if args.debug:
+            raise
+        for line in exc.lines:
+            print(f"hypir: error: {line}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - every failure ends in one line and a non-zero status
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"hypir: error: {message}", file=sys.stderr)
+        print(f"hypir: error: {_message(exc)}", file=sys.stderr)
         return 1
+    finally:
+        _restore_signals(previous)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _catch_stop_signals() -> dict:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (temporary files are removed on the way out). Only in the main
+    thread, and given back when the command ends."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), stop)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    for name, handler in previous.items():
+        signal.signal(getattr(signal, name), handler)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .cuda_graphs import GraphedCalls
-from .errors import one_line
+from .errors import BASE_ALLOW_PATTERNS, HYPIRLoadError, one_line
 from .kernels import triton_available
 
 logger = logging.getLogger("hypir")
@@ -24,10 +24,6 @@ logger = logging.getLogger("hypir")
 BUNDLED_SD21_CONFIG = Path(__file__).resolve().parent / "configs" / "sd21_base"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class HYPIRLoadError(RuntimeError):
-    """A model file that cannot be used, with what it seems to be and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,19 +107,6 @@ def locate_base_model(source: str | os.PathLike, allow_download: bool = False) -
                          f"checkpoint (.safetensors/.ckpt), or a Hugging Face repo id")
 
 
-BASE_ALLOW_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-]
-
-
 V_PREDICTION_PROBE = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"  # LDM output_blocks.11.1...
 
 
@@ -155,6 +138,9 @@ def load_base_model(source: str | os.PathLike, allow_download: bool = False,
         raise HYPIRLoadError(f"{path}: a folder, but not a diffusers model folder (it needs unet/, vae/ and "
                              f"text_encoder/ subfolders); give the folder of an SD2.1-base model or a single-file "
                              f"checkpoint")
+    for component, name in ((model.unet, "unet"), (model.vae, "vae"), (model.text_encoder, "text_encoder")):
+        refuse_non_finite(((f"{name}.{k}", v) for k, v in component.state_dict().items()), str(path),
+                          "base model's weights")
     warn_if_v_prediction(model.unet, str(path))
     return model
 
@@ -323,7 +309,19 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     if not path.is_file():
         raise HYPIRLoadError(f"HYPIR weights not found at {path}: download HYPIR_sd2.pth from the Hugging Face "
                              f"repo lxq007/HYPIR (`hypir download`) and give its path")
-    return lora_from_state_dict(load_tensor_file(path, "HYPIR weights"), str(path))
+    state = load_tensor_file(path, "HYPIR weights")
+    refuse_non_finite(state.items(), str(path), "HYPIR weights")
+    return lora_from_state_dict(state, str(path))
+
+
+def refuse_non_finite(named_tensors, source: str, role: str) -> None:
+    """HYPIRLoadError naming the file and the first tensor that holds NaN or infinite values: such weights turn
+    every output black or grey."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise HYPIRLoadError(f"{source}: the {role} are damaged: tensor {name} holds {bad} NaN or infinite values "
+                                 f"(of {tensor.numel()}); download the file again")
 
 
 def lora_from_state_dict(state: dict[str, torch.Tensor], source: str) -> LoRA:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as _config
-from .errors import one_line
-from .loading import BASE_ALLOW_PATTERNS, HYPIRLoadError
+from .errors import BASE_ALLOW_PATTERNS, BASE_FOLDER, HYPIRLoadError, one_line
 
 logger = logging.getLogger("hypir")
 
@@ -38,6 +37,24 @@ def find_file(name: str, extra_dirs: list | None = None) -> Path | None:
         if candidate.exists():
             return candidate
     return None
+
+
+def find_base(filename: str, extra_dirs: list | None = None) -> Path | None:
+    """The SD2.1 base in the model folders: the single file, or the diffusers folder `hypir download` writes."""
+    for folder in search_dirs(extra_dirs):
+        if (folder / filename).is_file():
+            return folder / filename
+        if (folder / BASE_FOLDER / "unet").is_dir():
+            return folder / BASE_FOLDER
+    return None
+
+
+def find_models(extra_dirs: list | None = None) -> tuple[Path | None, Path | None]:
+    """(weights, base) found locally: the model folders, then the Hugging Face cache; None where missing."""
+    cfg = _config.load_config()
+    weights = find_file(cfg["weights_file"], extra_dirs) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
+    base = find_base(cfg["base_model_file"], extra_dirs) or _cached_hub_snapshot(cfg["base_model_repo"])
+    return weights, base
 
 
 def _cached_hub_file(repo: str, filename: str) -> Path | None:
@@ -68,23 +85,28 @@ def resolve_model_files(base: str | None = None, weights: str | None = None, all
     """Paths for the base model and the HYPIR weights: given ones as they are, else found, else downloaded
     (only with allow_download), else an error that says which file to put where."""
     cfg = _config.load_config()
+    found_weights, found_base = find_models(extra_dirs) if weights is None or base is None else (None, None)
+    places = ", ".join(str(d) for d in search_dirs(extra_dirs)) + " and the Hugging Face cache"
+    target = Path(download_dir or search_dirs(extra_dirs)[0])
     if weights is None:
-        found = find_file(cfg["weights_file"], extra_dirs) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
-        if found is None and allow_download:
-            found = download_weights(download_dir or search_dirs(extra_dirs)[0], cfg["weights_repo"], cfg["weights_file"])
-        if found is None:
-            places = ", ".join(str(d) for d in search_dirs(extra_dirs))
+        if found_weights is None and allow_download:
+            found_weights = download_weights(target, cfg["weights_repo"], cfg["weights_file"])
+        if found_weights is None:
             raise HYPIRLoadError(
-                f"HYPIR weights {cfg['weights_file']} not found (looked in {places} and the Hugging Face cache). "
-                f"Download it from https://huggingface.co/{cfg['weights_repo']} into one of those folders, "
-                f"or run `hypir download`, or allow downloads")
-        weights = str(found)
+                f"HYPIR weights {cfg['weights_file']} not found (looked in {places}). Pass --download to fetch them "
+                f"from https://huggingface.co/{cfg['weights_repo']} now, run `hypir download` here, or give the "
+                f"file with --weights PATH")
+        weights = str(found_weights)
     if base is None:
-        found = find_file(cfg["base_model_file"], extra_dirs) or _cached_hub_snapshot(cfg["base_model_repo"])
-        if found is None and allow_download:
-            found = download_base(Path(download_dir or search_dirs(extra_dirs)[0]) / "stable-diffusion-2-1-base",
-                                  cfg["base_model_repo"])
-        base = str(found) if found is not None else cfg["base_model_repo"]
+        if found_base is None and allow_download:
+            found_base = download_base(target / BASE_FOLDER, cfg["base_model_repo"])
+        if found_base is None:
+            raise HYPIRLoadError(
+                f"base model not found (looked for {cfg['base_model_file']} and a {BASE_FOLDER} folder in {places}, "
+                f"and for {cfg['base_model_repo']} in the Hugging Face cache). Pass --download to fetch it now, run "
+                f"`hypir download --base-only` here, or give an SD2.1-base checkpoint or diffusers folder with "
+                f"--base PATH")
+        base = str(found_base)
     return ModelFiles(base, weights)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,13 +25,17 @@ from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
 from .kernels import triton_available, triton_failure
 from .loading import MODEL_CACHE, HYPIRModels
-from .tiling import round_to, run_tiled, tile_count
+from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, \
+    round_to, short_side_size
+from .tiling import run_tiled
 
 logger = logging.getLogger("hypir")
 
-PATCH = 512  # the reference's patch size: short sides up to this are processed at 512
-VAE_SCALE = 8
 MAX_OOM_RETRIES = 3
+
+
+class NonFiniteError(RuntimeError):
+    """A stage of the pass produced NaN or infinite values: nothing is returned as if it were a result."""
 
 
 @dataclass
@@ -78,93 +81,68 @@ class RestoreResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes
-
-
-def target_size(height: int, width: int, upscale: float | None, long_side: int | None) -> tuple[int, int]:
-    """The output size the reference produces for this input and scaling."""
-    if long_side:
-        if height >= width:
-            return long_side, int(width * (long_side / height))
-        return int(height * (long_side / width)), long_side
-    return int(math.floor(height * upscale)), int(math.floor(width * upscale))
+# Sizes (planning.py) and channels
 
 
 def resize_to_output(images: torch.Tensor, upscale: float | None, long_side: int | None) -> torch.Tensor:
     if long_side:
-        h, w = target_size(images.shape[2], images.shape[3], None, long_side)
+        h, w = output_size(images.shape[2], images.shape[3], None, long_side)
         return F.interpolate(images, size=(h, w), mode="bicubic")
     return F.interpolate(images, scale_factor=upscale, mode="bicubic")
-
-
-def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) with the short side at `size`, the other side int()-truncated, as the reference."""
-    if height == width:
-        return size, size
-    if height < width:
-        return size, int(width * (size / height))
-    return int(height * (size / width)), size
 
 
 def resize_short_side(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=short_side_size(*images.shape[2:], size), mode="bicubic", antialias=True)
 
 
+CHANNELS = {1: "grey", 2: "grey and alpha", 3: "RGB", 4: "RGBA"}
+
+
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Grey is restored as RGB, RGBA as its RGB part."""
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+    """Grey (with or without alpha) is restored as RGB, RGBA as its RGB part."""
+    return images[:, :1].expand(-1, 3, -1, -1) if images.shape[1] <= 2 else images[:, :3]
 
 
 def restore_channels(source: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
-    """Give the restored RGB the source's channels: grey back to luma (ITU-R BT.601), RGBA its alpha resized."""
-    if source.shape[1] == 1:
+    """Give the restored RGB the source's channels: grey back to luma (ITU-R BT.601), alpha resized beside."""
+    channels = source.shape[1]
+    if channels <= 2:
         weights = torch.tensor([0.299, 0.587, 0.114], device=restored.device).view(1, 3, 1, 1)
-        return (restored * weights).sum(dim=1, keepdim=True)
-    if source.shape[1] == 4:
-        alpha = source[:, 3:].to(device=restored.device, dtype=torch.float32)
+        restored = (restored * weights).sum(dim=1, keepdim=True)
+    if channels in (2, 4):
+        alpha = source[:, -1:].to(device=restored.device, dtype=torch.float32)
         alpha = F.interpolate(alpha, size=restored.shape[2:], mode="bicubic", antialias=True).clamp(0, 1)
         return torch.cat([restored, alpha], dim=1)
     return restored
 
 
+def require_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """Stop the pass when a stage produced NaN or infinite values (damaged weights, an overflow)."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteError(
+            f"{what} holds {bad} NaN or infinite values (of {tensor.numel()}) in {str(dtype).removeprefix('torch.')}: "
+            f"nothing was restored. Try the fp32 dtype (--dtype fp32); if that fails too, the model files are "
+            f"damaged: download them again")
+    return tensor
+
+
 # ----------------------------------------------------------------------------------------------
-# Memory planning
+# Memory available to a pass (planning.py plans within it)
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def pass_bytes(height: int, width: int, batch: int, dtype: torch.dtype) -> int:
-    """Rough peak activation bytes of one untiled pass; the VAE decoder at full resolution dominates."""
-    per_pixel = 1300 * torch.finfo(dtype).bits // 8  # 2.6 KB/px in 16-bit, measured on SD2.1 at 2048^2
-    return int(height * width * batch * per_pixel)
-
-
-def full_size_bytes(batch: int, height: int, width: int) -> int:
-    """The float32 image-sized buffers a pass keeps at the output size (about ten RGB planes)."""
-    return batch * height * width * 3 * 4 * 10
-
-
-def plan_tiles(height: int, width: int, batch: int, dtype: torch.dtype, budget: int | None
-               ) -> tuple[int, int] | None:
-    """None when one pass fits the budget (or nothing bounds memory), else (tile, stride) in pixels."""
-    if budget is None or pass_bytes(height, width, batch, dtype) <= 0.85 * budget:
-        return None
-    tile = min(2048, round_to(max(height, width), 64))
-    while tile > 256 and pass_bytes(tile, tile, batch, dtype) > 0.85 * budget:
-        tile = round_to(tile * 3 // 4, 64)
-    return tile, round_to(tile * 3 // 4, 64)
-
-
-def tiles_per_batch(tile: int, batch: int, dtype: torch.dtype, budget: int | None, count: int) -> int:
-    if budget is None:
-        return 1
-    fit = int(0.85 * budget // max(1, pass_bytes(tile, tile, batch, dtype)))
-    return max(1, min(count, fit, 16))
+def memory_available(device: torch.device, vram_budget_gb: float | None = None) -> tuple[int | None, str]:
+    """Bytes a pass may use beside what is already allocated (the resident weights), and where they are:
+    the budget less what is allocated, else the GPU's free memory, else the system's available RAM."""
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if vram_budget_gb:
+        return int(vram_budget_gb * 2**30) - held, (f"a memory budget of {vram_budget_gb:g} GiB (of which the models "
+                                                    f"hold {gib(held)})")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - held, f"{device} ({torch.cuda.get_device_name(device)})"
+    return available_ram(), "this machine's available memory"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,39 +261,34 @@ class HYPIRPipeline:
                              bool(pick(torch_compile, "torch_compile")))
         callbacks = callbacks or Callbacks()
         self._check_inputs(images, upscale, long_side, latent, tile_size, tile_stride)
-        budget = self._activation_budget(vram_budget_gb, images, upscale, long_side)
+        forced_tile = None if tile_size in (None, "auto") else int(tile_size)
+        plan = self.plan(images, upscale, long_side, forced_tile, int(tile_stride), vram_budget_gb)
 
         router = AttentionRouter(policy, self.models.device, self.models.dtype, self.device_info)
         replays_before = self.models.unet_graphs.replays
         start = time.perf_counter()
-        forced_tile = None if tile_size in (None, "auto") else int(tile_size)
-        max_group = None  # tiles sent together; one at a time after an out-of-memory
         attempt = 0
         while True:
             try:
-                result = self._restore(images, upscale, long_side, prompt, seed, model_t, coeff_t, forced_tile,
-                                       int(tile_stride), latent, color_fix, router, budget, callbacks, sync_stages,
-                                       max_group, speed)
+                result = self._restore(images, plan, upscale, long_side, prompt, seed, model_t, coeff_t, latent,
+                                       color_fix, router, callbacks, sync_stages, speed)
                 break
             except torch.cuda.OutOfMemoryError as exc:
                 if not oom_retry:
                     raise
                 attempt += 1
-                h1, w1 = self._processed_size(images, upscale, long_side)
-                current = forced_tile or max(h1, w1)
-                if attempt > MAX_OOM_RETRIES or current <= 256:
+                current = plan.tile or max(plan.padded_size)
+                if attempt > MAX_OOM_RETRIES or current <= MIN_TILE:
                     raise torch.cuda.OutOfMemoryError(
-                        f"out of GPU memory even with tiles of {current} px, one at a time (a {w1}x{h1} pass, batch "
-                        f"{images.shape[0]}, needs about {pass_bytes(current, current, images.shape[0], self.models.dtype) / 2**30:.1f} "
-                        f"GiB per tile). Free VRAM (close other programs, unload other models), restore a smaller "
-                        f"batch, or use fp16/bf16") from exc
-                forced_tile = round_to(current // 2, 64)
-                tile_stride = round_to(forced_tile * 3 // 4, 64)
-                max_group = 1
+                        f"out of GPU memory even with tiles of {current} px, one at a time (a {plan.describe()}). "
+                        f"Free VRAM (close other programs, unload other models), restore a smaller batch, or use "
+                        f"fp16/bf16") from exc
+                tile = round_to(current // 2, 64)
+                plan = self.plan(images, upscale, long_side, tile, round_to(tile * 3 // 4, 64), None, max_group=1)
             # Outside the except block, the failed pass's tensors (held by the traceback) are free.
             torch.cuda.empty_cache()
-            logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", forced_tile)
-        images_out, stages, tile, stride, processed = result
+            logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
+        images_out, stages = result
         images_out = restore_channels(images, images_out)
         if self.models.device.type == "cuda":
             torch.cuda.synchronize(self.models.device)
@@ -323,7 +296,8 @@ class HYPIRPipeline:
         report = build_report(router, text_encoder_implementation(router))
         self._log_report(report)
         speedups = self._speedups(speed, self.models.unet_graphs.replays > replays_before)
-        return RestoreResult(images_out, report, seconds, stages, tile, stride, processed, speedups)
+        return RestoreResult(images_out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size,
+                             speedups)
 
     def _speedups(self, speed: SpeedOptions, replayed: bool) -> str:
         """The status line's account of the fused kernels, CUDA graphs and torch.compile (GPU only)."""
@@ -350,8 +324,8 @@ class HYPIRPipeline:
         b, c, h, w = images.shape
         if b == 0 or h == 0 or w == 0:
             raise ValueError(f"empty input: batch {b}, size {w}x{h}")
-        if c not in (1, 3, 4):
-            raise ValueError(f"images must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {c}")
+        if c not in CHANNELS:
+            raise ValueError(f"images must have 1 (grey), 2 (grey and alpha), 3 (RGB) or 4 (RGBA) channels, got {c}")
         if not images.is_floating_point():
             raise ValueError(f"images must be float in [0, 1], got {images.dtype}")
         bad = (~torch.isfinite(images)).sum().item()
@@ -367,50 +341,20 @@ class HYPIRPipeline:
         if tile_size not in (None, "auto"):
             if int(tile_size) < 64 or int(tile_size) % 8:
                 raise ValueError(f"tile_size must be 'auto' or a multiple of 8 of at least 64 px, got {tile_size!r}")
-            if not 8 <= int(tile_stride) <= int(tile_size) or int(tile_stride) % 8:
-                raise ValueError(f"tile_stride must be a multiple of 8 in 8..tile_size ({tile_size}), got {tile_stride!r}")
-        oh, ow = target_size(h, w, upscale, long_side)
-        if oh < 1 or ow < 1:
-            raise ValueError(f"upscale {upscale} / long side {long_side} turns {w}x{h} into an empty {ow}x{oh} image")
-        self._check_output_fits(b, oh, ow)
+            if int(tile_stride) < 8 or int(tile_stride) % 8:
+                raise ValueError(f"tile_stride must be a multiple of 8 of at least 8 px, got {tile_stride!r}")
 
-    def _check_output_fits(self, batch: int, height: int, width: int) -> None:
-        """Tiles bound the models' memory, not the full-size image buffers (input at output size, result,
-        colour-fix planes): refuse up front what cannot fit, with the size it would need."""
-        need = full_size_bytes(batch, height, width)
-        device = self.models.device
-        if device.type == "cuda":
-            available = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
-        else:
-            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
-        if available is not None and need > available:
-            raise ValueError(f"a {width}x{height} output (batch {batch}) needs about {need / 2**30:.1f} GiB for its "
-                             f"full-size image buffers, and {device.type} has {available / 2**30:.1f} GiB available; "
-                             f"choose a smaller upscale or long side, or a smaller batch")
+    def plan(self, images: torch.Tensor, upscale: float | None, long_side: int | None, tile_size: int | None = None,
+             tile_stride: int | None = None, vram_budget_gb: float | None = None, max_group: int | None = None
+             ) -> PassPlan:
+        """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now."""
+        available, where = memory_available(self.models.device, vram_budget_gb)
+        return plan_pass(images.shape[2], images.shape[3], images.shape[0], upscale=upscale, long_side=long_side,
+                         element_bytes=self.models.dtype.itemsize, available_bytes=available, tile_size=tile_size,
+                         tile_stride=tile_stride, max_group=max_group, where=where)
 
-    def _activation_budget(self, vram_budget_gb, images, upscale, long_side) -> int | None:
-        """The bytes a pass may use for activations under a VRAM budget: the budget less what is already
-        allocated (the weights) and the full-size image buffers. None without a budget."""
-        if not vram_budget_gb:
-            return None
-        device = self.models.device
-        held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        h, w = target_size(images.shape[2], images.shape[3], upscale, long_side)
-        buffers = full_size_bytes(images.shape[0], h, w)
-        budget = int(vram_budget_gb * 2**30) - held - buffers
-        if budget <= 0:
-            raise ValueError(f"a VRAM budget of {vram_budget_gb:g} GiB leaves nothing for the pass: the models hold "
-                             f"{held / 2**30:.1f} GiB and a {w}x{h} output's image buffers about "
-                             f"{buffers / 2**30:.1f} GiB; raise the budget or choose a smaller output")
-        return budget
-
-    @staticmethod
-    def _processed_size(images, upscale, long_side) -> tuple[int, int]:
-        h0, w0 = target_size(images.shape[2], images.shape[3], upscale, long_side)
-        return short_side_size(h0, w0, PATCH) if min(h0, w0) <= PATCH else (h0, w0)
-
-    def _restore(self, images, upscale, long_side, prompt, seed, model_t, coeff_t, tile, stride, latent,
-                 color_fix, router, budget, callbacks, sync_stages, max_group=None, speed=SpeedOptions()):
+    def _restore(self, images, plan: PassPlan, upscale, long_side, prompt, seed, model_t, coeff_t, latent,
+                 color_fix, router, callbacks, sync_stages, speed=SpeedOptions()):
         m = self.models
         device, dtype = m.device, m.dtype
         stages: dict[str, float] = {}
@@ -431,22 +375,12 @@ class HYPIRPipeline:
         # 3. [-1, 1], padded to a multiple of 8.
         h1, w1 = lq.shape[2:]
         x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
-        batch = x.shape[0]
-
-        if budget is None:
-            budget = _free_bytes(device)  # once per pass: None where nothing bounds memory (CPU)
-        if tile is None:
-            planned = plan_tiles(x.shape[2], x.shape[3], batch, dtype, budget)
-            if planned:
-                tile, stride = planned
-        if tile is not None and tile >= max(x.shape[2], x.shape[3]):
-            tile = None  # one tile is one pass
-        px_tile = tile or max(x.shape[2], x.shape[3])
-        px_stride = stride if tile else px_tile
+        if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
+            raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
+        px_tile = plan.tile or max(plan.padded_size)
+        px_stride = plan.stride or px_tile
         lat_tile, lat_stride = px_tile // VAE_SCALE, px_stride // VAE_SCALE
-        n_tiles = tile_count(x.shape[2], x.shape[3], px_tile, px_stride)
-        group = tiles_per_batch(px_tile, batch, dtype, budget, n_tiles) if tile else 1
-        group = min(group, max_group or group)
+        n_tiles, group = plan.tiles, plan.tiles_per_batch
         lap("prepare")
 
         def progress(stage):
@@ -476,6 +410,7 @@ class HYPIRPipeline:
                 return mean.float() + std.float() * noise.float()
 
             z = run_tiled(encode, x, px_tile, px_stride, 1 / VAE_SCALE, 4, group, progress("encode"), to_latent)
+            require_finite(z, "the VAE encoder's latent", dtype)
             lap("encode")
 
             # 5. One UNet call at model_t on the scaled latent.
@@ -497,7 +432,8 @@ class HYPIRPipeline:
                                      snapshot=lambda: router.snapshot("unet."), restore=router.restore)
 
             callbacks.step("unet", 0, n_tiles)
-            eps = run_tiled(unet, z_in, lat_tile, lat_stride, 1, 4, group, progress("unet"))
+            eps = require_finite(run_tiled(unet, z_in, lat_tile, lat_stride, 1, 4, group, progress("unet")),
+                                 "the UNet's noise prediction", dtype)
             lap("unet")
 
             # 6. x0 from the scheduler's alphas at coeff_t (blending eps then stepping equals stepping
@@ -509,6 +445,7 @@ class HYPIRPipeline:
             callbacks.step("decode", 0, n_tiles)
             out = run_tiled(lambda t: vae_stage(m, "decode", t, compiled), z_out, lat_tile, lat_stride, VAE_SCALE, 3,
                             group, progress("decode"))
+            require_finite(out, "the VAE decoder's image", dtype)
             lap("decode")
         if compiled:  # the compiled graphs call SDPA directly (HYPIRAttnProcessor): report that
             for model in (m.unet, m.vae):
@@ -520,9 +457,9 @@ class HYPIRPipeline:
         if color_fix:
             out = wavelet_color_fix(out, ref)
         # 9. Clamp.
-        out = out.clamp(0, 1)
+        out = require_finite(out, "the restored image", dtype).clamp(0, 1)
         lap("finish")
-        return out, stages, tile, (stride if tile else None), (h1, w1)
+        return out, stages
 
     def _log_report(self, report: AttentionReport) -> None:
         key = (report.status_line(), tuple(sorted(report.backends_by_role().items())))

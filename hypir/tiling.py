@@ -8,11 +8,12 @@ reference puts the y midpoint at n/2, a bug), computed and accumulated in float3
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .planning import tile_starts
 
 
 @dataclass(frozen=True)
@@ -21,19 +22,6 @@ class Tile:
     y1: int
     x0: int
     x1: int
-
-
-def tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    if tile <= 0 or stride <= 0:
-        raise ValueError(f"tile ({tile}) and stride ({stride}) must be positive")
-    if stride > tile:
-        raise ValueError(f"tile stride {stride} is larger than the tile size {tile}: tiles would leave gaps")
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile + 1, stride))
-    if (size - tile) % stride:
-        starts.append(size - tile)
-    return starts
 
 
 def tile_grid(height: int, width: int, tile: int, stride: int) -> list[Tile]:
@@ -103,9 +91,3 @@ def _scaled(n: int, scale: float) -> int:
     return int(n * scale) if scale >= 1 else int(n // round(1 / scale))
 
 
-def tile_count(height: int, width: int, tile: int, stride: int) -> int:
-    return len(tile_starts(height, tile, stride)) * len(tile_starts(width, tile, stride))
-
-
-def round_to(n: float, multiple: int) -> int:
-    return max(multiple, int(math.floor(n / multiple)) * multiple)

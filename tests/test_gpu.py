@@ -227,7 +227,8 @@ def small_models_bf16(tmp_path_factory):
 def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, monkeypatch):
     """A real CUDA out-of-memory (a per-process cap below what one pass needs, above what 512 px tiles one at
     a time need) ends in a tiled retry."""
-    from hypir.pipeline import HYPIRPipeline, full_size_bytes
+    from hypir.pipeline import HYPIRPipeline
+    from hypir.planning import full_size_bytes
 
     # Per-shape timing off: the first call of a shape times every candidate kernel, whose peak is not what
     # the pass itself needs, and the tiled retry meets new shapes.

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hypir.pipeline import Callbacks, target_size
+from hypir.pipeline import Callbacks
+from hypir.planning import output_size as target_size
 
 
 # ---- an independent implementation of the method, written from the specification --------------

@@ -1,0 +1,210 @@
+"""Sizes and memory of one restore pass, planned before it runs: one plan for the pipeline, the command
+line's check of every input before the models load, and the ComfyUI node's request to ComfyUI.
+
+The pass works at the *processed* size, not the output size: the output (input x upscale, or a target long
+side) is raised to a short side of 512 (the reference's patch size) when it is smaller, so a thin strip
+becomes very long. Memory is planned on that size. No torch import here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+PATCH = 512  # the reference's patch size: short sides up to this are processed at 512
+VAE_SCALE = 8
+MIN_TILE = 256  # pixels; the smallest tile the planner (and the out-of-memory retry) goes down to
+MAX_TILE = 2048
+HEADROOM = 0.85  # share of the free memory a pass may plan to use
+# Parameters of the SD2.1 UNet (865.9M with the LoRA merged), VAE (83.7M) and OpenCLIP-H text encoder (340.4M).
+MODEL_PARAMETERS = 1_290_000_000
+
+
+class PlanError(ValueError):
+    """A pass that cannot fit, with the numbers."""
+
+
+def output_size(height: int, width: int, upscale: float | None, long_side: int | None) -> tuple[int, int]:
+    """The output (height, width) the reference produces for this input and scaling."""
+    if long_side:
+        if height >= width:
+            return long_side, int(width * (long_side / height))
+        return int(height * (long_side / width)), long_side
+    return int(math.floor(height * upscale)), int(math.floor(width * upscale))
+
+
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the short side at `size`, the other side int()-truncated, as the reference."""
+    if height == width:
+        return size, size
+    if height < width:
+        return size, int(width * (size / height))
+    return int(height * (size / width)), size
+
+
+def processed_size(out_height: int, out_width: int) -> tuple[int, int]:
+    """The size the VAE and UNet see for an output of this size (before padding to a multiple of 8)."""
+    if min(out_height, out_width) <= PATCH:
+        return short_side_size(out_height, out_width, PATCH)
+    return out_height, out_width
+
+
+def round_to(n: float, multiple: int) -> int:
+    return max(multiple, int(math.floor(n / multiple)) * multiple)
+
+
+def default_stride(tile: int, stride: int | None) -> int:
+    """A stride at or beyond the tile size leaves no overlap (a seam grid) or gaps: it becomes half the tile,
+    the reference's 512/256 ratio."""
+    if stride is None or stride >= tile:
+        return round_to(tile // 2, 8)
+    return stride
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory estimates
+
+
+def pass_bytes(height: int, width: int, batch: int, element_bytes: int) -> int:
+    """Peak activation bytes of one untiled pass at this (padded, processed) size; the VAE decoder at full
+    resolution dominates: 1300 elements a pixel (2.6 KB in 16-bit), measured on SD2.1 at 2048^2."""
+    return int(height * width * batch * 1300 * element_bytes)
+
+
+def full_size_bytes(batch: int, height: int, width: int) -> int:
+    """The float32 image-sized buffers a pass keeps at the output size (about ten RGB planes)."""
+    return batch * height * width * 3 * 4 * 10
+
+
+def buffer_bytes(batch: int, output: tuple[int, int], processed: tuple[int, int]) -> int:
+    """Untiled float32 buffers: ten RGB planes at the output size (the upscaled input, the result, the colour
+    fix) and four at the processed size (the resized input, the padded pass input, the decoded output)."""
+    return full_size_bytes(batch, *output) + batch * processed[0] * processed[1] * 3 * 4 * 4
+
+
+def model_bytes(element_bytes: int) -> int:
+    """The resident weights of the SD2.1 UNet, VAE and text encoder in this precision."""
+    return MODEL_PARAMETERS * element_bytes
+
+
+def available_ram() -> int | None:
+    """Memory the system can give this process now (MemAvailable on Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    input_size: tuple[int, int]  # (height, width) of the image given
+    output_size: tuple[int, int]  # (h0, w0)
+    processed_size: tuple[int, int]  # (h1, w1): the size the VAE and UNet see
+    padded_size: tuple[int, int]  # processed, padded to a multiple of 8
+    batch: int
+    tile: int | None  # pixels of the processed image; None: one pass
+    stride: int | None
+    tiles: int
+    tiles_per_batch: int  # tiles sent through the models together
+    activation_bytes: int  # the models' working memory for one group of tiles (or the one pass)
+    buffer_bytes: int  # the float32 image-sized buffers
+
+    @property
+    def total_bytes(self) -> int:
+        return self.activation_bytes + self.buffer_bytes
+
+    def describe(self) -> str:
+        h0, w0 = self.output_size
+        h1, w1 = self.processed_size
+        at = "" if (h1, w1) == (h0, w0) else f" (processed at {w1}x{h1})"
+        how = f"tiles of {self.tile} px, stride {self.stride}" if self.tile else "one pass"
+        return f"{w0}x{h0}{at}, {how}, about {gib(self.total_bytes)}"
+
+
+def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, long_side: int | None,
+              element_bytes: int, available_bytes: int | None, tile_size: int | None = None,
+              tile_stride: int | None = None, max_group: int | None = None, where: str = "the device"
+              ) -> PassPlan:
+    """How a pass over a (batch, height, width) input runs within `available_bytes` (the memory left for the
+    pass beside the resident weights; None: unbounded, one pass unless tiles are forced).
+
+    Untiled passes that do not fit are tiled (down to MIN_TILE px); a pass whose image buffers alone, or whose
+    smallest tile, do not fit raises PlanError with the numbers."""
+    h0, w0 = output_size(height, width, upscale, long_side)
+    if h0 < 1 or w0 < 1:
+        scale = f"long side {long_side}" if long_side else f"upscale {upscale:g}"
+        raise PlanError(f"{scale} turns {width}x{height} into an empty {w0}x{h0} image")
+    h1, w1 = processed_size(h0, w0)
+    hp, wp = h1 + -h1 % VAE_SCALE, w1 + -w1 % VAE_SCALE
+    buffers = buffer_bytes(batch, (h0, w0), (h1, w1))
+    processed = "" if (h1, w1) == (h0, w0) else f" (processed at {w1}x{h1}: short sides are raised to {PATCH})"
+    if available_bytes is not None and buffers > available_bytes:
+        raise PlanError(f"a {w0}x{h0} output{processed}, batch {batch}, needs about {gib(buffers)} for its "
+                        f"image buffers alone, and {where} has {gib(max(available_bytes, 0))} for it; choose a "
+                        f"smaller upscale or long side")
+    budget = None if available_bytes is None else available_bytes - buffers
+    whole = max(hp, wp)
+
+    if tile_size is not None:
+        tile, stride = int(tile_size), default_stride(int(tile_size), tile_stride)
+    elif budget is None or pass_bytes(hp, wp, batch, element_bytes) <= HEADROOM * budget:
+        tile, stride = None, None
+    else:
+        tile = min(MAX_TILE, round_to(whole, 64))
+        while tile > MIN_TILE and pass_bytes(tile, tile, batch, element_bytes) > HEADROOM * budget:
+            tile = round_to(tile * 3 // 4, 64)
+        stride = round_to(tile * 3 // 4, 64)
+        if pass_bytes(tile, tile, batch, element_bytes) > budget:
+            raise PlanError(f"a {w0}x{h0} output{processed}, batch {batch}, does not fit even in tiles of {tile} "
+                            f"px: each needs about {gib(pass_bytes(tile, tile, batch, element_bytes))} beside "
+                            f"{gib(buffers)} of image buffers, and {where} has {gib(max(available_bytes, 0))}; "
+                            f"free memory, or choose a smaller output or batch")
+    if tile is not None and tile >= whole:
+        tile, stride = None, None  # one tile is one pass
+    if tile is None:
+        return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, None, None, 1, 1,
+                        pass_bytes(hp, wp, batch, element_bytes), buffers)
+    count = tile_count(hp, wp, tile, stride)
+    group = 1
+    if budget is not None:
+        group = max(1, min(count, int(HEADROOM * budget // max(1, pass_bytes(tile, tile, batch, element_bytes))), 16))
+    group = min(group, max_group or group)
+    return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, tile, stride, count, group,
+                    pass_bytes(tile, tile, batch * group, element_bytes), buffers)
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile starts along one side, as the reference: 0, stride, 2*stride, ... and a last tile flush with the
+    far edge; a side no longer than the tile is one tile."""
+    if tile <= 0 or stride <= 0:
+        raise ValueError(f"tile ({tile}) and stride ({stride}) must be positive")
+    if stride > tile:
+        raise ValueError(f"tile stride {stride} is larger than the tile size {tile}: tiles would leave gaps")
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, stride))
+    if (size - tile) % stride:
+        starts.append(size - tile)
+    return starts
+
+
+def tile_count(height: int, width: int, tile: int, stride: int) -> int:
+    return len(tile_starts(height, tile, stride)) * len(tile_starts(width, tile, stride))
