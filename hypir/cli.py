@@ -321,9 +321,10 @@ def cmd_restore(args) -> int:
     failed_before = len(run.problems)
     check_inputs(args, run, device, dtype.itemsize)
     if len(run.problems) > failed_before and not args.keep_going:
-        raise CLIError(*_problem_lines(run), f"{len(run.problems)} of {len(run.problems) + len(run.jobs)} inputs "
-                                             f"cannot be restored; nothing was restored (--keep-going restores the "
-                                             f"others)")
+        total = len(run.problems) + len(run.jobs) + len(run.skipped)
+        summary = [] if total == 1 else [f"{len(run.problems)} of {total} inputs cannot be restored; nothing was "
+                                         f"restored (--keep-going restores the others)"]
+        raise CLIError(*_problem_lines(run), *summary)
     for line in _problem_lines(run):  # --keep-going: said now, and again in the closing summary
         print(f"hypir: skipping {line}", file=sys.stderr)
     if run.skipped:
