@@ -12,6 +12,7 @@ import time
 
 from .hypir import config as _config
 from .hypir.attention import AUTO, AttentionBackend
+from .hypir.errors import BASE_FOLDER
 from .hypir.loading import BUNDLED_SD21_CONFIG, MODEL_CACHE, HYPIRLoadError
 from .hypir.pipeline import Callbacks, HYPIRPipeline
 
@@ -67,10 +68,12 @@ def base_model_choices() -> list[str]:
 
         import folder_paths
 
-        for root in folder_paths.get_folder_paths("diffusers"):
-            if os.path.isdir(root):
-                choices += [f"diffusers/{d}" for d in sorted(os.listdir(root))
-                            if os.path.isdir(os.path.join(root, d, "unet"))]
+        # Diffusers folders in models/diffusers, and in models/HYPIR where `hypir download --dir` puts the base.
+        for kind in ("diffusers", MODEL_FOLDER):
+            for root in folder_paths.get_folder_paths(kind):
+                if os.path.isdir(root):
+                    choices += [f"{kind}/{d}" for d in sorted(os.listdir(root))
+                                if os.path.isdir(os.path.join(root, d, "unet"))]
     except (ImportError, KeyError):
         pass
     cfg = _config.load_config()
@@ -95,8 +98,8 @@ def resolve_base(choice: str, download: bool) -> str:
         path = folder_paths.get_full_path(kind, name)
         if path:
             return path
-    if kind == "diffusers":
-        for root in folder_paths.get_folder_paths("diffusers"):
+    if kind in ("diffusers", MODEL_FOLDER):
+        for root in folder_paths.get_folder_paths(kind):
             if os.path.isdir(os.path.join(root, name)):
                 return os.path.join(root, name)
     cfg = _config.load_config()
@@ -104,7 +107,7 @@ def resolve_base(choice: str, download: bool) -> str:
         from .hypir.model_files import download_base
 
         return str(download_base(os.path.join(folder_paths.get_folder_paths("diffusers")[0],
-                                              "stable-diffusion-2-1-base"), cfg["base_model_repo"]))
+                                              BASE_FOLDER), cfg["base_model_repo"]))
     raise HYPIRLoadError(
         f"base model {choice!r} not found. Put the SD2.1-base checkpoint {cfg['base_model_file']} in "
         f"ComfyUI/models/checkpoints (or a diffusers folder in models/diffusers), or enable download_if_missing")

@@ -349,6 +349,8 @@ class HYPIRPipeline:
              ) -> PassPlan:
         """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now."""
         available, where = memory_available(self.models.device, vram_budget_gb)
+        if self.models.device.type != "cuda":
+            max_group = 1  # sending tiles together fills a GPU; on a CPU it only holds more memory
         return plan_pass(images.shape[2], images.shape[3], images.shape[0], upscale=upscale, long_side=long_side,
                          element_bytes=self.models.dtype.itemsize, available_bytes=available, tile_size=tile_size,
                          tile_stride=tile_stride, max_group=max_group, where=where)
