@@ -11,17 +11,16 @@ import logging
 import time
 
 from .hypir import config as _config
-from .hypir.attention import AUTO, AttentionBackend
-from .hypir.errors import BASE_FOLDER
-from .hypir.loading import BUNDLED_SD21_CONFIG, MODEL_CACHE, HYPIRLoadError
+from .hypir.checkpoints import BUNDLED_SD21_CONFIG
+from .hypir.errors import BASE_FOLDER, HYPIRLoadError
 from .hypir.pipeline import Callbacks, HYPIRPipeline
+from .hypir.runtime import MODEL_CACHE, runtime_of
+from .hypir.settings import BY_NAME, RestoreOptions
 
 logger = logging.getLogger("hypir")
 
 CATEGORY = "HYPIR"
 MODEL_FOLDER = "HYPIR"
-ATTENTION_CHOICES = [AUTO, *[b.value for b in AttentionBackend]]
-DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 
 
 MODEL_EXTENSIONS = {".pth", ".safetensors", ".pt", ".ckpt"}
@@ -132,13 +131,13 @@ def resolve_weights(choice: str, download: bool) -> str:
 
 
 class HYPIRModel:
-    """What HYPIR_MODEL carries: the loaded models, their ComfyUI model patcher, the caller's attention choice."""
+    """What HYPIR_MODEL carries: the loaded models, their ComfyUI model patcher, and the loader's choices of how
+    they run (attention, speed switches, memory budget), which every restore with them uses."""
 
-    def __init__(self, pipeline: HYPIRPipeline, patcher, attention: str, use_flash_attention: bool):
+    def __init__(self, pipeline: HYPIRPipeline, patcher, run_options: dict):
         self.pipeline = pipeline
         self.patcher = patcher
-        self.attention = attention
-        self.use_flash_attention = use_flash_attention
+        self.run_options = run_options
 
 
 # ---- ComfyUI model management: ComfyUI frees VRAM for HYPIR, offloads it when others need the GPU, and
@@ -186,25 +185,30 @@ def release(model: HYPIRModel) -> None:
             loaded.model_unload()
             mm.current_loaded_models.remove(loaded)
     _PATCHERS.pop(id(model.pipeline.models), None)
-    model.pipeline.models.unet_graphs.clear()  # the CUDA graphs' working memory goes with the model
+    runtime_of(model.pipeline.models).clear()  # CUDA graphs, compiled callables: their memory goes with the model
     MODEL_CACHE.evict(model.pipeline.models)
     mm.soft_empty_cache()
 
 
-def load_hypir_model(base: str, weights: str, dtype: str, attention: str, use_flash_attention: bool,
-                     download_if_missing: bool) -> HYPIRModel:
+LOADER_SETTINGS = ("attention", "use_flash_attention", "attention_autotune", "fused_kernels", "fused_softmax",
+                   "cuda_graphs", "torch_compile")  # how the models run: chosen on the loader, kept in HYPIR_MODEL
+
+
+def load_hypir_model(base: str, weights: str, dtype: str, download_if_missing: bool, lora_scale: float = 1.0,
+                     vram_budget_gb: float = 0.0, **run_options) -> HYPIRModel:
     import comfy.model_management as mm
 
     register_model_folder()
     base_path = resolve_base(base, download_if_missing)
     weights_path = resolve_weights(weights, download_if_missing)
     device = mm.get_torch_device()
-    models = MODEL_CACHE.get(base_path, weights_path, device, dtype, 1.0, allow_download=False,
+    models = MODEL_CACHE.get(base_path, weights_path, device, dtype, lora_scale, allow_download=False,
                              config_dir=BUNDLED_SD21_CONFIG)
-    return HYPIRModel(HYPIRPipeline(models), model_patcher(models), attention, use_flash_attention)
+    return HYPIRModel(HYPIRPipeline(models), model_patcher(models),
+                      {**run_options, "vram_budget_gb": vram_budget_gb or None})
 
 
-def run_restore(model: HYPIRModel, image, **options):
+def run_restore(model: HYPIRModel, image, **inputs):
     """IMAGE (B, H, W, C) in [0, 1] -> restored IMAGE and the status line."""
     import comfy.model_management as mm
     import comfy.utils
@@ -215,93 +219,107 @@ def run_restore(model: HYPIRModel, image, **options):
     def progress(stage, done, total):
         bar.update_absolute(stages[stage] + int(100 * done / max(total, 1)), 300)
 
+    options = RestoreOptions.from_settings(_config.load_config(), **model.run_options, **inputs)
     images = image.movedim(-1, 1)
     pipeline = model.pipeline
-    tile = options.get("tile_size")
-    # What the pass will need, from the engine's own plan (the processed size after the short-side rule,
-    # tiles included), planned against the card's whole memory: ComfyUI frees that much.
-    plan = pipeline.plan(images, options.get("upscale"), options.get("long_side"),
-                         None if tile in (None, "auto") else int(tile), options.get("tile_stride"),
-                         vram_budget_gb=mm.get_total_memory(pipeline.models.device) / 2**30)
-    need = plan.total_bytes
-    # Make room (ComfyUI offloads other models) and bring HYPIR back to the GPU if it was offloaded.
-    mm.load_models_gpu([model.patcher], memory_required=need)
-    result = pipeline(images, attention=model.attention, use_flash_attention=model.use_flash_attention,
-                            callbacks=Callbacks(progress=progress,
-                                                check_interrupt=mm.throw_exception_if_processing_interrupted),
-                            **options)
+    # Ask ComfyUI for what the pass will need, from the engine's own plan (the processed size after the
+    # short-side rule, tiles included) on this card's whole memory; ComfyUI offloads other models to make room
+    # and brings HYPIR back to the GPU if it was offloaded.
+    budget = options.vram_budget_gb or mm.get_total_memory(pipeline.models.device) / 2**30
+    plan = pipeline.plan(images, options.replace(vram_budget_gb=budget))
+    mm.load_models_gpu([model.patcher], memory_required=plan.total_bytes)
+    result = pipeline(images, options=options,
+                      callbacks=Callbacks(progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted))
     out = result.images.movedim(1, -1).float().cpu()
     return out, result.status_line()
 
 
-def _defaults():
-    return _config.load_config()
+def _setting(name: str, cfg: dict, **widget) -> tuple:
+    """A node input for a setting of settings.py: its default from hypir_config.py, its help as the tooltip; the
+    widget's range comes from the caller."""
+    setting, default = BY_NAME[name], cfg[name]
+    tooltip = widget.pop("tooltip", setting.help[:1].upper() + setting.help[1:])
+    if setting.choices:
+        return (list(setting.choices), {"default": default, "tooltip": tooltip, **widget})
+    if isinstance(setting.default, bool):
+        return ("BOOLEAN", {"default": default, "tooltip": tooltip, **widget})
+    if isinstance(setting.default, float):
+        return ("FLOAT", {"default": float(default), "tooltip": tooltip, **widget})
+    if isinstance(setting.default, int):
+        return ("INT", {"default": int(default), "tooltip": tooltip, **widget})
+    return ("STRING", {"default": default, "tooltip": tooltip, **widget})
+
+
+def _loader_inputs(cfg: dict) -> dict:
+    return {
+        "base_model": (base_model_choices(), {"tooltip": "Stable Diffusion 2.1-base: a single-file checkpoint "
+                                                         "(models/checkpoints) or a diffusers folder (models/diffusers)"}),
+        "hypir_weights": (weights_choices(), {"tooltip": "HYPIR_sd2.pth in models/HYPIR"}),
+        "dtype": _setting("dtype", cfg),
+        "attention": _setting("attention", cfg),
+        "use_flash_attention": _setting("use_flash_attention", cfg),
+        "download_if_missing": ("BOOLEAN", {"default": False, "tooltip": "Download missing models from the "
+                                "Hugging Face Hub into ComfyUI's model folders"}),
+        "lora_scale": _setting("lora_scale", cfg, min=0.0, max=2.0, step=0.05),
+        "attention_autotune": _setting("attention_autotune", cfg),
+        "fused_kernels": _setting("fused_kernels", cfg),
+        "fused_softmax": _setting("fused_softmax", cfg),
+        "cuda_graphs": _setting("cuda_graphs", cfg),
+        "torch_compile": _setting("torch_compile", cfg),
+        "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                     "tooltip": "Plan tiles to keep HYPIR (models included) within this many GiB of "
+                                                "VRAM; 0 = the GPU's free memory"}),
+    }
 
 
 class HYPIRModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        cfg = _defaults()
-        return {"required": {
-            "base_model": (base_model_choices(), {"tooltip": "Stable Diffusion 2.1-base: a single-file checkpoint "
-                                                             "(models/checkpoints) or a diffusers folder (models/diffusers)"}),
-            "hypir_weights": (weights_choices(), {"tooltip": "HYPIR_sd2.pth in models/HYPIR"}),
-            "dtype": (DTYPE_CHOICES, {"default": cfg["dtype"], "tooltip": "auto: bf16 on RTX 30xx and newer, "
-                                                                         "fp16 on older GPUs and Apple, fp32 on CPU"}),
-            "attention": (ATTENTION_CHOICES, {"default": cfg["attention"], "tooltip": "auto picks the fastest "
-                          "FlashAttention-class kernel your GPU supports; a named backend overrides the switch"}),
-            "use_flash_attention": ("BOOLEAN", {"default": cfg["use_flash_attention"], "tooltip": "Off: no "
-                                    "FlashAttention kernel (memory-efficient SDPA on NVIDIA GPUs)"}),
-            "download_if_missing": ("BOOLEAN", {"default": False, "tooltip": "Download missing models from the "
-                                    "Hugging Face Hub into ComfyUI's model folders"}),
-        }}
+        return {"required": _loader_inputs(_config.load_config())}
 
     RETURN_TYPES = ("HYPIR_MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, base_model, hypir_weights, dtype, attention, use_flash_attention, download_if_missing):
-        return (load_hypir_model(base_model, hypir_weights, dtype, attention, use_flash_attention,
-                                 download_if_missing),)
+    def load(self, base_model, hypir_weights, dtype, download_if_missing, lora_scale=1.0, vram_budget_gb=0.0,
+             **run_options):
+        return (load_hypir_model(base_model, hypir_weights, dtype, download_if_missing, lora_scale, vram_budget_gb,
+                                 **run_options),)
 
 
-def _restore_inputs(cfg) -> dict:
+def _restore_inputs(cfg: dict) -> dict:
     tile = 0 if cfg["tile_size"] in (None, "auto") else int(cfg["tile_size"])
     return {
-        "prompt": ("STRING", {"default": cfg["prompt"], "multiline": True, "tooltip": "What the photo shows; "
-                              "empty works well"}),
-        "upscale": ("FLOAT", {"default": float(cfg["upscale"]), "min": 0.25, "max": 16.0, "step": 0.05,
-                              "tooltip": "Output size as a factor of the input"}),
+        "prompt": _setting("prompt", cfg, multiline=True),
+        "upscale": _setting("upscale", cfg, min=0.25, max=16.0, step=0.05),
         "target_long_side": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8,
                                      "tooltip": "Longest output side in pixels; 0 = use upscale"}),
-        "seed": ("INT", {"default": int(cfg["seed"]), "min": 0, "max": 2**63 - 1,
-                         "tooltip": "Seed of the VAE latent sample (231 = the reference's default)"}),
-        "model_t": ("INT", {"default": int(cfg["model_t"]), "min": 1, "max": 999,
-                            "tooltip": "UNet timestep; tune with coeff_t (100..300): lower keeps more of the input"}),
-        "coeff_t": ("INT", {"default": int(cfg["coeff_t"]), "min": 1, "max": 999,
-                            "tooltip": "Timestep whose alphas turn the prediction into the image"}),
+        "seed": _setting("seed", cfg, min=0, max=2**63 - 1),
+        "model_t": _setting("model_t", cfg, min=1, max=999),
+        "coeff_t": _setting("coeff_t", cfg, min=1, max=999),
         "tile_size": ("INT", {"default": tile, "min": 0, "max": 8192, "step": 64,
-                              "tooltip": "0 = auto: one pass when it fits in GPU memory, else tiles"}),
-        "tile_stride": ("INT", {"default": int(cfg["tile_stride"]), "min": 64, "max": 8192, "step": 8,
-                                "tooltip": "Distance between tiles; overlap = tile_size - tile_stride"}),
-        "color_fix": ("BOOLEAN", {"default": bool(cfg["color_fix"]), "tooltip": "Keep the input's colours "
-                                                                                "(wavelet colour fix)"}),
+                              "tooltip": "0 = auto: one pass when it fits in GPU memory, else tiles of this many "
+                                         "pixels of the processed image"}),
+        "tile_stride": _setting("tile_stride", cfg, min=64, max=8192, step=8),
+        "color_fix": _setting("color_fix", cfg),
+        "latent": _setting("latent", cfg),
     }
 
 
-def _options(prompt, upscale, target_long_side, seed, model_t, coeff_t, tile_size, tile_stride, color_fix):
-    return dict(prompt=prompt, upscale=None if target_long_side else upscale,
-                long_side=target_long_side or None, seed=seed, model_t=model_t, coeff_t=coeff_t,
-                tile_size=tile_size or "auto", tile_stride=tile_stride, color_fix=color_fix)
+def _restore_options(prompt, upscale, target_long_side, seed, model_t, coeff_t, tile_size, tile_stride, color_fix,
+                     latent="sample") -> dict:
+    """Node inputs -> RestoreOptions fields (0 means auto for the long side and the tile size)."""
+    return dict(prompt=prompt, upscale=upscale, long_side=target_long_side or None, seed=seed, model_t=model_t,
+                coeff_t=coeff_t, tile_size=tile_size or None, tile_stride=tile_stride, color_fix=color_fix,
+                latent=latent)
 
 
 class HYPIRRestore:
     @classmethod
     def INPUT_TYPES(cls):
-        cfg = _defaults()
         return {"required": {"image": ("IMAGE", {"tooltip": "Images to restore (a batch is processed together)"}),
                              "hypir_model": ("HYPIR_MODEL", {"tooltip": "From HYPIR Model Loader"}),
-                             **_restore_inputs(cfg)}}
+                             **_restore_inputs(_config.load_config())}}
 
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "status")
@@ -309,32 +327,33 @@ class HYPIRRestore:
     CATEGORY = CATEGORY
 
     def restore(self, image, hypir_model, **inputs):
-        out, status = run_restore(hypir_model, image, **_options(**inputs))
+        out, status = run_restore(hypir_model, image, **_restore_options(**inputs))
         logger.info("[HYPIR] %s", status)
         return {"ui": {"text": [status]}, "result": (out, status)}
 
 
 class HYPIRAdvancedRestoration(HYPIRRestore):
-    """All in one: loads (cached, shared with the loader) and restores."""
+    """All in one: the restore inputs and the loader's (cached, shared with the loader), and a switch to free the
+    models afterwards."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        cfg = _defaults()
-        loader = HYPIRModelLoader.INPUT_TYPES()["required"]
+        cfg = _config.load_config()
+        loader = {k: v for k, v in _loader_inputs(cfg).items() if k != "download_if_missing"}
         return {"required": {"image": ("IMAGE", {"tooltip": "Images to restore"}),
-                             **_restore_inputs(cfg),
-                             "base_model": loader["base_model"], "hypir_weights": loader["hypir_weights"],
-                             "use_flash_attention": loader["use_flash_attention"],
+                             **_restore_inputs(cfg), **loader,
                              "unload_model_after": ("BOOLEAN", {"default": False, "tooltip": "Free the models "
                                                                 "after this run (slower next time)"})}}
 
     FUNCTION = "restore_all"
 
-    def restore_all(self, image, base_model, hypir_weights, use_flash_attention, unload_model_after, **inputs):
+    def restore_all(self, image, base_model, hypir_weights, dtype, unload_model_after, lora_scale=1.0,
+                    vram_budget_gb=0.0, **inputs):
         start = time.perf_counter()
-        model = load_hypir_model(base_model, hypir_weights, "auto", AUTO, use_flash_attention, False)
+        run_options = {k: inputs.pop(k) for k in LOADER_SETTINGS if k in inputs}
+        model = load_hypir_model(base_model, hypir_weights, dtype, False, lora_scale, vram_budget_gb, **run_options)
         try:
-            out, status = run_restore(model, image, **_options(**inputs))
+            out, status = run_restore(model, image, **_restore_options(**inputs))
         finally:
             if unload_model_after:
                 release(model)

@@ -6,7 +6,7 @@ sys.path at run time and the reference's own `HYPIR.enhancer.sd2.SD2Enhancer` do
 
 What is written for it (random weights, no download):
   * a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) with the SD2.1-base architecture from
-    `hypir.random_models.build_random_base`, and a DDPMScheduler config (scaled_linear 0.00085 -> 0.012, 1000 steps);
+    `hypir.bench.random_models.build_random_base`, and a DDPMScheduler config (scaled_linear 0.00085 -> 0.012, 1000 steps);
   * a LoRA file in the reference's format: a torch pickle of a plain dict of peft keys
     `<module>.lora_A.default.weight` / `<module>.lora_B.default.weight`, rank 256, over its 13 target modules.
     The reference asserts its key set equals the LoRA keys of its UNet after `add_adapter`, so a mismatch fails loudly.
@@ -142,7 +142,7 @@ def import_reference(ref_dir: Path):
 
 def write_random_base(target: Path, size: str, seed: int, lora_rank: int, save_dtype: torch.dtype) -> dict:
     """A diffusers SD2.1 folder with random weights plus `lora.pth`; reused when `target` already holds it."""
-    from hypir.random_models import build_random_base, random_lora, write_config_folder
+    from hypir.bench.random_models import build_random_base, random_lora, write_config_folder
 
     marker = target / "reference_baseline.json"
     meta = {"model": size, "seed": seed, "lora_rank": lora_rank, "save_dtype": str(save_dtype),
@@ -209,7 +209,7 @@ def main() -> int:
     parser.add_argument("--reference-commit", default=None,
                         help="commit string (or a file holding it); else read from git or DIR/REFERENCE_COMMIT")
     parser.add_argument("--model", default="sd21", choices=["sd21", "small", "tiny"],
-                        help="random architecture from hypir.random_models (sd21 = the real SD2.1-base shapes)")
+                        help="random architecture from hypir.bench.random_models (sd21 = the real SD2.1-base shapes)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
                         help="the reference hard-codes bf16 (BaseEnhancer.weight_dtype); others override it")

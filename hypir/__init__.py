@@ -9,9 +9,11 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AttentionBackend": "attention", "AttentionPolicy": "attention",
-    "HYPIRLoadError": "loading", "ModelCache": "loading", "MODEL_CACHE": "loading", "load_models": "loading",
+    "AttentionBackend": "attention_names", "AttentionPolicy": "attention",
+    "HYPIRLoadError": "errors", "HYPIRModels": "loading", "load_weights": "loading",
+    "ModelCache": "runtime", "MODEL_CACHE": "runtime", "load_models": "runtime",
     "Callbacks": "pipeline", "HYPIRPipeline": "pipeline", "RestoreResult": "pipeline", "restore": "pipeline",
+    "restore_files": "pipeline", "RestoreOptions": "settings",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

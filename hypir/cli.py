@@ -19,8 +19,8 @@ from pathlib import Path
 
 from . import __version__
 from . import config as _config
-from .attention_names import ATTENTION_CHOICES
 from .errors import BASE_FOLDER
+from .settings import SETTINGS, RestoreOptions, check_setting
 
 logger = logging.getLogger("hypir")
 
@@ -51,7 +51,7 @@ def _option(key: str, parse=int):
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         try:
-            return _config.check_setting(key, value)
+            return check_setting(key, value)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return convert
@@ -73,6 +73,25 @@ def _bounded(low: float, high: float, parse=float):
     return convert
 
 
+FLAG_NAMES = {"use_flash_attention": "--flash-attention", "torch_compile": "--compile"}
+FLAG_TYPES = {"upscale": _option("upscale", float), "lora_scale": _option("lora_scale", float), "tile_size": _tile_size}
+
+
+def _add_setting_flag(group, setting, default) -> None:
+    """One setting as a flag: --name-with-dashes (dest: the setting's name), its check as the type."""
+    flag = FLAG_NAMES.get(setting.name, "--" + setting.name.replace("_", "-"))
+    if isinstance(setting.default, bool):
+        group.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=default,
+                           help=setting.help)
+    elif setting.choices:
+        group.add_argument(flag, dest=setting.name, choices=setting.choices, default=default, help=setting.help)
+    elif isinstance(setting.default, str) and setting.name != "tile_size":
+        group.add_argument(flag, dest=setting.name, default=default, help=setting.help)
+    else:
+        group.add_argument(flag, dest=setting.name, type=FLAG_TYPES.get(setting.name, _option(setting.name)),
+                           default=default, help=f"{setting.help} (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     cfg = _config.load_config()
     parser = argparse.ArgumentParser(prog="hypir", description="HYPIR one-step image restoration")
@@ -84,38 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", help="image files or folders of images")
     r.add_argument("-o", "--output", required=True,
                    help="output file (one input file) or folder (several inputs or a folder)")
-    size = r.add_mutually_exclusive_group()
-    size.add_argument("--upscale", type=_option("upscale", float), default=None,
-                      help=f"upscale factor in (0, 16] (default {cfg['upscale']})")
-    size.add_argument("--long-side", type=_bounded(1, 65536, int), default=None, help="target longest side in pixels")
-    r.add_argument("--prompt", default=cfg["prompt"])
-    r.add_argument("--seed", type=_option("seed"), default=cfg["seed"])
-    r.add_argument("--model-t", type=_option("model_t"), default=cfg["model_t"])
-    r.add_argument("--coeff-t", type=_option("coeff_t"), default=cfg["coeff_t"])
     r.add_argument("--base", default=None, metavar="PATH|ID",
                    help="SD2.1-base diffusers folder, single-file checkpoint or Hub id (default: found in the "
                         f"model folders, else {cfg['base_model_repo']} from the Hugging Face cache)")
     r.add_argument("--weights", default=None, metavar="PATH", help=f"HYPIR weights (default: {cfg['weights_file']} "
                                                                     "found in the model folders or the HF cache)")
-    r.add_argument("--tile-size", type=_tile_size, default=cfg["tile_size"], metavar="auto|N",
-                   help="tiles in processed-image pixels (a multiple of 8, at least 64); auto: one pass when it fits")
-    r.add_argument("--tile-stride", type=_option("tile_stride"), default=cfg["tile_stride"], metavar="N",
-                   help="distance between tiles; at or beyond the tile size it becomes half the tile size")
-    r.add_argument("--attention", default=cfg["attention"], choices=ATTENTION_CHOICES)
-    r.add_argument("--no-flash-attention", action="store_true", default=not cfg["use_flash_attention"])
-    r.add_argument("--dtype", default=cfg["dtype"], choices=["auto", "bf16", "fp16", "fp32"])
     r.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu or mps")
-    r.add_argument("--latent", default=cfg["latent"], choices=["sample", "mode"])
-    r.add_argument("--no-color-fix", action="store_true", default=not cfg["color_fix"])
-    r.add_argument("--vram-budget", type=_bounded(0.25, 65536), default=None, metavar="GIB",
+    size = r.add_mutually_exclusive_group()
+    size.add_argument("--long-side", type=_bounded(1, 65536, int), default=None, help="target longest side in pixels")
+    for setting in SETTINGS:  # every setting of a pass and of loading is a flag, with hypir_config.py's default
+        if setting.group in ("restore", "load"):
+            _add_setting_flag(size if setting.name == "upscale" else r, setting, cfg[setting.name])
+    r.add_argument("--vram-budget", type=_bounded(0.25, 65536), default=None, metavar="GIB", dest="vram_budget_gb",
                    help="tile to keep the whole process (models included) within this much memory (GPU memory, or "
                         "RAM on a CPU)")
-    r.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=cfg["fused_kernels"],
-                   help="Triton GroupNorm+SiLU and bias kernels on NVIDIA GPUs")
-    r.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=cfg["cuda_graphs"],
-                   help="replay the UNet as a CUDA graph when an image size repeats")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cfg["torch_compile"],
-                   help="torch.compile the UNet and VAE (the first image of each size compiles for minutes)")
     r.add_argument("--download", action="store_true", help="download missing models from the Hugging Face Hub")
     r.add_argument("--format", choices=["png", "jpeg", "webp", "tiff"], default="png",
                    help="output format for folder outputs (a single output file's suffix decides its own)")
@@ -253,25 +254,25 @@ def plan_outputs(args, run: RunPlan) -> None:
             run.jobs.append(Job(source, target))
 
 
-def check_inputs(args, run: RunPlan, device, element_bytes: int) -> None:
+def check_inputs(args, options: RestoreOptions, run: RunPlan, device, element_bytes: int) -> None:
     """Decode every input (in threads), check that its output format can hold it and that its pass fits in
     memory; failing files move from the jobs to the problems."""
     from .images import ImageError, check_output, read_image
     from .planning import PlanError, model_bytes, plan_pass
     from .pipeline import memory_available
 
-    available, where = memory_available(device, args.vram_budget)
+    available, where = memory_available(device, options.vram_budget_gb)
     if available is not None:
         available -= model_bytes(element_bytes)  # the models are not loaded yet
         where += f", less {model_bytes(element_bytes) / 2**30:.1f} GiB for the models"
-    tile = None if args.tile_size == "auto" else args.tile_size
 
     def check(job: Job) -> str | None:
         try:
             picture = read_image(job.source)
             h, w = picture.size
-            plan = plan_pass(h, w, 1, upscale=args.upscale, long_side=args.long_side, element_bytes=element_bytes,
-                             available_bytes=available, tile_size=tile, tile_stride=args.tile_stride, where=where)
+            plan = plan_pass(h, w, 1, upscale=options.upscale, long_side=options.long_side,
+                             element_bytes=element_bytes, available_bytes=available, tile_size=options.tile_size,
+                             tile_stride=options.tile_stride, where=where)
             check_output(job.target, plan.output_size, picture.channels, len(picture.frames))
             del picture
             return None
@@ -299,8 +300,7 @@ def cmd_restore(args) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    if args.upscale is None and args.long_side is None:
-        args.upscale = float(_config.load_config()["upscale"])
+    options = RestoreOptions.from_settings(vars(args))
     run = RunPlan()
     plan_outputs(args, run)
     for note in run.notes:
@@ -319,7 +319,7 @@ def cmd_restore(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     failed_before = len(run.problems)
-    check_inputs(args, run, device, dtype.itemsize)
+    check_inputs(args, options, run, device, dtype.itemsize)
     if len(run.problems) > failed_before and not args.keep_going:
         total = len(run.problems) + len(run.jobs) + len(run.skipped)
         summary = [] if total == 1 else [f"{len(run.problems)} of {total} inputs cannot be restored; nothing was "
@@ -338,12 +338,8 @@ def cmd_restore(args) -> int:
     from .pipeline import Callbacks, HYPIRPipeline
 
     model_files = resolve_model_files(args.base, args.weights, allow_download=args.download)
-    pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype, allow_download=args.download)
-    options = dict(upscale=args.upscale, long_side=args.long_side, prompt=args.prompt, seed=args.seed,
-                   model_t=args.model_t, coeff_t=args.coeff_t, tile_size=args.tile_size, tile_stride=args.tile_stride,
-                   latent=args.latent, color_fix=not args.no_color_fix, attention=args.attention,
-                   use_flash_attention=not args.no_flash_attention, vram_budget_gb=args.vram_budget,
-                   fused_kernels=args.fused_kernels, cuda_graphs=args.cuda_graphs, torch_compile=args.compile)
+    pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype, lora_scale=args.lora_scale,
+                                    allow_download=args.download)
     failures: list[str] = []
     with logging_redirect_tqdm(loggers=[logger]), tqdm(total=len(run.jobs), unit="image", desc="HYPIR") as bar:
         def progress(stage, done, total):
@@ -354,7 +350,7 @@ def cmd_restore(args) -> int:
                 picture = read_image(job.source)
                 restored = []
                 for frame in picture.frames:
-                    result = pipe(torch.from_numpy(frame)[None], callbacks=Callbacks(progress=progress), **options)
+                    result = pipe(torch.from_numpy(frame)[None], options=options, callbacks=Callbacks(progress=progress))
                     restored.append(result.images[0].float().cpu().numpy())
                 write_image(job.target, restored, picture, args.quality)
             except (KeyboardInterrupt, Stopped):
@@ -386,7 +382,7 @@ def _message(exc: BaseException) -> str:
 def cmd_doctor(args) -> int:
     import torch
 
-    from .attention import TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter, REGISTRY
+    from .attention import REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter, flash_off_reason
     from .kernels import triton_available
     from .loading import resolve_device, resolve_dtype
     from .model_files import find_models, search_dirs
@@ -406,17 +402,17 @@ def cmd_doctor(args) -> int:
     router = AttentionRouter(AttentionPolicy(), device, dtype)
     print("attention backends:")
     for backend in AttentionBackend:
-        why = router.unusable_reason(backend, 64)
+        why = router.why_not(backend, 64)
         spec = REGISTRY[backend]
         state = f"available ({spec.version()})" if why is None else f"not available: {why}"
         print(f"  {backend.value:<15} {state}")
     backend = router.choose("unet.attn1", 64)
     flash = REGISTRY[backend].flash_class
     print(f"auto picks for UNet attention: {backend.value}"
-          + ("" if flash else f" (FlashAttention not used: {router.flash_off_reason()})"))
+          + ("" if flash else f" (FlashAttention not used: {flash_off_reason(router)})"))
     print(f"auto picks for VAE attention (head_dim 512): {router.choose('vae.mid', 512).value}")
     if device.type == "cuda" and router.per_shape:
-        tuned = ", ".join(b.value for b in TUNED_ORDER if router.unusable_reason(b, 64) is None)
+        tuned = ", ".join(b.value for b in TUNED_ORDER if router.why_not(b, 64) is None)
         print(f"  (those are the fixed order; on this GPU the first call of each attention shape times {tuned} "
               f"and runs the fastest)")
     fused = "Triton" if device.type == "cuda" and triton_available() else \

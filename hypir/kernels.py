@@ -15,16 +15,18 @@ against.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import logging
-import os
 import types
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .errors import one_line
+
 logger = logging.getLogger("hypir")
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -45,13 +47,23 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
     return F.silu(y) if silu else y
 
 
-# HYPIR_FUSED_SOFTMAX=0 computes the `matmul` attention's softmax with PyTorch instead of the fused kernel:
-# for comparisons (`hypir bench --speed --modes pytorch-softmax`) and as a way around a problem with it.
-FUSED_SOFTMAX_ENV = "HYPIR_FUSED_SOFTMAX"
+# The `matmul` attention's softmax: the fused Triton kernel, or PyTorch's (the `fused_softmax` setting, for
+# comparisons and as a way around a problem with the kernel). Per call, never process-wide.
+_FUSED_SOFTMAX: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fused_softmax", default=True)
+
+
+@contextlib.contextmanager
+def fused_softmax(enabled: bool) -> Iterator[None]:
+    """Use the fused softmax kernel (where it can run) or PyTorch's, for the calls made inside."""
+    token = _FUSED_SOFTMAX.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FUSED_SOFTMAX.reset(token)
 
 
 def fused_softmax_enabled() -> bool:
-    return os.environ.get(FUSED_SOFTMAX_ENV, "1") != "0"
+    return _FUSED_SOFTMAX.get()
 
 
 # Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves:
@@ -265,7 +277,7 @@ def _kernels():
 def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """softmax(scores * scale) over the last dimension of float32 scores, returned in `dtype`; the scores are
     consumed (scaled in place). With Triton on CUDA: one kernel that reads the scores twice and writes the
-    probabilities once; else (or with HYPIR_FUSED_SOFTMAX=0) PyTorch's scale, softmax and cast."""
+    probabilities once; else (or with the fused_softmax setting off) PyTorch's scale, softmax and cast."""
     def reference():
         return torch.softmax(scores.mul_(scale), dim=-1).to(dtype)
 

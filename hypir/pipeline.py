@@ -1,13 +1,14 @@
-"""The HYPIR restore pass, readable top to bottom (REFERENCE.md section 1).
+"""The HYPIR restore pass: `restore(models, images, options, callbacks)`, readable top to bottom as the method.
 
 upscale -> short side to 512 -> pad to 8 -> VAE encode (seeded sample or mode) -> one UNet call at
 model_t -> x0 with the scheduler's alphas at coeff_t -> VAE decode -> crop -> resize back ->
-wavelet colour fix -> clamp.
+wavelet colour fix -> clamp. Sizes, tiles and memory are planned before (planning.py); the kernels each
+module runs are chosen per call (attention/, fused_blocks.py); what the models gather while running is in
+runtime.py.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -17,16 +18,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import config as _config
-from .attention import AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report, \
-    text_encoder_implementation, use_router
+from .attention import (AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report,
+                        text_encoder_implementation, use_router)
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
-from .kernels import triton_available, triton_failure
-from .loading import MODEL_CACHE, HYPIRModels
-from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, \
-    round_to, short_side_size
+from .kernels import fused_softmax, triton_available, triton_failure
+from .loading import HYPIRModels
+from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
+    short_side_size
+from .runtime import MODEL_CACHE, Runtime, runtime_of
+from .settings import RestoreOptions
 from .tiling import run_tiled
 
 logger = logging.getLogger("hypir")
@@ -52,18 +54,9 @@ class Callbacks:
             self.progress(stage, done, total)
 
 
-@dataclass(frozen=True)
-class SpeedOptions:
-    """How a pass runs on a GPU; none changes results beyond bf16/fp16 rounding (see hypir_config.py)."""
-
-    fused_kernels: bool = True  # Triton GroupNorm+SiLU / bias kernels (fused_blocks.py)
-    cuda_graphs: bool = True  # the UNet call replayed as a CUDA graph when its shape repeats (cuda_graphs.py)
-    torch_compile: bool = False  # UNet and VAE through torch.compile
-
-
 @dataclass
 class RestoreResult:
-    images: torch.Tensor  # (B, 3, H, W) float32 in [0, 1], on the model's device
+    images: torch.Tensor  # (B, C, H, W) float32 in [0, 1] with the input's channels, on the model's device
     report: AttentionReport
     seconds: float
     stage_seconds: dict[str, float]
@@ -78,6 +71,281 @@ class RestoreResult:
         roles = ", ".join(f"{k} {v}" for k, v in self.report.backends_by_role().items())
         extra = f" | {self.speedups}" if self.speedups else ""
         return f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles}{extra} | {self.seconds:.2f} s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+
+
+@torch.no_grad()
+def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+            callbacks: Callbacks | None = None, device_info: DeviceInfo | None = None) -> RestoreResult:
+    """Restore a (B, C, H, W) batch in [0, 1] (C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) with loaded models."""
+    check_images(images)
+    callbacks = callbacks or Callbacks()
+    runtime = runtime_of(models)
+    plan = plan_for(models, images, options)
+    policy = AttentionPolicy(options.attention, options.use_flash_attention, per_shape=options.attention_autotune)
+    router = AttentionRouter(policy, models.device, models.dtype, device_info)
+    replays_before = runtime.unet_graphs.replays
+    start = time.perf_counter()
+    for attempt in range(MAX_OOM_RETRIES + 1):
+        try:
+            out, stages = _one_pass(models, runtime, images, plan, options, router, callbacks)
+            break
+        except torch.cuda.OutOfMemoryError as exc:
+            current = plan.tile or max(plan.padded_size)
+            if not options.oom_retry:
+                raise
+            if attempt == MAX_OOM_RETRIES or current <= MIN_TILE:
+                raise torch.cuda.OutOfMemoryError(
+                    f"out of GPU memory even with tiles of {current} px, one at a time (a {plan.describe()}). Free "
+                    f"VRAM (close other programs, unload other models), restore a smaller batch, or use fp16/bf16"
+                ) from exc
+        # Out of the except block, the failed pass's tensors (held by the traceback) are free.
+        tile = round_to(current // 2, 64)
+        plan = plan_for(models, images, options.replace(tile_size=tile, tile_stride=round_to(tile * 3 // 4, 64),
+                                                        vram_budget_gb=None), max_group=1)
+        torch.cuda.empty_cache()
+        logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
+    out = restore_channels(images, out)
+    if models.device.type == "cuda":
+        torch.cuda.synchronize(models.device)
+    seconds = time.perf_counter() - start
+    report = build_report(router, text_encoder_implementation(router))
+    speedups = _speedups(models, options, runtime.unet_graphs.replays > replays_before)
+    return RestoreResult(out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size, speedups)
+
+
+def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan: PassPlan, options: RestoreOptions,
+              router: AttentionRouter, callbacks: Callbacks) -> tuple[torch.Tensor, dict[str, float]]:
+    """The method's steps, in the order of the reference implementation (XPixelGroup/HYPIR's enhancer)."""
+    device, dtype = models.device, models.dtype
+    clock = _StageClock(device if options.sync_stages else None)
+    tiles = _Tiles(plan, callbacks)
+    compiled = options.torch_compile and device.type == "cuda"
+
+    # 1. Upscale; this is the colour reference and fixes the output size.
+    ref = resize_to_output(as_rgb(images).to(device=device, dtype=torch.float32), options.upscale, options.long_side)
+    h0, w0 = ref.shape[2:]
+    # 2. Short side up to the reference's patch size.
+    lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
+    # 3. [-1, 1], padded to a multiple of 8.
+    h1, w1 = lq.shape[2:]
+    x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
+    if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
+        raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
+    clock.lap("prepare")
+
+    with use_router(router), fused_kernels(options.fused_kernels), fused_softmax(options.fused_softmax):
+        # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does after
+        #    torch.manual_seed(seed).
+        generator = torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample" else None
+        z = tiles.run("encode", lambda t: vae_stage(models, runtime, "encode", t, compiled), x, 1 / VAE_SCALE, 4,
+                      per_tile=lambda moments, index: _latent(moments, generator, dtype))
+        require_finite(z, "the VAE encoder's latent", dtype)
+        clock.lap("encode")
+
+        # 5. One UNet call at model_t on the scaled latent.
+        scaling = models.vae.config.scaling_factor
+        z_in = z * scaling
+        text = runtime.prompt_embedding(models, options.prompt, text_encoder_implementation(router)).to(dtype)
+        unet = _unet_call(models, runtime, router, options, text, compiled)
+        eps = require_finite(tiles.run("unet", unet, z_in, 1, 4, latent=True), "the UNet's noise prediction", dtype)
+        clock.lap("unet")
+
+        # 6. x0 from the scheduler's alphas at coeff_t (blending eps then stepping equals stepping per tile then
+        #    blending: the step is linear).
+        abar = float(models.alphas_cumprod[options.coeff_t])
+        z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
+
+        # 7. VAE decode.
+        out = tiles.run("decode", lambda t: vae_stage(models, runtime, "decode", t, compiled), z_out, VAE_SCALE, 3,
+                        latent=True)
+        require_finite(out, "the VAE decoder's image", dtype)
+        clock.lap("decode")
+    if compiled:  # the compiled graphs call SDPA directly (HYPIRAttnProcessor): report that
+        for model in (models.unet, models.vae):
+            for processor in model.attn_processors.values():
+                router.ran.setdefault(processor.name, AttentionBackend.SDPA)
+
+    # 7. (cont.) Crop the padding, back to [0, 1] at the output size.
+    out = F.interpolate((out[:, :, :h1, :w1] + 1) / 2, size=(h0, w0), mode="bicubic", antialias=True)
+    # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
+    if options.color_fix:
+        out = wavelet_color_fix(out, ref)
+    # 9. Clamp.
+    out = require_finite(out, "the restored image", dtype).clamp(0, 1)
+    clock.lap("finish")
+    return out, clock.stages
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps' parts
+
+
+def check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    b, c, h, w = images.shape
+    if b == 0 or h == 0 or w == 0:
+        raise ValueError(f"empty input: batch {b}, size {w}x{h}")
+    if c not in CHANNELS:
+        raise ValueError(f"images must have 1 (grey), 2 (grey and alpha), 3 (RGB) or 4 (RGBA) channels, got {c}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1], got {images.dtype}")
+    bad = (~torch.isfinite(images)).sum().item()
+    if bad:
+        raise ValueError(f"the input holds {bad} NaN or infinite values (of {images.numel()}); the node or file that "
+                         f"produced it is broken: nothing was restored")
+
+
+def plan_for(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions, max_group: int | None = None
+             ) -> PassPlan:
+    """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now."""
+    available, where = memory_available(models.device, options.vram_budget_gb)
+    if models.device.type != "cuda":
+        max_group = 1  # sending tiles together fills a GPU; on a CPU it only holds more memory
+    return plan_pass(images.shape[2], images.shape[3], images.shape[0], upscale=options.upscale,
+                     long_side=options.long_side, element_bytes=models.dtype.itemsize, available_bytes=available,
+                     tile_size=options.tile_size, tile_stride=options.tile_stride, max_group=max_group, where=where)
+
+
+def memory_available(device: torch.device, vram_budget_gb: float | None = None) -> tuple[int | None, str]:
+    """Bytes a pass may use beside what is already allocated (the resident weights), and where they are:
+    the budget less what is allocated, else the GPU's free memory, else the system's available RAM."""
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if vram_budget_gb:
+        return int(vram_budget_gb * 2**30) - held, (f"a memory budget of {vram_budget_gb:g} GiB (of which the models "
+                                                    f"hold {gib(held)})")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - held, f"{device} ({torch.cuda.get_device_name(device)})"
+    return available_ram(), "this machine's available memory"
+
+
+class _StageClock:
+    """Seconds per stage; with a device, the GPU is synchronised at each lap so the times are exact."""
+
+    def __init__(self, sync_device: torch.device | None):
+        self.sync = sync_device if sync_device is not None and sync_device.type == "cuda" else None
+        self.stages: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.sync is not None:
+            torch.cuda.synchronize(self.sync)
+        now = time.perf_counter()
+        self.stages[name] = now - self._last
+        self._last = now
+
+
+class _Tiles:
+    """Runs a stage over the plan's tiles (one tile: the whole image), reporting progress per group of tiles."""
+
+    def __init__(self, plan: PassPlan, callbacks: Callbacks):
+        self.callbacks = callbacks
+        self.count, self.group = plan.tiles, plan.tiles_per_batch
+        self.tile = plan.tile or max(plan.padded_size)
+        self.stride = plan.stride or self.tile
+
+    def run(self, stage: str, fn, x: torch.Tensor, scale: float, channels: int, latent: bool = False,
+            per_tile=None) -> torch.Tensor:
+        tile, stride = (self.tile // VAE_SCALE, self.stride // VAE_SCALE) if latent else (self.tile, self.stride)
+        done = [0]
+
+        def on_tile(n: int) -> None:
+            done[0] += n
+            self.callbacks.step(stage, done[0], self.count)
+
+        self.callbacks.step(stage, 0, self.count)
+        return run_tiled(fn, x, tile, stride, scale, channels, self.group, on_tile, per_tile)
+
+
+def _latent(moments: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """The encoder's moments (mean, std) to a latent: the mean, or a sample with the seeded generator."""
+    mean, std = moments.chunk(2, dim=1)
+    if generator is None:
+        return mean.float()
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+    return mean.float() + std.float() * noise.float()
+
+
+def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
+    if stage == "encode":
+        dist = vae.encode(x).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1)
+    return vae.decode(x).sample
+
+
+def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor, compiled: bool = False
+              ) -> torch.Tensor:
+    """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
+    (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning."""
+    vae = models.vae
+    forward = (runtime.compiled(f"vae.{stage}", lambda t: _vae_forward(vae, stage, t)) if compiled
+               else lambda t: _vae_forward(vae, stage, t))
+    out = forward(x.to(models.dtype))
+    if models.dtype == torch.float16 and not torch.isfinite(out).all():
+        logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
+        out = _vae_forward(runtime.vae_fp32(vae), stage, x.float())
+    return out
+
+
+def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
+               text: torch.Tensor, compiled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """eps for a batch of latent tiles: eager, compiled, or replayed from a CUDA graph when the shape repeats."""
+    unet = models.unet
+
+    def forward(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return unet(sample, timestep, encoder_hidden_states=text).sample
+
+    forward = runtime.compiled("unet", forward) if compiled else forward
+    timestep = torch.tensor([options.model_t], device=models.device)
+    graphed = options.cuda_graphs and models.device.type == "cuda"
+    key = (repr(router.policy), options.fused_kernels, options.fused_softmax, compiled)
+    weights = weights_signature(unet) if graphed else ()
+
+    def call(tiles: torch.Tensor) -> torch.Tensor:
+        n = tiles.shape[0]
+        inputs = [tiles.to(models.dtype), timestep.expand(n), text.expand(n, -1, -1)]
+        if not graphed:
+            return forward(*inputs)
+        return runtime.unet_graphs(key, forward, inputs, weights=weights,
+                                   snapshot=lambda: router.snapshot("unet."), restore=router.restore)
+    return call
+
+
+def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> str:
+    """The status line's account of the fused kernels, CUDA graphs and torch.compile (GPU only)."""
+    if models.device.type != "cuda":
+        return ""
+    if not options.fused_kernels:
+        norms = "PyTorch norms (fused kernels off)"
+    elif not triton_available():
+        norms = "PyTorch norms (Triton not installed)"
+    elif triton_failure():
+        norms = "PyTorch norms (Triton failed)"
+    else:
+        norms = "Triton norms"
+    parts = [norms]
+    if options.cuda_graphs:
+        parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
+    if options.torch_compile:
+        parts.append("torch.compile")
+    return ", ".join(parts)
+
+
+def require_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """Stop the pass when a stage produced NaN or infinite values (damaged weights, an overflow)."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteError(
+            f"{what} holds {bad} NaN or infinite values (of {tensor.numel()}) in {str(dtype).removeprefix('torch.')}: "
+            f"nothing was restored. Try the fp32 dtype (--dtype fp32); if that fails too, the model files are "
+            f"damaged: download them again")
+    return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,71 +384,13 @@ def restore_channels(source: torch.Tensor, restored: torch.Tensor) -> torch.Tens
     return restored
 
 
-def require_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
-    """Stop the pass when a stage produced NaN or infinite values (damaged weights, an overflow)."""
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise NonFiniteError(
-            f"{what} holds {bad} NaN or infinite values (of {tensor.numel()}) in {str(dtype).removeprefix('torch.')}: "
-            f"nothing was restored. Try the fp32 dtype (--dtype fp32); if that fails too, the model files are "
-            f"damaged: download them again")
-    return tensor
-
-
 # ----------------------------------------------------------------------------------------------
-# Memory available to a pass (planning.py plans within it)
-
-
-def memory_available(device: torch.device, vram_budget_gb: float | None = None) -> tuple[int | None, str]:
-    """Bytes a pass may use beside what is already allocated (the resident weights), and where they are:
-    the budget less what is allocated, else the GPU's free memory, else the system's available RAM."""
-    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    if vram_budget_gb:
-        return int(vram_budget_gb * 2**30) - held, (f"a memory budget of {vram_budget_gb:g} GiB (of which the models "
-                                                    f"hold {gib(held)})")
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - held, f"{device} ({torch.cuda.get_device_name(device)})"
-    return available_ram(), "this machine's available memory"
-
-
-# ----------------------------------------------------------------------------------------------
-# VAE stages with the fp16 overflow guard
-
-
-def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
-    if stage == "encode":
-        dist = vae.encode(x).latent_dist
-        return torch.cat([dist.mean, dist.std], dim=1)
-    return vae.decode(x).sample
-
-
-def vae_stage(models: HYPIRModels, stage: str, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-    """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
-    (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning."""
-    forward = functools.partial(_vae_forward, models.vae, stage)
-    if compiled:
-        forward = models.compiled(f"vae.{stage}", forward)
-    out = forward(x.to(models.dtype))
-    if models.dtype == torch.float16 and not torch.isfinite(out).all():
-        logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
-        out = _vae_forward(models.vae_fp32(), stage, x.float())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The pipeline
-
-
-def _check_t(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 999:
-        raise ValueError(f"{name} must be an integer in 1..999, got {value!r}")
-    return value
+# The object front ends hold
 
 
 class HYPIRPipeline:
-    """Restores batches with loaded HYPIR models. Cheap to create; models come from the cache."""
+    """Loaded models and a call that restores with keyword options (RestoreOptions' fields). Cheap to create:
+    models come from the cache, and changing an option never reloads them."""
 
     def __init__(self, models: HYPIRModels, device_info: DeviceInfo | None = None):
         self.models = models
@@ -192,276 +402,23 @@ class HYPIRPipeline:
                    allow_download=False, **kwargs) -> "HYPIRPipeline":
         return cls(MODEL_CACHE.get(base, weights, device, dtype, lora_scale, allow_download, **kwargs))
 
-    # --- text ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, prompt: str, implementation: str = "sdpa") -> torch.Tensor:
         """(1, 77, hidden) text embedding, cached per prompt and attention implementation."""
-        m = self.models
-        key = (prompt, implementation)
-        with m.text_lock:
-            if key not in m.prompt_cache:
-                tokens = m.tokenizer(prompt, padding="max_length", max_length=m.tokenizer.model_max_length,
-                                     truncation=False, return_tensors="pt").input_ids
-                if tokens.shape[1] > m.tokenizer.model_max_length:
-                    logger.warning("[HYPIR] prompt has %d tokens; only the first %d are used", tokens.shape[1],
-                                   m.tokenizer.model_max_length)
-                    tokens = m.tokenizer(prompt, padding="max_length", max_length=m.tokenizer.model_max_length,
-                                         truncation=True, return_tensors="pt").input_ids
-                previous = m.text_encoder.config._attn_implementation
-                m.text_encoder.config._attn_implementation = implementation
-                try:
-                    embedding = m.text_encoder(tokens.to(m.device))[0]
-                finally:
-                    m.text_encoder.config._attn_implementation = previous
-                if len(m.prompt_cache) >= 16:
-                    m.prompt_cache.pop(next(iter(m.prompt_cache)))
-                m.prompt_cache[key] = embedding
-            return m.prompt_cache[key]
+        return runtime_of(self.models).prompt_embedding(self.models, prompt, implementation)
 
-    # --- restore ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def __call__(
-        self,
-        images: torch.Tensor,
-        *,
-        upscale: float | None = None,
-        long_side: int | None = None,
-        prompt: str | None = None,
-        seed: int | None = None,
-        model_t: int | None = None,
-        coeff_t: int | None = None,
-        tile_size: int | str | None = None,
-        tile_stride: int | None = None,
-        latent: str | None = None,
-        color_fix: bool | None = None,
-        attention: str | None = None,
-        use_flash_attention: bool | None = None,
-        vram_budget_gb: float | None = None,
-        fused_kernels: bool | None = None,
-        cuda_graphs: bool | None = None,
-        torch_compile: bool | None = None,
-        oom_retry: bool = True,
-        callbacks: Callbacks | None = None,
-        sync_stages: bool = False,
-    ) -> RestoreResult:
-        defaults = _config.load_config()
-        pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731
-        if long_side is None and upscale is None:
-            upscale = float(defaults["upscale"])
-        prompt = pick(prompt, "prompt")
-        seed = int(pick(seed, "seed"))
-        model_t = _check_t("model_t", pick(model_t, "model_t"))
-        coeff_t = _check_t("coeff_t", pick(coeff_t, "coeff_t"))
-        tile_size = pick(tile_size, "tile_size")
-        tile_stride = pick(tile_stride, "tile_stride")
-        latent = pick(latent, "latent")
-        color_fix = bool(pick(color_fix, "color_fix"))
-        policy = AttentionPolicy(pick(attention, "attention"), bool(pick(use_flash_attention, "use_flash_attention")))
-        speed = SpeedOptions(bool(pick(fused_kernels, "fused_kernels")), bool(pick(cuda_graphs, "cuda_graphs")),
-                             bool(pick(torch_compile, "torch_compile")))
-        callbacks = callbacks or Callbacks()
-        self._check_inputs(images, upscale, long_side, latent, tile_size, tile_stride)
-        forced_tile = None if tile_size in (None, "auto") else int(tile_size)
-        plan = self.plan(images, upscale, long_side, forced_tile, int(tile_stride), vram_budget_gb)
+    def plan(self, images: torch.Tensor, options: RestoreOptions) -> PassPlan:
+        return plan_for(self.models, images, options)
 
-        router = AttentionRouter(policy, self.models.device, self.models.dtype, self.device_info)
-        replays_before = self.models.unet_graphs.replays
-        start = time.perf_counter()
-        attempt = 0
-        while True:
-            try:
-                result = self._restore(images, plan, upscale, long_side, prompt, seed, model_t, coeff_t, latent,
-                                       color_fix, router, callbacks, sync_stages, speed)
-                break
-            except torch.cuda.OutOfMemoryError as exc:
-                if not oom_retry:
-                    raise
-                attempt += 1
-                current = plan.tile or max(plan.padded_size)
-                if attempt > MAX_OOM_RETRIES or current <= MIN_TILE:
-                    raise torch.cuda.OutOfMemoryError(
-                        f"out of GPU memory even with tiles of {current} px, one at a time (a {plan.describe()}). "
-                        f"Free VRAM (close other programs, unload other models), restore a smaller batch, or use "
-                        f"fp16/bf16") from exc
-                tile = round_to(current // 2, 64)
-                plan = self.plan(images, upscale, long_side, tile, round_to(tile * 3 // 4, 64), None, max_group=1)
-            # Outside the except block, the failed pass's tensors (held by the traceback) are free.
-            torch.cuda.empty_cache()
-            logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
-        images_out, stages = result
-        images_out = restore_channels(images, images_out)
-        if self.models.device.type == "cuda":
-            torch.cuda.synchronize(self.models.device)
-        seconds = time.perf_counter() - start
-        report = build_report(router, text_encoder_implementation(router))
-        self._log_report(report)
-        speedups = self._speedups(speed, self.models.unet_graphs.replays > replays_before)
-        return RestoreResult(images_out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size,
-                             speedups)
-
-    def _speedups(self, speed: SpeedOptions, replayed: bool) -> str:
-        """The status line's account of the fused kernels, CUDA graphs and torch.compile (GPU only)."""
-        if self.models.device.type != "cuda":
-            return ""
-        if not speed.fused_kernels:
-            norms = "PyTorch norms (fused kernels off)"
-        elif not triton_available():
-            norms = "PyTorch norms (Triton not installed)"
-        elif triton_failure():
-            norms = "PyTorch norms (Triton failed)"
-        else:
-            norms = "Triton norms"
-        parts = [norms]
-        if speed.cuda_graphs:
-            parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
-        if speed.torch_compile:
-            parts.append("torch.compile")
-        return ", ".join(parts)
-
-    def _check_inputs(self, images, upscale, long_side, latent, tile_size, tile_stride):
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
-        b, c, h, w = images.shape
-        if b == 0 or h == 0 or w == 0:
-            raise ValueError(f"empty input: batch {b}, size {w}x{h}")
-        if c not in CHANNELS:
-            raise ValueError(f"images must have 1 (grey), 2 (grey and alpha), 3 (RGB) or 4 (RGBA) channels, got {c}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be float in [0, 1], got {images.dtype}")
-        bad = (~torch.isfinite(images)).sum().item()
-        if bad:
-            raise ValueError(f"the input holds {bad} NaN or infinite values (of {images.numel()}); the node or file "
-                             f"that produced it is broken: nothing was restored")
-        if long_side is not None and (not isinstance(long_side, int) or long_side < 1):
-            raise ValueError(f"long_side must be a positive integer, got {long_side!r}")
-        if long_side is None and not (isinstance(upscale, (int, float)) and 0 < upscale <= 16):
-            raise ValueError(f"upscale must be a number in (0, 16], got {upscale!r}")
-        if latent not in ("sample", "mode"):
-            raise ValueError(f"latent must be 'sample' or 'mode', got {latent!r}")
-        if tile_size not in (None, "auto"):
-            if int(tile_size) < 64 or int(tile_size) % 8:
-                raise ValueError(f"tile_size must be 'auto' or a multiple of 8 of at least 64 px, got {tile_size!r}")
-            if int(tile_stride) < 8 or int(tile_stride) % 8:
-                raise ValueError(f"tile_stride must be a multiple of 8 of at least 8 px, got {tile_stride!r}")
-
-    def plan(self, images: torch.Tensor, upscale: float | None, long_side: int | None, tile_size: int | None = None,
-             tile_stride: int | None = None, vram_budget_gb: float | None = None, max_group: int | None = None
-             ) -> PassPlan:
-        """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now."""
-        available, where = memory_available(self.models.device, vram_budget_gb)
-        if self.models.device.type != "cuda":
-            max_group = 1  # sending tiles together fills a GPU; on a CPU it only holds more memory
-        return plan_pass(images.shape[2], images.shape[3], images.shape[0], upscale=upscale, long_side=long_side,
-                         element_bytes=self.models.dtype.itemsize, available_bytes=available, tile_size=tile_size,
-                         tile_stride=tile_stride, max_group=max_group, where=where)
-
-    def _restore(self, images, plan: PassPlan, upscale, long_side, prompt, seed, model_t, coeff_t, latent,
-                 color_fix, router, callbacks, sync_stages, speed=SpeedOptions()):
-        m = self.models
-        device, dtype = m.device, m.dtype
-        stages: dict[str, float] = {}
-        clock = [time.perf_counter()]
-
-        def lap(name: str) -> None:
-            if sync_stages and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            stages[name] = now - clock[0]
-            clock[0] = now
-
-        # 1. Upscale; this is the colour reference and fixes the output size.
-        ref = resize_to_output(as_rgb(images).to(device=device, dtype=torch.float32), upscale, long_side)
-        h0, w0 = ref.shape[2:]
-        # 2. Short side up to the reference's patch size.
-        lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
-        # 3. [-1, 1], padded to a multiple of 8.
-        h1, w1 = lq.shape[2:]
-        x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
-        if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
-            raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
-        px_tile = plan.tile or max(plan.padded_size)
-        px_stride = plan.stride or px_tile
-        lat_tile, lat_stride = px_tile // VAE_SCALE, px_stride // VAE_SCALE
-        n_tiles, group = plan.tiles, plan.tiles_per_batch
-        lap("prepare")
-
-        def progress(stage):
-            done = [0]
-
-            def on_tile(n):
-                done[0] += n
-                callbacks.step(stage, done[0], n_tiles)
-            return on_tile
-
-        on_gpu = device.type == "cuda"
-        compiled = speed.torch_compile and on_gpu
-        with use_router(router), fused_kernels(speed.fused_kernels):
-            # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does
-            #    after torch.manual_seed(seed).
-            callbacks.step("encode", 0, n_tiles)
-            generator = torch.Generator(device=device).manual_seed(seed) if latent == "sample" else None
-
-            def encode(tiles: torch.Tensor) -> torch.Tensor:
-                return vae_stage(m, "encode", tiles, compiled)
-
-            def to_latent(moments: torch.Tensor, index: int) -> torch.Tensor:
-                mean, std = moments.chunk(2, dim=1)
-                if generator is None:
-                    return mean.float()
-                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=dtype)
-                return mean.float() + std.float() * noise.float()
-
-            z = run_tiled(encode, x, px_tile, px_stride, 1 / VAE_SCALE, 4, group, progress("encode"), to_latent)
-            require_finite(z, "the VAE encoder's latent", dtype)
-            lap("encode")
-
-            # 5. One UNet call at model_t on the scaled latent.
-            scaling = m.vae.config.scaling_factor
-            z_in = z * scaling
-            text = self.encode_prompt(prompt, text_encoder_implementation(router)).to(dtype)
-            timestep = torch.tensor([model_t], device=device)
-
-            unet_forward = m.compiled("unet", _unet_forward(m.unet)) if compiled else _unet_forward(m.unet)
-            graphs_key = (repr(router.policy), speed) if speed.cuda_graphs and on_gpu else None
-            unet_weights = weights_signature(m.unet) if graphs_key is not None else ()
-
-            def unet(tiles: torch.Tensor) -> torch.Tensor:
-                n = tiles.shape[0]
-                inputs = [tiles.to(dtype), timestep.expand(n), text.expand(n, -1, -1)]
-                if graphs_key is None:
-                    return unet_forward(*inputs)
-                return m.unet_graphs(graphs_key, unet_forward, inputs, weights=unet_weights,
-                                     snapshot=lambda: router.snapshot("unet."), restore=router.restore)
-
-            callbacks.step("unet", 0, n_tiles)
-            eps = require_finite(run_tiled(unet, z_in, lat_tile, lat_stride, 1, 4, group, progress("unet")),
-                                 "the UNet's noise prediction", dtype)
-            lap("unet")
-
-            # 6. x0 from the scheduler's alphas at coeff_t (blending eps then stepping equals stepping
-            #    per tile then blending: the step is linear).
-            abar = float(m.alphas_cumprod[coeff_t])
-            z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
-
-            # 7. VAE decode, crop the padding, back to [0, 1] at the output size.
-            callbacks.step("decode", 0, n_tiles)
-            out = run_tiled(lambda t: vae_stage(m, "decode", t, compiled), z_out, lat_tile, lat_stride, VAE_SCALE, 3,
-                            group, progress("decode"))
-            require_finite(out, "the VAE decoder's image", dtype)
-            lap("decode")
-        if compiled:  # the compiled graphs call SDPA directly (HYPIRAttnProcessor): report that
-            for model in (m.unet, m.vae):
-                for processor in model.attn_processors.values():
-                    router.ran.setdefault(processor.name, AttentionBackend.SDPA)
-        out = (out[:, :, :h1, :w1] + 1) / 2
-        out = F.interpolate(out, size=(h0, w0), mode="bicubic", antialias=True)
-        # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
-        if color_fix:
-            out = wavelet_color_fix(out, ref)
-        # 9. Clamp.
-        out = require_finite(out, "the restored image", dtype).clamp(0, 1)
-        lap("finish")
-        return out, stages
+    def __call__(self, images: torch.Tensor, *, options: RestoreOptions | None = None,
+                 callbacks: Callbacks | None = None, **kwargs) -> RestoreResult:
+        """restore() with these models: `options`, or RestoreOptions built from the keyword arguments."""
+        if options is None:  # None means "the default", as for a keyword left out
+            options = RestoreOptions(**{k: v for k, v in kwargs.items() if v is not None})
+        elif kwargs:
+            options = options.replace(**kwargs)
+        result = restore(self.models, images, options, callbacks, self.device_info)
+        self._log_report(result.report)
+        return result
 
     def _log_report(self, report: AttentionReport) -> None:
         key = (report.status_line(), tuple(sorted(report.backends_by_role().items())))
@@ -471,12 +428,7 @@ class HYPIRPipeline:
                 logger.info("[HYPIR] %s", line)
 
 
-def _unet_forward(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    def forward(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return unet(sample, timestep, encoder_hidden_states=text).sample
-    return forward
-
-
-def restore(images: torch.Tensor, base: str, weights: str, device="auto", dtype="auto", **options) -> RestoreResult:
+def restore_files(images: torch.Tensor, base: str, weights: str, device="auto", dtype="auto", **options
+                  ) -> RestoreResult:
     """One-call API: load (cached) and restore."""
     return HYPIRPipeline.from_files(base, weights, device, dtype)(images, **options)

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 def write_random_model(root, size: str = "tiny"):
     """A random SD2.1-architecture diffusers folder of `size` and a rank-4 HYPIR LoRA file for it, in root."""
-    from hypir.random_models import build_random_base, random_lora, save_diffusers_folder
+    from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
 
     base = build_random_base(size, seed=0)
     folder = save_diffusers_folder(base, root / f"{size}_sd")
@@ -34,7 +34,7 @@ def tiny_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_files):
-    from hypir.loading import load_models
+    from hypir.runtime import load_models
 
     folder, weights = tiny_files
     return load_models(folder, weights, device="cpu", dtype="fp32")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 def main(models_dir: str) -> None:
     import torch
 
-    from hypir.random_models import build_random_base, random_lora, save_diffusers_folder
+    from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
 
     models = Path(models_dir)
     base = build_random_base("tiny", seed=0)

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hypir.attention as attention_module
+import hypir.attention.tuning as tuning_module
 from hypir.attention import (CUDA_FALLBACK_ORDER, FLASH_ORDER, OTHER_FALLBACK_ORDER, REGISTRY, TUNED_ORDER,
                              AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter, AttentionShape,
-                             DeviceInfo, autotune_table, build_report, clear_autotune_cache, use_router, dispatch)
+                             DeviceInfo, autotune_table, build_report, clear_autotune_cache, use_router, dispatch,
+                             why_not)
 from hypir.pipeline import HYPIRPipeline
 
 A100 = DeviceInfo("cuda", (8, 0), "NVIDIA A100-SXM4-80GB")
@@ -38,7 +39,7 @@ def qkv(b, n, m, h, d, seed, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-CPU_BACKENDS = [b for b in AttentionBackend if REGISTRY[b].unavailable_reason(CPU) is None]
+CPU_BACKENDS = [b for b in AttentionBackend if why_not(b, CPU, torch.float32, 64) is None]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b.value)
@@ -117,7 +118,7 @@ def flash_attn4(monkeypatch):
 
 @pytest.fixture(scope="module")
 def bf16_models(tiny_files):
-    from hypir.loading import load_models
+    from hypir.runtime import load_models
 
     folder, weights = tiny_files
     return load_models(folder, weights, device="cpu", dtype="bf16")
@@ -171,15 +172,15 @@ def test_clip_line_when_transformers_runs_flash_attention_2(flash_attn2):
 
 def test_flash_attn4_namespace_package(bf16_models, flash_attn4):
     router = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, H100)
-    assert router.unusable_reason(AttentionBackend.FLASH_ATTN, 64) == \
+    assert router.why_not(AttentionBackend.FLASH_ATTN, 64) == \
         "flash_attn.flash_attn_func not found (pip install flash-attn: a prebuilt wheel matching your torch and CUDA)"
-    assert router.unusable_reason(AttentionBackend.FLASH_ATTN4, 64) is None
-    assert router.unusable_reason(AttentionBackend.FLASH_ATTN4, 512) == "head_dim 512 > 128"
+    assert router.why_not(AttentionBackend.FLASH_ATTN4, 64) is None
+    assert router.why_not(AttentionBackend.FLASH_ATTN4, 512) == "head_dim 512 > 128"
     _, router = unet_pass(bf16_models, H100, attention="flash_attn4")
     assert ((1, 4096, 2, 8), (1, 77, 2, 8), torch.bfloat16) in flash_attn4.calls
     assert build_report(router, "sdpa").status_line() == "FlashAttention: enabled (flash_attn4 4.0.0b36)"
     ampere = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100)
-    assert ampere.unusable_reason(AttentionBackend.FLASH_ATTN4, 64) == "GPU sm80 (NVIDIA A100-SXM4-80GB) is below sm90"
+    assert ampere.why_not(AttentionBackend.FLASH_ATTN4, 64) == "GPU sm80 (NVIDIA A100-SXM4-80GB) is below sm90"
 
 
 def _status(info, dtype, policy=AttentionPolicy()):
@@ -387,7 +388,7 @@ def test_per_shape_choice_follows_the_measured_winner(kernels):
     a = AttentionShape(1, 64, 64, 2, 16, torch.bfloat16, "cpu")
     assert table[a].winner == AttentionBackend.SDPA_CUDNN and set(table[a].times) == measured
     assert table[a].times[AttentionBackend.SDPA_CUDNN] == 1.0 and not table[a].errors
-    at_512 = {b for b in measured if router.unusable_reason(b, 512) is None}
+    at_512 = {b for b in measured if router.why_not(b, 512) is None}
     assert AttentionBackend.SDPA_EFFICIENT in at_512 and not any(REGISTRY[b].flash_class for b in at_512)
     assert set(table[AttentionShape(1, 64, 64, 1, 512, torch.bfloat16, "cpu")].times) == at_512
     assert sorted((s.q_tokens, b.value) for s, b in timer.calls) == sorted(
@@ -438,7 +439,7 @@ def test_concurrent_first_calls_measure_once(kernels):
 
 
 def test_cache_is_bounded(kernels, monkeypatch):
-    monkeypatch.setattr(attention_module, "MAX_TUNED_SHAPES", 2)
+    monkeypatch.setattr(tuning_module, "MAX_TUNED_SHAPES", 2)
     router = tuned_router(FakeTimer(by_q_tokens))
     for n in (64, 96, 128):
         run_shape(router, f"unet.{n}.attn1", (1, n, n, 2, 16))
@@ -498,10 +499,9 @@ def test_no_measurement_outside_auto_flash(kernels, policy, expected):
     assert timer.calls == [] and autotune_table() == {}
 
 
-def test_env_var_switches_per_shape_off(kernels, monkeypatch):
-    monkeypatch.setenv("HYPIR_ATTENTION_AUTOTUNE", "0")
+def test_autotune_setting_switches_per_shape_off(kernels):
     timer = FakeTimer(by_q_tokens)
-    router = tuned_router(timer)
+    router = tuned_router(timer, AttentionPolicy(per_shape=False))
     run_shape(router, "unet.a.attn1", SHAPE_A)
     assert router.ran == {"unet.a.attn1": AttentionBackend.FLASH_ATTN}
     assert timer.calls == [] and autotune_table() == {}
@@ -531,7 +531,7 @@ def test_sage_is_opt_in(kernels, monkeypatch):
     monkeypatch.setitem(sys.modules, "sageattention", module)
     timer = FakeTimer(lambda shape: AttentionBackend.SAGE)
     router = tuned_router(timer, info=H100)
-    assert router.unusable_reason(AttentionBackend.SAGE, 64) is None
+    assert router.why_not(AttentionBackend.SAGE, 64) is None
     run_shape(router, "unet.a.attn1", (1, 64, 64, 2, 64))
     assert AttentionBackend.SAGE not in {b for _, b in timer.calls} and sage.attempts == 0
     assert router.ran["unet.a.attn1"] != AttentionBackend.SAGE

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hypir.loading import HYPIRLoadError, load_base_model, read_lora, warn_if_v_prediction
-from hypir.random_models import build_random_base
+from hypir.checkpoints import load_base_model, warn_if_v_prediction
+from hypir.errors import HYPIRLoadError
+from hypir.lora import read_lora
+from hypir.bench.random_models import build_random_base
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-import hypir.attention as attention_module  # noqa: E402
+import hypir.attention.tuning as tuning_module  # noqa: E402
 from conftest import write_random_model  # noqa: E402
 from hypir.attention import (REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter,  # noqa: E402
                              AttentionShape, autotune_table, clear_autotune_cache)
@@ -38,7 +38,7 @@ OPT_IN_SANITY = 1e-1  # 8-bit attention (opt-in) exceeds TOLERANCE by design; it
 
 def usable(backend, dtype, head_dim):
     router = AttentionRouter(AttentionPolicy(), "cuda", dtype)
-    return router.unusable_reason(backend, head_dim)
+    return router.why_not(backend, head_dim)
 
 
 def inputs_and_reference(shape: str, dtype: torch.dtype):
@@ -93,14 +93,13 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("FlashAttention needs sm80+")
     timed = []
-    real_timer = attention_module.time_kernel
+    real_timer = tuning_module.time_kernel
 
     def counting_timer(backend, fn, q, k, v, scale):
         timed.append((AttentionShape.of(q, k), backend))
         return real_timer(backend, fn, q, k, v, scale)
 
-    monkeypatch.setattr(attention_module, "time_kernel", counting_timer)
-    monkeypatch.delenv("HYPIR_ATTENTION_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tuning_module, "time_kernel", counting_timer)
     clear_autotune_cache()
     router = AttentionRouter(AttentionPolicy(), "cuda", dtype)
     outputs, data = {}, {name: inputs_and_reference(name, dtype) for name in SHAPES}
@@ -114,7 +113,7 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
     for name, (b, n, m, h, d) in SHAPES.items():
         q, k = data[name][:2]
         timing = table[AttentionShape.of(q, k)]
-        candidates = {c for c in TUNED_ORDER if router.unusable_reason(c, d) is None}
+        candidates = {c for c in TUNED_ORDER if router.why_not(c, d) is None}
         assert set(timing.times) | set(timing.errors) == candidates
         assert timing.winner == router.ran[name] == min(timing.times, key=timing.times.get)
         assert router.shapes[name] == (n, m, h, d)
@@ -135,7 +134,7 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
 
 @pytest.fixture(scope="module")
 def gpu_models(tiny_files):
-    from hypir.loading import load_models
+    from hypir.runtime import load_models
 
     folder, weights = tiny_files
     return {dtype: load_models(folder, weights, device="cuda", dtype=dtype) for dtype in ("fp32", "bf16")}
@@ -176,15 +175,14 @@ def test_auto_picks_a_flash_kernel_on_ampere_or_newer(gpu_models, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("FlashAttention needs sm80+")
     # The fixed order (per-shape timing off) puts a FlashAttention-class kernel first.
-    monkeypatch.setenv("HYPIR_ATTENTION_AUTOTUNE", "0")
-    result = HYPIRPipeline(gpu_models["bf16"])(torch.rand(1, 3, 64, 64, device="cuda"), upscale=2.0)
+    result = HYPIRPipeline(gpu_models["bf16"])(torch.rand(1, 3, 64, 64, device="cuda"), upscale=2.0,
+                                               attention_autotune=False)
     assert result.report.flash_enabled, result.report.status_line()
     vae = {b for m, b in result.report.per_module.items() if m.startswith("vae.")}
     assert vae and all(REGISTRY[b].flash_class for b in vae)  # the tiny VAE's head_dim is 32
     print(result.status_line())
     # Timed per shape, a module runs a FlashAttention-class kernel or sdpa_efficient, whichever measured
     # fastest there, and the report says so.
-    monkeypatch.delenv("HYPIR_ATTENTION_AUTOTUNE")
     clear_autotune_cache()
     result = HYPIRPipeline(gpu_models["bf16"])(torch.rand(1, 3, 64, 64, device="cuda"), upscale=2.0)
     assert set(result.report.per_module.values()) <= {*TUNED_ORDER}
@@ -218,7 +216,7 @@ def test_no_global_sdpa_flags_changed(gpu_models):
 @pytest.fixture(scope="module")
 def small_models_bf16(tmp_path_factory):
     """Quarter-width SD2.1 models: at a 2048 output their activations, not the image buffers, fill memory."""
-    from hypir.loading import load_models
+    from hypir.runtime import load_models
 
     folder, weights = write_random_model(tmp_path_factory.mktemp("gpu_small"), "small")
     return load_models(folder, weights, device="cuda", dtype="bf16")
@@ -232,13 +230,12 @@ def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, mon
 
     # Per-shape timing off: the first call of a shape times every candidate kernel, whose peak is not what
     # the pass itself needs, and the tiled retry meets new shapes.
-    monkeypatch.setenv("HYPIR_ATTENTION_AUTOTUNE", "0")
     pipe = HYPIRPipeline(small_models_bf16)
     lq = torch.rand(1, 3, 256, 256, device="cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    one_pass = pipe(lq, upscale=8.0, latent="mode", tile_size="auto", cuda_graphs=False)
+    one_pass = pipe(lq, upscale=8.0, latent="mode", tile_size="auto", cuda_graphs=False, attention_autotune=False)
     assert one_pass.tile_size is None
     need = torch.cuda.max_memory_allocated() - base
     # 512 px tiles one at a time (a budget with room for one tile's activations only).
@@ -246,7 +243,7 @@ def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, mon
     torch.cuda.reset_peak_memory_stats()
     one_tile_budget = (base + full_size_bytes(1, 2048, 2048)) / 2**30 + 0.5
     pipe(lq, upscale=8.0, latent="mode", tile_size=512, tile_stride=384, vram_budget_gb=one_tile_budget,
-         cuda_graphs=False)
+         cuda_graphs=False, attention_autotune=False)
     need_tiled = torch.cuda.max_memory_allocated() - base
     assert need_tiled < 0.8 * need
     total = torch.cuda.get_device_properties(0).total_memory
@@ -255,7 +252,7 @@ def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, mon
     torch.cuda.set_per_process_memory_fraction((base + (need + need_tiled) / 2) / total)
     try:
         with caplog.at_level("WARNING", logger="hypir"):
-            retried = pipe(lq, upscale=8.0, latent="mode", tile_size="auto", cuda_graphs=False)
+            retried = pipe(lq, upscale=8.0, latent="mode", tile_size="auto", cuda_graphs=False, attention_autotune=False)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     print(f"one pass needs {need / 2**20:.0f} MiB, 512 px tiles {need_tiled / 2**20:.0f} MiB; capped between: "

@@ -69,7 +69,7 @@ def cuda_pipe(tiny_models_cuda):
 
 @pytest.fixture(scope="module")
 def tiny_models_cuda(tiny_files):
-    from hypir.loading import load_models
+    from hypir.runtime import load_models
 
     base, weights = tiny_files
     return load_models(base, weights, device="cuda", dtype="bf16")
@@ -78,8 +78,10 @@ def tiny_models_cuda(tiny_files):
 def test_cuda_graph_replay_equals_eager(cuda_pipe):
     """The UNet replayed from a CUDA graph gives the eager result, reports what the capture ran, and a UNet
     moved off and back gets a new graph (never a replay of freed weights)."""
+    from hypir.runtime import runtime_of
+
     images = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(0)).cuda()
-    graphs = cuda_pipe.models.unet_graphs
+    graphs = runtime_of(cuda_pipe.models).unet_graphs
     eager = cuda_pipe(images, upscale=2, cuda_graphs=False)
     first = cuda_pipe(images, upscale=2, cuda_graphs=True)   # eager, shape seen
     second = cuda_pipe(images, upscale=2, cuda_graphs=True)  # captured and replayed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hypir import fused_blocks, kernels
-from hypir.random_models import build_random_base
+from hypir.bench.random_models import build_random_base
 
 triton = pytest.importorskip("triton", reason="the fused kernels need Triton (pip install triton)")
 
@@ -184,7 +184,6 @@ def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
 @pytest.mark.parametrize("width", [77, 1000, 5000])  # 5000: two 4096-wide blocks a row
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
-    monkeypatch.delenv(kernels.FUSED_SOFTMAX_ENV, raising=False)
     calls = []
     original = kernels._triton_scaled_softmax
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
@@ -198,8 +197,9 @@ def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
 
 
 def test_scaled_softmax_switched_off_is_pytorch(interpreted, monkeypatch):
-    monkeypatch.setenv(kernels.FUSED_SOFTMAX_ENV, "0")
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: pytest.fail("the Triton softmax ran"))
     scores = torch.randn(4, 33)
     expected = torch.softmax(scores * 0.5, dim=-1).to(torch.bfloat16)
-    assert torch.equal(kernels.scaled_softmax(scores.clone(), 0.5, torch.bfloat16), expected)
+    with kernels.fused_softmax(False):
+        assert torch.equal(kernels.scaled_softmax(scores.clone(), 0.5, torch.bfloat16), expected)
+    assert kernels.fused_softmax_enabled()  # only for the calls inside

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypir.loading import (HYPIRLoadError, ModelCache, load_base_model, load_models, lora_from_state_dict,
-                           merge_lora, read_lora, resolve_dtype)
-from hypir.random_models import LORA_TARGETS, build_random_base, random_lora, write_config_folder
+from hypir.checkpoints import load_base_model
+from hypir.errors import HYPIRLoadError
+from hypir.loading import resolve_dtype
+from hypir.lora import lora_from_state_dict, merge_lora, read_lora
+from hypir.runtime import ModelCache, load_models
+from hypir.bench.random_models import LORA_TARGETS, build_random_base, random_lora, write_config_folder
 
 
 def unet_inputs(seed=0):

@@ -237,15 +237,15 @@ def test_output_too_large_refused_up_front(pipe):
 
 def test_fp16_vae_overflow_recomputed_in_fp32(tiny_files, caplog):
     """A real fp16 overflow: a decoder whose last convolution sums to beyond fp16's range (65504)."""
-    from hypir.loading import load_models
     from hypir.pipeline import vae_stage
+    from hypir.runtime import load_models, runtime_of
 
     models = load_models(*tiny_files, device="cpu", dtype="fp16")
     with torch.no_grad():
         models.vae.decoder.conv_out.weight.fill_(5000.0)
     z = torch.randn(1, 4, 4, 4)
     with caplog.at_level("WARNING", logger="hypir"):
-        out = vae_stage(models, "decode", z)
+        out = vae_stage(models, runtime_of(models), "decode", z)
     assert "VAE decode overflowed in fp16; recomputing it in fp32" in caplog.text
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.abs().max() > 65504
     assert models.vae.decoder.conv_out.weight.dtype == torch.float16  # the shared model stays fp16

@@ -1,192 +1,30 @@
-"""`hypir bench`: the HYPIR pass on random SD2.1-architecture weights, every attention backend against
-`standard` in the same run, per stage, with peak memory and each output's difference from `standard`.
-
-Random weights, no download: it runs offline. Times are medians of `repeats` runs (after a warm-up run on
-a GPU), with the device synchronised at stage boundaries.
-"""
+"""`hypir bench --speed`: the fast paths against diffusers' stock modules, per output size, on one GPU: total and
+stage times, peak memory, PSNR against float32, a run under a memory budget, the kernel each attention module
+ran, and where the GPU time goes by kind of kernel."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
-import logging
-import math
-import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .attention import REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, DeviceInfo, _package_version
-from .errors import one_line
-from .kernels import FUSED_SOFTMAX_ENV, kernel_fallbacks, triton_available
-from .loading import HYPIRModels, install_fast_paths, lora_from_state_dict, merge_lora, place, resolve_device, resolve_dtype
-from .pipeline import HYPIRPipeline
-
-logger = logging.getLogger("hypir")
-
-ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "sdpa", "mha")  # not conv/gemm kernels
-
-
-@dataclass
-class BenchRow:
-    backend: str
-    ran: dict
-    total_ms: float
-    stage_ms: dict
-    peak_mib: float | None
-    max_abs_diff: float | None
-    psnr_db: float | None
-    kernels: list[str] = field(default_factory=list)
-    error: str | None = None
-
-
-def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> HYPIRModels:
-    from .random_models import build_random_base, random_lora
-
-    base = build_random_base(size, seed)
-    if size != "sd21":  # a real-size rank-256 LoRA costs minutes to draw and nothing at run time once merged
-        merge_lora(base.unet, lora_from_state_dict(random_lora(base.unet, rank=4, seed=seed), "random"), 1.0)
-    install_fast_paths(base)
-    place(base, device, dtype)
-    return HYPIRModels(base.tokenizer, base.text_encoder, base.unet, base.vae, base.alphas_cumprod, device, dtype,
-                       4, base.source, "random")
-
-
-def available_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
-    """Every backend: None when it can run here, else why not."""
-    router = AttentionRouter(AttentionPolicy(), device, dtype)
-    return {b.value: router.unusable_reason(b, 64) for b in AttentionBackend}
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def _cuda_kernels(fn) -> list[tuple[str, float, int]]:
-    """(name, GPU ms, calls) of every CUDA kernel that fn() launched, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [(e.key, e.self_device_time_total / 1000, e.count) for e in prof.key_averages()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-def _attention_kernel_names(fn) -> list[str]:
-    return sorted({name for name, _, _ in _cuda_kernels(fn) if kernel_kind(name) == "attention"})
-
-
-def run_bench(model: str = "auto", output: int | None = None, backends: list[str] | None = None, device="auto",
-              dtype="auto", repeats: int | None = None, profile: bool = False, json_path: str | None = None,
-              upscale: float = 2.0, batch: int = 1, log=print) -> dict:
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    on_gpu = device.type == "cuda"
-    if model == "auto":
-        model = "sd21" if on_gpu else "small"
-    output = output or (1024 if on_gpu else 512)
-    repeats = repeats or (10 if on_gpu else 1)
-    info = DeviceInfo.of(device)
-    log(f"hypir bench: {model} random weights, {output}x{output} output from {int(output / upscale)}px input, "
-        f"batch {batch}, {dtype}, {info.name or device.type} ({info.sm}), torch {torch.__version__}")
-
-    t0 = time.perf_counter()
-    models = build_models(model, device, dtype)
-    log(f"built models in {time.perf_counter() - t0:.1f} s")
-    pipe = HYPIRPipeline(models)
-    images = _random_images(int(output / upscale), device, batch)
-
-    availability = available_backends(device, dtype)
-    wanted = backends or [b for b, why in availability.items() if why is None]
-    if "standard" not in wanted:
-        wanted = ["standard", *wanted]
-    else:
-        wanted = ["standard", *[b for b in wanted if b != "standard"]]
-
-    reference = None
-    rows: list[BenchRow] = []
-    for backend in wanted:
-        run = lambda: pipe(images, upscale=upscale, attention=backend, tile_size="auto", sync_stages=True)  # noqa
-        try:
-            if on_gpu:  # warm-up: kernel selection, probes, allocator, JIT (a CPU has little to warm)
-                run()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            totals, stages = [], {}
-            for _ in range(repeats):
-                result = run()
-                totals.append(result.seconds * 1000)
-                for k, v in result.stage_seconds.items():
-                    stages.setdefault(k, []).append(v * 1000)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
-            out = result.images.float().cpu()
-            if reference is None:
-                reference = out
-            kernels = _attention_kernel_names(run) if (profile and on_gpu) else []
-            rows.append(BenchRow(backend, result.report.backends_by_role(), statistics.median(totals), {k: statistics.median(v) for k, v in stages.items()},
-                                 peak, (out - reference).abs().max().item(), _psnr(out, reference), kernels))
-        except Exception as exc:  # noqa: BLE001 - a backend that fails is a result of the benchmark
-            rows.append(BenchRow(backend, {}, float("nan"), {}, None, None, None, [],
-                                 one_line(exc)))
-            if on_gpu:
-                torch.cuda.empty_cache()
-
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": info.name or device.type, "capability": info.sm, "torch": torch.__version__,
-        "model": model, "dtype": str(dtype).removeprefix("torch."), "output": [output, output], "batch": batch,
-        "repeats": repeats, "availability": availability,
-        "rows": [asdict(r) for r in rows],
-    }
-    log(format_table(result))
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
-        log(f"wrote {json_path}")
-    return result
-
-
-def format_table(result: dict) -> str:
-    rows = result["rows"]
-    base = next((r for r in rows if r["backend"] == "standard" and not r["error"]), None)
-    head = f"{'backend':<15}{'total ms':>10}{'encode':>9}{'unet':>9}{'decode':>9}{'speedup':>9}{'peak MiB':>10}{'max|d|':>10}{'PSNR dB':>9}  runs"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if r["error"]:
-            lines.append(f"{r['backend']:<15} failed: {r['error']}")
-            continue
-        s = r["stage_ms"]
-        speed = base["total_ms"] / r["total_ms"] if base else float("nan")
-        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        psnr = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}"
-        runs = ", ".join(f"{k}={v}" for k, v in r["ran"].items() if k != "text_encoder")
-        lines.append(f"{r['backend']:<15}{r['total_ms']:>10.1f}{s.get('encode', 0):>9.1f}{s.get('unet', 0):>9.1f}"
-                     f"{s.get('decode', 0):>9.1f}{speed:>8.2f}x{peak:>10}{r['max_abs_diff']:>10.2e}{psnr:>9}  {runs}")
-        if r["kernels"]:
-            lines.append(f"{'':<15}kernels: {'; '.join(k[:90] for k in r['kernels'])}")
-    unavailable = {b: why for b, why in result["availability"].items() if why}
-    if unavailable:
-        lines.append("not available here: " + "; ".join(f"{b} ({why})" for b, why in unavailable.items()))
-    return "\n".join(lines)
-
-
-__all__ = ["run_bench", "format_table", "available_backends", "REGISTRY"]
-
-
-# ----------------------------------------------------------------------------------------------
-# `hypir bench --speed`: the fast paths against diffusers' stock modules, per output size.
+from ..attention import REGISTRY, DeviceInfo, autotune_table, package_version
+from ..errors import one_line
+from ..kernels import kernel_fallbacks, triton_available
+from ..loading import HYPIRModels, resolve_device, resolve_dtype
+from ..pipeline import HYPIRPipeline
+from . import ATTENTION_KERNEL_WORDS, _attention_kernel_names, _cuda_kernels, _psnr, _random_images, build_models
 
 @dataclass(frozen=True)
 class SpeedMode:
-    options: dict  # pipeline keyword arguments
+    options: dict  # RestoreOptions fields
     description: str
-    environment: dict = field(default_factory=dict)  # set for the mode's calls
 
 
 SPEED_MODES = {
@@ -196,9 +34,8 @@ SPEED_MODES = {
                               "the default: eager with the UNet as a CUDA graph"),
     "compiled": SpeedMode(dict(cuda_graphs=True, torch_compile=True),
                           "torch.compile of UNet and VAE, UNet as a CUDA graph"),
-    "pytorch-softmax": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
-                                 "the default with PyTorch's softmax in the VAE attention instead of the fused one",
-                                 {FUSED_SOFTMAX_ENV: "0"}),
+    "pytorch-softmax": SpeedMode(dict(cuda_graphs=True, torch_compile=False, fused_softmax=False),
+                                 "the default with PyTorch's softmax in the VAE attention instead of the fused one")
 }
 
 
@@ -255,7 +92,7 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
     import diffusers
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                "diffusers": diffusers.__version__, "triton": _package_version("triton") if triton_available() else None}
+                "diffusers": diffusers.__version__, "triton": package_version("triton") if triton_available() else None}
     log(f"hypir bench --speed: {model} random weights, {dtype}, {info.name} ({info.sm}), {versions}")
     t0 = time.perf_counter()
     models = build_models(model, device, dtype)
@@ -291,9 +128,8 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
             log(_row_line(size, f"stock {name}", rows[f"stock {name}"]))
         for mode in modes:
             speed_mode = SPEED_MODES[mode]
-            with _environment(speed_mode.environment):
-                rows[mode] = _measure(pipe, images, repeats, reference, description=speed_mode.description,
-                                      oom_retry=False, **speed_mode.options)
+            rows[mode] = _measure(pipe, images, repeats, reference, description=speed_mode.description,
+                                  oom_retry=False, **speed_mode.options)
             log(_row_line(size, mode, rows[mode]))
         result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows}
         reference = None
@@ -323,27 +159,9 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
     return result
 
 
-def _random_images(side: int, device: torch.device, batch: int = 1) -> torch.Tensor:
-    return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
-
-
 def _write(result: dict, json_path: str | None) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2, default=str))
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _measure(pipe, images, repeats, reference, description="", **options) -> dict:
@@ -373,9 +191,6 @@ def _row_line(size, name, row) -> str:
             f"PSNR {psnr}{fallbacks}")
 
 
-__all__ += ["run_speed", "stock_models", "SPEED_MODES", "summarize_kernels", "kernel_kind"]
-
-
 # Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
 KERNEL_KINDS = (
     ("attention", ATTENTION_KERNEL_WORDS),
@@ -397,10 +212,9 @@ def kernel_kind(name: str) -> str:
 def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_MODES["eager+graphs"]) -> dict:
     """One pass of an eager mode under torch.profiler: GPU time per kind of kernel, and the 30 longest kernels."""
     options = {**mode.options, "cuda_graphs": False}  # the profiler sees kernels, not CUDA graph replays
-    with _environment(mode.environment):
-        pipe(images, upscale=2, **options)
-        torch.cuda.synchronize()
-        return summarize_kernels(_cuda_kernels(lambda: pipe(images, upscale=2, **options)))
+    pipe(images, upscale=2, **options)
+    torch.cuda.synchronize()
+    return summarize_kernels(_cuda_kernels(lambda: pipe(images, upscale=2, **options)))
 
 
 def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
@@ -421,8 +235,6 @@ def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
     """Per attention module: its shape, the backend that ran it and the CUDA kernel that backend launched
     (from torch.profiler); per shape: every candidate's measured time."""
-    from .attention import autotune_table
-
     report = pipe(images, upscale=2, cuda_graphs=False, torch_compile=False).report
     kernels: dict[tuple, list[str]] = {}
     modules = []

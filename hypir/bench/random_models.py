@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import BUNDLED_SD21_CONFIG, BaseModel
+from ..checkpoints import BUNDLED_SD21_CONFIG, BaseModel
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
                 "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj")

@@ -1,0 +1,328 @@
+"""The attention kernels and what each needs: one registry, with the constraints declared beside each kernel.
+
+Every backend is a function ``fn(q, k, v, scale) -> out`` on tensors laid out (batch, tokens, heads,
+head_dim). Availability is decided from what can actually be called: a package counts only when the
+function we call exists in it, and kernels whose builds may lack code for a GPU are tried once per device.
+The SDPA kernels are called through their own ATen operators, never through process-wide flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..attention_names import AUTO, AttentionBackend
+from ..errors import one_line
+from ..kernels import scaled_softmax
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the selection needs to know about the device; built from the real one or given by tests."""
+
+    type: str  # "cuda", "cpu", "mps", ...
+    capability: tuple[int, int] | None = None
+    name: str = ""
+
+    @classmethod
+    def of(cls, device: torch.device | str) -> "DeviceInfo":
+        device = torch.device(device)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return cls("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+        return cls(device.type, None, device.type.upper())
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.capability[0]}{self.capability[1]}" if self.capability else self.type
+
+
+# ----------------------------------------------------------------------------------------------
+# Package lookups: present only when the function we call exists.
+
+
+def _find_function(module_name: str, attr: str) -> Callable | None:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"; the reason is reported by probe
+        return None
+    fn = getattr(module, attr, None)
+    return fn if callable(fn) else None
+
+
+def package_version(*dist_names: str) -> str:
+    """The installed version of the first of these distributions that is installed (its own metadata)."""
+    from importlib import metadata
+
+    for name in dist_names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _module_version(module_name: str, dist_name: str) -> str:
+    """The version a module reports, else its distribution's."""
+    module = importlib.import_module(module_name)
+    return str(getattr(module, "__version__", None) or package_version(dist_name))
+
+
+def _distribution_version(dist_name: str, module_name: str) -> str:
+    """The distribution's version from its metadata, else the version its module reports."""
+    version = package_version(dist_name)
+    return version if version != "unknown" else _module_version(module_name, dist_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: each kernel is registered beside its function, with the constraints it needs.
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    backend: AttentionBackend
+    fn: Callable
+    label: str  # what users read: "FlashAttention 2", "cuDNN attention (PyTorch SDPA)"
+    flash_class: bool = False  # a FlashAttention-class kernel
+    devices: tuple[str, ...] | None = None  # None: any device
+    min_capability: tuple[int, int] | None = None
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    package: tuple[str, str] | None = None  # (module, function) that must exist
+    install_hint: str = ""
+    version: Callable[[], str] = field(default=lambda: torch.__version__)
+    probe: bool = False  # a build may not carry kernels for every GPU: try it once per device
+    opt_in: bool = False  # changes numerics beyond fp16/bf16 rounding: runs only when requested by name
+    description: str = ""
+
+
+REGISTRY: dict[AttentionBackend, BackendSpec] = {}
+
+
+def register(backend: AttentionBackend, label: str, **constraints) -> Callable[[Callable], Callable]:
+    """Register the decorated kernel ``fn(q, k, v, scale)`` as `backend`; registering a name twice is refused."""
+    def decorate(fn: Callable) -> Callable:
+        if backend in REGISTRY:
+            raise ValueError(f"attention backend {backend.value!r} registered twice")
+        REGISTRY[backend] = BackendSpec(backend, fn, label, **constraints)
+        return fn
+    return decorate
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}.get(
+        dtype, str(dtype)
+    )
+
+
+def _cudnn_version() -> str:
+    version = torch.backends.cudnn.version()
+    return f"cuDNN {version}, PyTorch {torch.__version__}" if version else f"PyTorch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. q, k, v: (B, N, H, D); returns (B, N, H, D).
+
+
+@register(AttentionBackend.STANDARD, "standard attention")
+def _standard(q, k, v, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)
+
+
+@register(AttentionBackend.SDPA, "PyTorch SDPA")
+def _sdpa(q, k, v, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+
+
+@register(AttentionBackend.SDPA_FLASH, "FlashAttention 2 (PyTorch SDPA)", flash_class=True, devices=("cuda",),
+          min_capability=(8, 0), dtypes=HALF_DTYPES, max_head_dim=256, head_dim_multiple=8, probe=True)
+def _sdpa_flash(q, k, v, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[0].transpose(1, 2)
+
+
+@register(AttentionBackend.SDPA_EFFICIENT, "memory-efficient attention (PyTorch SDPA)", devices=("cuda",),
+          min_capability=(5, 0), probe=True)
+def _sdpa_efficient(q, k, v, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, scale=scale)[0]
+    return out.transpose(1, 2)
+
+
+@register(AttentionBackend.SDPA_CUDNN, "cuDNN attention (PyTorch SDPA)", flash_class=True, devices=("cuda",),
+          min_capability=(8, 0), dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8, version=_cudnn_version,
+          probe=True)
+def _sdpa_cudnn(q, k, v, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, scale=scale)[0]
+    return out.transpose(1, 2)
+
+
+MATMUL_BLOCK_BYTES = 512 << 20  # float32 scores held at once by `matmul`
+
+
+@register(AttentionBackend.MATMUL, "blocked GEMM attention", devices=("cuda",), min_capability=(8, 0),
+          dtypes=HALF_DTYPES, probe=True,
+          description="exact attention as two GEMMs with a float32 softmax, queries in blocks; the fastest kernel "
+                      "for the VAE's head_dim 512")
+def _matmul(q, k, v, scale):
+    """Exact attention as two tensor-core GEMMs: scores in float32 (bf16/fp16 inputs, float32 accumulate and
+    output), a float32 softmax, probabilities back to the input dtype for P @ V; queries in blocks so the
+    scores stay under MATMUL_BLOCK_BYTES. For the VAE's single head of 512 dims, which no flash kernel takes,
+    it runs at GEMM speed where the memory-efficient kernel reaches about a sixth of it."""
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    qh, kh, vh = (t.transpose(1, 2).reshape(b * h, -1, d) for t in (q, k, v))
+    kt = kh.transpose(1, 2)
+    out = torch.empty_like(qh)
+    rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
+    for start in range(0, n, rows):
+        scores = torch.bmm(qh[:, start:start + rows], kt, out_dtype=torch.float32)
+        probs = scaled_softmax(scores, scale, q.dtype)
+        del scores
+        out[:, start:start + rows] = torch.bmm(probs, vh)
+    return out.view(b, h, n, d).transpose(1, 2)
+
+
+@register(AttentionBackend.FLASH_ATTN, "FlashAttention 2", flash_class=True, devices=("cuda",),
+          min_capability=(8, 0), dtypes=HALF_DTYPES, max_head_dim=256, head_dim_multiple=8,
+          package=("flash_attn", "flash_attn_func"),
+          install_hint="pip install flash-attn: a prebuilt wheel matching your torch and CUDA",
+          version=lambda: _module_version("flash_attn", "flash-attn"))
+def _flash_attn(q, k, v, scale):
+    fn = _find_function("flash_attn", "flash_attn_func")
+    return fn(q, k, v, softmax_scale=scale)
+
+
+@register(AttentionBackend.FLASH_ATTN3, "FlashAttention 3", flash_class=True, devices=("cuda",),
+          min_capability=(8, 0), dtypes=HALF_DTYPES, max_head_dim=256, head_dim_multiple=8,
+          package=("flash_attn_interface", "flash_attn_func"),
+          install_hint="build FlashAttention 3 from the flash-attention repository's hopper/ folder",
+          version=lambda: package_version("flash_attn_3", "flash-attn-3"), probe=True)
+def _flash_attn3(q, k, v, scale):
+    fn = _find_function("flash_attn_interface", "flash_attn_func")
+    out = fn(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# flash-attn-4's module reports 0.0.0 as its version: its distribution's metadata has the real one.
+@register(AttentionBackend.FLASH_ATTN4, "FlashAttention 4", flash_class=True, devices=("cuda",),
+          min_capability=(9, 0), dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8,
+          package=("flash_attn.cute", "flash_attn_func"), install_hint="pip install flash-attn-4, Hopper or newer",
+          version=lambda: _distribution_version("flash-attn-4", "flash_attn.cute"), probe=True)
+def _flash_attn4(q, k, v, scale):
+    fn = _find_function("flash_attn.cute", "flash_attn_func")
+    out = fn(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@register(AttentionBackend.SAGE, "SageAttention", devices=("cuda",), min_capability=(8, 0), dtypes=HALF_DTYPES,
+          max_head_dim=128, head_dim_multiple=32, package=("sageattention", "sageattn"),
+          install_hint="pip install sageattention", version=lambda: package_version("sageattention"), opt_in=True,
+          description="8-bit attention (INT8 Q*K^T): changes numerics beyond fp16/bf16 rounding (relative error "
+                      "above 1e-3); runs only when requested by name, never under auto")
+def _sage(q, k, v, scale):
+    fn = _find_function("sageattention", "sageattn")
+    return fn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
+
+
+# Preference order of "auto". FlashAttention-class kernels first (FA3 and cuDNN lead on Hopper at
+# head_dim 64; FA4 compiles on first use for every new shape, so it is last), then the non-flash
+# fallbacks. On CUDA the per-shape timing below decides among the usable kernels of TUNED_ORDER; this
+# order is what runs without it (CPU, per_shape off, inside torch.compile or a CUDA graph capture before a
+# shape was timed) and breaks ties.
+FLASH_ORDER = (
+    AttentionBackend.FLASH_ATTN3,
+    AttentionBackend.FLASH_ATTN,
+    AttentionBackend.SDPA_CUDNN,
+    AttentionBackend.SDPA_FLASH,
+    AttentionBackend.FLASH_ATTN4,
+)
+CUDA_FALLBACK_ORDER = (AttentionBackend.SDPA_EFFICIENT, AttentionBackend.SDPA, AttentionBackend.STANDARD)
+OTHER_FALLBACK_ORDER = (AttentionBackend.SDPA, AttentionBackend.STANDARD)
+# What the per-shape timing measures: the FlashAttention-class kernels, and the two that also run
+# head_dim 512 (the VAE): SDPA's memory-efficient kernel and blocked GEMM attention.
+TUNED_ORDER = (*FLASH_ORDER, AttentionBackend.SDPA_EFFICIENT, AttentionBackend.MATMUL)
+
+_opt_in_in_auto = [b.value for b in (*TUNED_ORDER, *CUDA_FALLBACK_ORDER, *OTHER_FALLBACK_ORDER) if REGISTRY[b].opt_in]
+if _opt_in_in_auto:  # 8-bit attention and the like must never be picked by "auto"
+    raise RuntimeError(f"opt-in attention backends in the auto order: {_opt_in_in_auto}")
+
+
+def parse_backend(name: str | AttentionBackend) -> AttentionBackend | str:
+    """'auto' or a backend; raises with the list of valid names otherwise."""
+    if isinstance(name, AttentionBackend):
+        return name
+    name = str(name).strip().lower()
+    if name == AUTO:
+        return AUTO
+    try:
+        return AttentionBackend(name)
+    except ValueError:
+        valid = ", ".join([AUTO] + [b.value for b in AttentionBackend])
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {valid}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Probes: one tiny call per (backend, device), cached, for builds whose GPU support we cannot read.
+
+_PROBES: dict[tuple[AttentionBackend, str, str], str | None] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+    key = (spec.backend, str(device), str(dtype))
+    with _PROBE_LOCK:
+        if key not in _PROBES:
+            try:
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                q = torch.randn(1, 128, 1, 64, generator=gen).to(device=device, dtype=dtype)
+                out = spec.fn(q, q, q, 0.125)
+                ref = _sdpa(q.float(), q.float(), q.float(), 0.125)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                _PROBES[key] = None if err < 2e-2 else f"probe gave relative error {err:.1e}"
+            except Exception as exc:  # noqa: BLE001 - the probe exists to turn any failure into a reason
+                _PROBES[key] = f"probe failed: {one_line(exc)}"
+    return _PROBES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Why a backend cannot run a call: one answer for the selection, the reports and `hypir doctor`.
+
+
+def why_not(backend: AttentionBackend, device: DeviceInfo, dtype: torch.dtype, head_dim: int,
+            real_device: torch.device | None = None) -> str | None:
+    """None when `backend` can run attention of this head_dim in this dtype on this device, else why not, in
+    the words a user needs. `real_device` (a CUDA device) lets backends whose builds may lack kernels for the
+    GPU be tried once (a probe, cached)."""
+    spec = REGISTRY[backend]
+    if spec.package and _find_function(*spec.package) is None:
+        module, attr = spec.package
+        return f"{module}.{attr} not found ({spec.install_hint})"
+    if spec.devices is not None and device.type not in spec.devices:
+        return f"needs an NVIDIA GPU, not {device.type.upper()}"
+    if spec.min_capability and device.capability and device.capability < spec.min_capability:
+        need = f"sm{spec.min_capability[0]}{spec.min_capability[1]}"
+        return f"GPU {device.sm} ({device.name}) is below {need}" if device.name else f"GPU {device.sm} is below {need}"
+    if dtype not in spec.dtypes:
+        return f"{dtype_name(dtype)}: {spec.label} needs fp16 or bf16"
+    if spec.max_head_dim is not None and head_dim > spec.max_head_dim:
+        return f"head_dim {head_dim} > {spec.max_head_dim}"
+    if head_dim % spec.head_dim_multiple:
+        return f"head_dim {head_dim} is not a multiple of {spec.head_dim_multiple}"
+    if spec.probe and real_device is not None and real_device.type == device.type == "cuda":
+        return _probe(spec, real_device, dtype)
+    return None
