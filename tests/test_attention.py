@@ -301,19 +301,28 @@ def test_two_callers_share_a_model_with_their_own_backends(pipe, image_factory):
 
 
 def test_router_is_context_local():
+    """A router is seen only by the calls of the context that set it: another thread, with its own router or
+    none, never runs on it or is recorded in it."""
     router = AttentionRouter(AttentionPolicy("standard"), "cpu", torch.float32, CPU)
+    own = AttentionRouter(AttentionPolicy("sdpa"), "cpu", torch.float32, CPU)
     q, k, v = qkv(1, 8, 8, 2, 16, seed=1)
     seen = {}
 
     def other_thread():
-        seen["other"] = dispatch("m", q, k, v, 0.25)
+        seen["none"] = dispatch("thread.none", q, k, v, 0.25)  # no router here: plain SDPA
+        with use_router(own):
+            seen["own"] = dispatch("thread.own", q, k, v, 0.25)
 
     with use_router(router):
-        dispatch("m", q, k, v, 0.25)
+        dispatch("main", q, k, v, 0.25)
         t = threading.Thread(target=other_thread)
         t.start()
         t.join()
-    assert router.ran == {"m": AttentionBackend.STANDARD}
+        dispatch("main.after", q, k, v, 0.25)
+    assert router.ran == {"main": AttentionBackend.STANDARD, "main.after": AttentionBackend.STANDARD}
+    assert own.ran == {"thread.own": AttentionBackend.SDPA}
+    assert set(seen) == {"none", "own"}
+    torch.testing.assert_close(seen["none"], REGISTRY[AttentionBackend.SDPA].fn(q, k, v, 0.25), rtol=0, atol=0)
 
 
 # ---- per-shape choice (auto on CUDA): timed once per shape through an injected timer ---------------------

@@ -1,4 +1,5 @@
-"""The `hypir` console script end to end (real subprocesses), and hypir_config.py loading."""
+"""The `hypir` console script: one end-to-end run through the installed script (a real process), the rest
+in-process through cli.main; and hypir_config.py loading."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def write_image(path: Path, mode: str, size=(40, 32)):
     return path
 
 
+@pytest.mark.slow
 def test_bench_tiny_through_console_script(tmp_path):
     result = hypir("bench", "--model", "tiny", "--size", "128", "--repeats", "1", "--json", tmp_path / "b.json")
     assert result.returncode == 0, result.stderr
@@ -48,6 +50,7 @@ def test_bench_tiny_through_console_script(tmp_path):
     assert "backend" in result.stdout and "speedup" in result.stdout
 
 
+@pytest.mark.slow
 def test_restore_single_file_and_folder(tiny_files, tmp_path):
     folder, weights = tiny_files
     single = write_image(tmp_path / "photo.jpg", "RGB")
@@ -78,23 +81,27 @@ def test_restore_single_file_and_folder(tiny_files, tmp_path):
     (["restore", "{img}", "-o", "x.gif", "--weights", "{weights}", "--base", "{base}"],
      "hypir: error: x.gif: the output file must end in .png, .jpg, .webp or .tif"),
 ])
-def test_failures_are_one_line_and_non_zero(tiny_files, tmp_path, args, message):
+def test_failures_are_one_line_and_non_zero(tiny_files, tmp_path, args, message, capsys, monkeypatch):
+    from hypir.cli import main
+
     folder, weights = tiny_files
     img = write_image(tmp_path / "in.png", "RGB")
-    args = [a.format(img=img, base=folder, weights=weights) for a in args]
-    result = hypir(*args, cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main([a.format(img=img, base=folder, weights=weights) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(message), err
+    assert "Traceback" not in err
 
 
-def test_doctor_lists_every_backend():
-    result = hypir("doctor")
-    assert result.returncode == 0, result.stderr
+def test_doctor_lists_every_backend(capsys):
+    from hypir.cli import main
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
     for name in ("flash_attn ", "flash_attn3", "flash_attn4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
                  "sage", "standard"):
-        assert name in result.stdout
-    assert "dtype auto:" in result.stdout and "HYPIR weights (HYPIR_sd2.pth)" in result.stdout
+        assert name in out
+    assert "dtype auto:" in out and "HYPIR weights (HYPIR_sd2.pth)" in out
 
 
 # ---- hypir_config.py -----------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ def test_an_extreme_strip_is_refused_up_front_with_the_numbers(tmp_path, capsys,
     assert "GiB for its image buffers alone" in err and not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.slow
 def test_a_stopped_folder_run_leaves_nothing_partial(tmp_path, tiny_files):
     """SIGTERM in the middle of a folder: finished outputs are whole, nothing partial is left, exit 143."""
     folder, weights = tiny_files
@@ -258,13 +259,16 @@ def test_bad_numbers_name_the_option(tmp_path, capsys, flag, value, message):
 
 
 def test_a_stride_at_the_tile_size_becomes_half_of_it(tmp_path, capsys, tiny_files, pipe, image_factory):
-    result = pipe(image_factory(1, 64, 64), upscale=4.0, latent="mode", tile_size=128, tile_stride=256)
-    assert (result.tile_size, result.tile_stride) == (128, 64)
-    result = pipe(image_factory(1, 64, 64), upscale=4.0, latent="mode", tile_size=256, tile_stride=256)
+    from hypir.settings import RestoreOptions
+
+    plan = pipe.plan(image_factory(1, 64, 64), RestoreOptions(upscale=4.0, tile_size=128, tile_stride=256))
+    assert (plan.tile, plan.stride) == (128, 64)
+    result = pipe(image_factory(1, 64, 64), upscale=8.0, latent="mode", tile_size=256, tile_stride=256)
     assert (result.tile_size, result.tile_stride) == (256, 128)
     code, out_text, err = run(capsys, tiny_files, photo(tmp_path / "a.png", size=(64, 64)), "-o", tmp_path / "o.png",
-                              "--upscale", "4", "--tile-size", "128")
-    assert code == 0, err and "tiles 128/64" in out_text
+                              "--upscale", "8", "--tile-size", "256")
+    assert code == 0, err
+    assert "tiles 256/128" in out_text
 
 
 @pytest.mark.parametrize("text,message", [
@@ -308,6 +312,7 @@ def test_the_download_layout_is_what_restore_searches(tmp_path, monkeypatch):
 
 # ---- 8. console ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["download", "--help"], ["restore", "--help"]])
 def test_help_and_version_start_without_torch(args):
     code = ("import sys, time\nstart = time.perf_counter()\nfrom hypir.cli import main\n"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 LOAD = f"""
@@ -28,6 +30,7 @@ print("top-level:", added)
 """
 
 
+@pytest.mark.slow
 def test_root_loads_as_custom_node_package():
     result = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, cwd="/", timeout=300)
     assert result.returncode == 0, result.stderr

@@ -36,6 +36,8 @@ from comfyui_server import (  # noqa: E402
     write_png,
 )
 
+pytestmark = pytest.mark.e2e
+
 WORKFLOWS = REPO / "example_workflows"
 BASE_MODEL = "diffusers/tiny-sd21"
 WEIGHTS = "HYPIR_tiny.pth"

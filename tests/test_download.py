@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import default_sigint
+from helpers import default_sigint
 from huggingface_hub import constants as hf_constants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import FakeHub  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 WEIGHTS_REPO = "lxq007/HYPIR"
 WEIGHTS_FILE = "HYPIR_sd2.pth"

@@ -11,10 +11,10 @@ import zlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 import hypir.attention.tuning as tuning_module  # noqa: E402
-from conftest import write_random_model  # noqa: E402
+from helpers import write_random_model  # noqa: E402
 from hypir.attention import (REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter,  # noqa: E402
                              AttentionShape, autotune_table, clear_autotune_cache)
 
@@ -79,11 +79,6 @@ def test_kernel_against_float64(backend, shape, dtype, record_property):
         assert err <= STANDARD_TOLERANCE[dtype]
     else:
         assert err <= TOLERANCE[dtype]
-
-
-def test_opt_in_kernels_never_run_under_auto():
-    assert all(not REGISTRY[b].opt_in for b in TUNED_ORDER)
-    assert REGISTRY[AttentionBackend.SAGE].opt_in and "numerics" in REGISTRY[AttentionBackend.SAGE].description
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

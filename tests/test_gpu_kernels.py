@@ -5,8 +5,8 @@ import torch
 
 from hypir import kernels
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
-                                reason="needs CUDA and Triton")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
+                                                  reason="needs CUDA and Triton")]
 
 # (shape, channels_last): the VAE's largest activations at a 1024x1024 output, the UNet's, the VAE attention's
 # (N, C, L) norm, and an odd size.

@@ -209,14 +209,6 @@ def test_bad_images(pipe, images, message):
         pipe(images, upscale=2.0)
 
 
-def test_memory_plan_tiles_when_budget_is_small(pipe, image_factory):
-    """A budget below one pass's estimate turns on tiles; the result still has the full size."""
-    lq = image_factory(1, 96, 96, seed=9)
-    result = pipe(lq, upscale=8.0, latent="mode", vram_budget_gb=0.5)
-    assert result.tile_size is not None and result.tile_size < 768
-    assert result.images.shape == (1, 3, 768, 768)
-
-
 def test_grey_and_rgba_keep_their_channels(pipe, image_factory):
     rgb = image_factory(1, 16, 16, seed=12)
     grey = rgb.mean(dim=1, keepdim=True)
@@ -249,3 +241,11 @@ def test_fp16_vae_overflow_recomputed_in_fp32(tiny_files, caplog):
     assert "VAE decode overflowed in fp16; recomputing it in fp32" in caplog.text
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.abs().max() > 65504
     assert models.vae.decoder.conv_out.weight.dtype == torch.float16  # the shared model stays fp16
+
+
+def test_a_small_budget_tiles_the_pass(pipe, image_factory):
+    """The pass follows the planner (tests/test_planning.py covers its arithmetic): a budget below one pass's
+    estimate gives tiles, and the result keeps the full size."""
+    result = pipe(image_factory(1, 48, 48, seed=9), upscale=8.0, latent="mode", vram_budget_gb=0.5)
+    assert (result.tile_size, result.tile_stride) == (256, 192)
+    assert result.images.shape == (1, 3, 384, 384) and torch.isfinite(result.images).all()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import default_sigint
+from helpers import default_sigint
 from hypir.pipeline import Callbacks
 
 
@@ -59,6 +59,7 @@ def test_interrupted_pass_leaves_the_model_usable(pipe, image_factory):
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_cli_interrupted_writes_no_file(tiny_files, tmp_path):
     folder, weights = tiny_files
     rng = np.random.default_rng(1)

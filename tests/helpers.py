@@ -1,0 +1,33 @@
+"""What several test modules use: random model files, a natural-ish test image, a child process that gets
+Ctrl-C as a terminal would deliver it. Imported as `from helpers import ...` (pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_random_model(root, size: str = "tiny"):
+    """A random SD2.1-architecture diffusers folder of `size` and a rank-4 HYPIR LoRA file for it, in root."""
+    from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
+
+    base = build_random_base(size, seed=0)
+    folder = save_diffusers_folder(base, root / f"{size}_sd")
+    weights = root / f"HYPIR_{size}.pth"
+    torch.save(random_lora(base.unet, rank=4, seed=0), weights)
+    return folder, weights
+
+
+def smooth_image(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A natural-ish test image: low-resolution noise upsampled, in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, max(2, height // 8), max(2, width // 8), generator=gen)
+    img = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return (img + 0.05 * torch.rand(batch, 3, height, width, generator=gen)).clamp(0, 1)
+
+
+def default_sigint() -> None:
+    """For Popen(preexec_fn=...): a child that gets Ctrl-C as a user's terminal would deliver it. A test run
+    started as a background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
