@@ -102,7 +102,6 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe):
 
 @pytest.mark.parametrize("rows,width", [(65536, 77), (256, 16384), (64, 65536)])  # 65536: a 2048 output's VAE
 def test_scaled_softmax_on_gpu(rows, width, monkeypatch):
-    monkeypatch.delenv(kernels.FUSED_SOFTMAX_ENV, raising=False)
     calls = []
     original = kernels._triton_scaled_softmax
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
@@ -125,12 +124,11 @@ def test_group_norm_at_the_largest_vae_activation():
     assert kernels.triton_failure() is None and _rel(y, exact) <= 3e-3
 
 
-def test_vae_attention_with_fused_softmax(monkeypatch):
+def test_vae_attention_with_fused_softmax():
     """The VAE's attention (16384 tokens, one head of 512) through `matmul` with the fused softmax, against
     float64."""
     from hypir.attention import REGISTRY, AttentionBackend
 
-    monkeypatch.delenv(kernels.FUSED_SOFTMAX_ENV, raising=False)
     g = torch.Generator(device="cuda").manual_seed(4)
     q, k, v = (torch.randn(1, 16384, 1, 512, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
     out = REGISTRY[AttentionBackend.MATMUL].fn(q, k, v, 512 ** -0.5)
