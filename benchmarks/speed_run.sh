@@ -14,7 +14,8 @@
 # compiled: 4. the torch.compile mode at 1024 and 2048 with a cold compile cache (first call reported).
 # On a device whose calls stop at 600 s, run the two parts as two consecutive calls.
 # Needs diffusers (a wheel in .wheels/ is installed if present) and, for 3, peft.
-# With flash-attn-4 installed by benchmarks/install_wheels.sh, /tmp/hypir_env.sh puts it on the path.
+# If /tmp/hypir_env.sh exists on the device (an earlier call of the same session that installed carried wheels
+# such as flash-attn-4 wrote it), it is sourced first.
 set -uo pipefail
 OUT=${OUT:-device_out}
 PART=${1:-all}

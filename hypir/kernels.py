@@ -66,9 +66,9 @@ def fused_softmax_enabled() -> bool:
     return _FUSED_SOFTMAX.get()
 
 
-# Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves:
-# PyTorch's GroupNorm is faster on the UNet's small activations (H100, PyTorch vs Triton: 0.08 vs 0.23 ms at
-# 1280x16x16; but 0.26 vs 0.12 ms at 512x128x128, 3.9 vs 0.29 ms at 128x1024x1024).
+# Below this size a Triton launch (several microseconds of Python per kernel) costs more than it saves, so
+# the UNet's small activations stay on PyTorch's GroupNorm. The threshold was set from GroupNorm timings on an
+# H100 that no committed command reproduces; `hypir bench --speed`'s kernel profile shows its effect on a pass.
 TRITON_MIN_ELEMENTS = 1 << 22
 
 

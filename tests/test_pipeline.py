@@ -1,4 +1,5 @@
-"""The restore pass against an independent re-derivation of REFERENCE.md section 1."""
+"""The restore pass against an independent re-derivation of the method (XPixelGroup/HYPIR's enhancer: upscale,
+short side to 512, VAE encode, one UNet call at model_t, x0 at coeff_t, VAE decode, wavelet colour fix)."""
 
 from __future__ import annotations
 
