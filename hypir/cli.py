@@ -297,9 +297,6 @@ def _problem_lines(run: RunPlan) -> list[str]:
 
 
 def cmd_restore(args) -> int:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     options = RestoreOptions.from_settings(vars(args))
     run = RunPlan()
     plan_outputs(args, run)
@@ -310,8 +307,6 @@ def cmd_restore(args) -> int:
     if run.problems and not args.keep_going:
         raise CLIError(*_problem_lines(run), f"{len(run.problems)} problem(s) found before any work; nothing was "
                                              f"restored (--keep-going restores the other inputs)")
-
-    import torch
 
     from .loading import resolve_device, resolve_dtype
     from .model_files import resolve_model_files
@@ -334,23 +329,39 @@ def cmd_restore(args) -> int:
             raise CLIError(f"none of the {len(run.problems)} inputs can be restored")
         return 0
 
-    from .images import read_image, write_image
-    from .pipeline import Callbacks, HYPIRPipeline
+    from .pipeline import HYPIRPipeline
 
     model_files = resolve_model_files(args.base, args.weights, allow_download=args.download)
     pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype, lora_scale=args.lora_scale,
                                     allow_download=args.download)
-    failures: list[str] = []
-    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=len(run.jobs), unit="image", desc="HYPIR") as bar:
-        def progress(stage, done, total):
-            bar.set_postfix_str(f"{stage} {done}/{total}", refresh=True)
+    failures = _problem_lines(run) + restore_jobs(pipe, run.jobs, options, args)
+    if failures:
+        done = len(run.jobs) - (len(failures) - len(run.problems))
+        raise CLIError(*failures, f"{len(failures)} of {len(failures) + done} inputs failed; {done} restored"
+                                  + (f", {len(run.skipped)} kept" if run.skipped else ""))
+    return 0
 
-        for job in run.jobs:
+
+def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[str]:
+    """Read, restore (every frame) and write each job under a progress bar that messages never print over;
+    returns the failures of --keep-going, and raises the first failure otherwise."""
+    import torch
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .images import read_image, write_image
+    from .pipeline import Callbacks
+
+    failures: list[str] = []
+    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=len(jobs), unit="image", desc="HYPIR") as bar:
+        callbacks = Callbacks(progress=lambda stage, done, total: bar.set_postfix_str(f"{stage} {done}/{total}",
+                                                                                      refresh=True))
+        for job in jobs:
             try:
                 picture = read_image(job.source)
                 restored = []
                 for frame in picture.frames:
-                    result = pipe(torch.from_numpy(frame)[None], options=options, callbacks=Callbacks(progress=progress))
+                    result = pipe(torch.from_numpy(frame)[None], options=options, callbacks=callbacks)
                     restored.append(result.images[0].float().cpu().numpy())
                 write_image(job.target, restored, picture, args.quality)
             except (KeyboardInterrupt, Stopped):
@@ -360,19 +371,13 @@ def cmd_restore(args) -> int:
                     raise CLIError(f"{job.source}: {_message(exc)}") from exc
                 failures.append(f"{job.source}: {_message(exc)}")
                 tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
-                bar.update(1)
-                continue
+            else:
+                frames = f" ({len(restored)} frames)" if len(restored) > 1 else ""
+                tqdm.write(f"{job.source} -> {job.target}{frames}: {result.status_line()}")
+                for note in picture.notes:
+                    tqdm.write(f"  note: {note}")
             bar.update(1)
-            frames = f" ({len(restored)} frames)" if len(restored) > 1 else ""
-            tqdm.write(f"{job.source} -> {job.target}{frames}: {result.status_line()}")
-            for note in picture.notes:
-                tqdm.write(f"  note: {note}")
-    failures = _problem_lines(run) + failures
-    if failures:
-        done = len(run.jobs) - (len(failures) - len(run.problems))
-        raise CLIError(*failures, f"{len(failures)} of {len(failures) + done} inputs failed; {done} restored"
-                                  + (f", {len(run.skipped)} kept" if run.skipped else ""))
-    return 0
+    return failures
 
 
 def _message(exc: BaseException) -> str:

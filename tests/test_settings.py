@@ -52,6 +52,15 @@ def test_every_setting_is_a_node_input_with_its_default():
             assert default == as_node.get(setting.name, lambda v: v)(setting.default), setting.name
 
 
+def test_restore_options_default_to_the_settings():
+    from dataclasses import fields
+
+    for f in fields(RestoreOptions):
+        if f.name in DEFAULTS:
+            default = None if DEFAULTS[f.name] == "auto" and f.name == "tile_size" else DEFAULTS[f.name]
+            assert f.default == default, f.name
+
+
 def test_options_check_what_they_are_given():
     assert RestoreOptions().upscale == 2.0 and RestoreOptions(long_side=100).upscale is None
     assert RestoreOptions(tile_size="auto").tile_size is None
