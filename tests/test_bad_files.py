@@ -105,3 +105,19 @@ def test_v_prediction_warning_from_weights_and_name(caplog):
     with caplog.at_level("WARNING", logger="hypir"):
         assert warn_if_v_prediction(unet, "v2-1_768-ema-pruned.safetensors") is True
     assert "(file name)" in caplog.text
+
+
+def test_base_weights_with_inf_are_refused_naming_the_tensor(tmp_path, tiny_files):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "damaged_sd"
+    shutil.copytree(tiny_files[0], folder)
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(unet_file)
+    state["conv_in.weight"][0, 0, 0, 0] = float("inf")
+    save_file(state, unet_file)
+    with pytest.raises(HYPIRLoadError, match=f"{folder}: the base model's weights are damaged: tensor "
+                                             f"unet.conv_in.weight holds 1 NaN or infinite values"):
+        load_base_model(folder)

@@ -351,3 +351,15 @@ def test_an_error_during_the_run_is_the_last_line(tmp_path, capsys, tiny_files):
     assert bar_end < err.rindex("hypir: error:")  # the bar was drawn, and closed before the error
     assert "\r" not in err[err.rindex("hypir: error:"):]  # nothing redraws over the error
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_logging_is_configured_for_hypir_only_and_only_during_the_command(capsys):
+    """The root logger is left alone (huggingface_hub has its own handler: a root handler printed its lines
+    twice), and hypir's own handler goes away with the command."""
+    import logging
+
+    root_handlers, hypir_handlers = list(logging.getLogger().handlers), list(logging.getLogger("hypir").handlers)
+    assert cli.main(["doctor"]) == 0
+    assert logging.getLogger().handlers == root_handlers
+    assert logging.getLogger("hypir").handlers == hypir_handlers
+    capsys.readouterr()
