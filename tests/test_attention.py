@@ -604,3 +604,43 @@ def test_candidate_out_of_memory_while_timed_is_skipped_for_that_shape(kernels, 
     assert [r.getMessage() for r in caplog.records] == [
         "[HYPIR] sdpa_cudnn ran out of GPU memory while timed on 1x64x64 tokens, 2 heads x 16, bf16, cpu; "
         "not used for it"]
+
+
+def test_status_never_contradicts_what_the_self_attention_ran(kernels):
+    """The fp16 case seen on an H200: some UNet self-attention modules measured fastest on sdpa_efficient,
+    others on FlashAttention-class kernels. The status says so, with the counts, instead of 'disabled'."""
+    def fastest(shape):
+        return AttentionBackend.SDPA_EFFICIENT if shape.q_tokens == 96 else AttentionBackend.SDPA_CUDNN
+
+    router = tuned_router(FakeTimer(fastest))
+    run_shape(router, "unet.down.0.attn1", SHAPE_A)
+    run_shape(router, "unet.down.1.attn1", (1, 96, 96, 2, 16))
+    run_shape(router, "unet.up.0.attn1", SHAPE_A, seed=1)
+    run_shape(router, "vae.mid.attentions.0", SHAPE_VAE)
+    report = build_report(router, "sdpa")
+    assert {b.value for b in report.self_attention.values()} == {"sdpa_cudnn", "sdpa_efficient"}
+    assert report.flash_partly and not report.flash_enabled
+    cudnn = REGISTRY[AttentionBackend.SDPA_CUDNN].version()
+    assert report.status_line() == (
+        f"FlashAttention: partly enabled (sdpa_cudnn {cudnn} for 2 of 3 UNet self-attention modules, sdpa_efficient "
+        f"for the rest: sdpa_efficient measured faster than the FlashAttention kernels at these shapes)")
+    lines = report.console_lines()
+    assert lines[0] == f"cuDNN attention (PyTorch SDPA) {cudnn} is available and will be used for acceleration."
+    assert lines[1].startswith("cuDNN attention (PyTorch SDPA) enabled for 2 of 3 UNet self-attention modules; "
+                               "the others run sdpa_efficient (")
+    assert lines[-1].startswith("AutoencoderKL attention (head_dim 512, beyond FlashAttention kernels) runs on ")
+
+
+def test_the_documented_line_whenever_the_flash_attn_package_runs(kernels):
+    """flash-attn 2 running only the cross-attention still prints the documented line, with its version; the
+    VAE line gives the head_dim the VAE really has."""
+    def fastest(shape):
+        return AttentionBackend.FLASH_ATTN if shape.kv_tokens == 77 else AttentionBackend.SDPA_CUDNN
+
+    router = tuned_router(FakeTimer(fastest))
+    run_shape(router, "unet.down.0.attn1", SHAPE_A)
+    run_shape(router, "unet.down.0.attn2", SHAPE_B)
+    run_shape(router, "vae.mid.attentions.0", (1, 64, 64, 1, 32))
+    lines = build_report(router, "sdpa").console_lines()
+    assert lines[0] == "FlashAttention 2.8.3 is available and will be used for acceleration."
+    assert lines[-1].startswith("AutoencoderKL attention (head_dim 32) runs on ")

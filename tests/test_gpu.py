@@ -255,3 +255,50 @@ def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, mon
     assert "out of GPU memory; retrying with tiles" in caplog.text
     assert retried.tile_size is not None and retried.images.shape == one_pass.images.shape
     assert torch.isfinite(retried.images).all()
+
+
+def test_kernel_timing_is_gpu_time_not_wrapper_time():
+    """The per-shape choice times what a graphed pass pays: a kernel behind a slow Python wrapper measures as
+    fast as the same kernel called directly (flash-attn 2's wrapper made it lose at small shapes when each call
+    was timed alone)."""
+    import time
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("sdpa_flash needs sm80+")
+    fn = REGISTRY[AttentionBackend.SDPA_FLASH].fn
+
+    def slow_wrapper(q, k, v, scale):
+        time.sleep(0.0003)  # 0.3 ms of Python before the same kernel
+        return fn(q, k, v, scale)
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, 16384, 5, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(1, 77, 5, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    fn(q, kv, kv, 0.125)
+    direct = tuning_module.time_kernel(AttentionBackend.SDPA_FLASH, fn, q, kv, kv, 0.125)
+    wrapped = tuning_module.time_kernel(AttentionBackend.SDPA_FLASH, slow_wrapper, q, kv, kv, 0.125)
+    print(f"16384x77 cross-attention, sdpa_flash: {direct:.4f} ms direct, {wrapped:.4f} ms behind a 0.3 ms wrapper")
+    assert direct < 0.3 and abs(wrapped - direct) <= 0.2 * direct + 0.01
+
+
+def test_no_flash_kernel_anywhere_with_use_flash_attention_off(gpu_models):
+    """use_flash_attention=False: the profiler sees no FlashAttention-class kernel in the whole pass (UNet, VAE,
+    text encoder), whatever packages are installed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hypir.pipeline import HYPIRPipeline
+
+    pipe = HYPIRPipeline(gpu_models["bf16"])
+    images = torch.rand(1, 3, 64, 64, device="cuda")
+    pipe(images, upscale=2.0, use_flash_attention=False, cuda_graphs=False, prompt="no flash")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = pipe(images, upscale=2.0, use_flash_attention=False, cuda_graphs=False, prompt="no flash at all")
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # FlashAttention 2 and 4 kernels carry "flash" in their names, cuDNN's "native_sdpa", CuTe DSL ones "cute".
+    flash = [n for n in names if "flash" in n.lower() or "native_sdpa" in n.lower() or "cute" in n.lower()]
+    assert not flash, flash
+    assert any("fmha" in n.lower() or "attention" in n.lower() for n in names), names  # attention was profiled
+    assert not any(REGISTRY[b].flash_class for b in result.report.per_module.values())
+    assert result.report.text_encoder != "flash_attention_2"
+    assert result.report.status_line().startswith("FlashAttention: disabled (switched off)")

@@ -66,26 +66,50 @@ def flash_off_reason(router: AttentionRouter, module_prefix: str = "unet.", head
 
 @dataclass
 class AttentionReport:
-    """What ran, in the words of the console lines and the node status."""
+    """What ran, in the words of the console lines and the node status. FlashAttention counts as used for the
+    UNet's self-attention modules (unet.*.attn1, the long sequences) that ran a FlashAttention-class kernel: all of
+    them, some, or none."""
 
-    unet_self: AttentionBackend | None
+    unet_self: AttentionBackend | None  # the backend most UNet self-attention modules ran
     per_module: dict[str, AttentionBackend]
     text_encoder: str
-    reason: str | None  # why FlashAttention is not used for the UNet self-attention
+    reason: str | None  # why FlashAttention is not used for (some of) the UNet self-attention
     warnings: list[str]
     # module -> (q tokens, kv tokens, heads, head_dim)
     shapes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     @property
+    def self_attention(self) -> dict[str, AttentionBackend]:
+        return {m: b for m, b in self.per_module.items() if m.startswith("unet.") and m.endswith("attn1")}
+
+    def _flash_self(self) -> tuple[list[AttentionBackend], int, int]:
+        """The FlashAttention-class kernels of the UNet's self-attention (most modules first), how many modules
+        ran one, and how many modules there are."""
+        ran = list(self.self_attention.values())
+        flash = [b for b in ran if REGISTRY[b].flash_class]
+        return sorted(set(flash), key=lambda b: (-flash.count(b), b.value)), len(flash), len(ran)
+
+    @property
     def flash_enabled(self) -> bool:
-        return self.unet_self is not None and REGISTRY[self.unet_self].flash_class
+        """Every UNet self-attention module ran a FlashAttention-class kernel."""
+        _, used, total = self._flash_self()
+        return total > 0 and used == total
+
+    @property
+    def flash_partly(self) -> bool:
+        _, used, total = self._flash_self()
+        return 0 < used < total
 
     def status_line(self) -> str:
-        if self.flash_enabled:
-            spec = REGISTRY[self.unet_self]
-            return f"FlashAttention: enabled ({self.unet_self.value} {spec.version()})"
-        backend = self.unet_self.value if self.unet_self else "none"
-        return f"FlashAttention: disabled ({self.reason}), using {backend}"
+        kernels, used, total = self._flash_self()
+        named = " + ".join(f"{b.value} {REGISTRY[b].version()}" for b in kernels)
+        if total and used == total:
+            return f"FlashAttention: enabled ({named})"
+        others = "+".join(sorted({b.value for b in self.self_attention.values() if not REGISTRY[b].flash_class}))
+        if used:
+            return (f"FlashAttention: partly enabled ({named} for {used} of {total} UNet self-attention modules, "
+                    f"{others} for the rest: {self.reason})")
+        return f"FlashAttention: disabled ({self.reason}), using {others or 'none'}"
 
     def backends_by_role(self) -> dict[str, str]:
         """Backend per kind of module: unet.attn1, unet.attn2, vae (joined when they differ)."""
@@ -105,40 +129,51 @@ class AttentionReport:
         return sorted(ran, key=lambda b: (b != self.unet_self, b.value))
 
     def console_lines(self) -> list[str]:
+        kernels, used, total = self._flash_self()
         unet = self._unet_backends()
-        if not self.flash_enabled:
-            backend = "+".join(b.value for b in unet) if len(unet) > 1 else \
-                (self.unet_self.value if self.unet_self else "none")
-            lines = [f"FlashAttention is not used ({self.reason}); attention runs on {backend}."]
-            lines.append(f"CLIPTextModel uses {self.text_encoder} attention")
-            return lines
-        spec = REGISTRY[self.unet_self]
-        version = spec.version()
-        if self.unet_self == AttentionBackend.FLASH_ATTN:
-            lines = [f"FlashAttention {version} is available and will be used for acceleration."]
+        lines = []
+        if AttentionBackend.FLASH_ATTN in self.per_module.values() or self.text_encoder == "flash_attention_2":
+            # the documented line: whenever the flash-attn package runs any module
+            lines.append(f"FlashAttention {REGISTRY[AttentionBackend.FLASH_ATTN].version()} is available and will be "
+                         f"used for acceleration.")
+        if not used:
+            backend = "+".join(b.value for b in unet) or "none"
+            lines.append(f"FlashAttention is not used ({self.reason}); attention runs on {backend}.")
         else:
-            lines = [f"{spec.label} {version} is available and will be used for acceleration."]
-        lines.append(f"{spec.label} enabled for this enhancer.")
+            main = REGISTRY[kernels[0]]
+            if not lines:
+                lines.append(f"{main.label} {main.version()} is available and will be used for acceleration.")
+            labels = " + ".join(REGISTRY[b].label for b in kernels)
+            if used == total:
+                lines.append(f"{labels} enabled for this enhancer.")
+            else:
+                lines.append(f"{labels} enabled for {used} of {total} UNet self-attention modules; the others run "
+                             f"{'+'.join(sorted({b.value for b in self.self_attention.values() if b not in kernels}))} "
+                             f"({self.reason}).")
         if self.text_encoder == "flash_attention_2":
             lines.append("FlashAttention 2 enabled for CLIPTextModel")
         else:
-            lines.append(f"CLIPTextModel uses {self.text_encoder} attention "
-                         "(transformers runs FlashAttention only through the flash-attn 2 package)")
-        if len(unet) > 1:
+            lines.append(f"CLIPTextModel uses {self.text_encoder} attention"
+                         + (" (transformers runs FlashAttention only through the flash-attn 2 package)" if used else ""))
+        if used and len(unet) > 1:
             lines.append(" + ".join(REGISTRY[b].label for b in unet)
                          + " enabled for UNet2DConditionModel, chosen per attention shape")
-        else:
-            lines.append(f"{spec.label} enabled for UNet2DConditionModel")
-        vae = {b for m, b in self.per_module.items() if m.startswith("vae.")}
-        if vae:
-            lines.append("AutoencoderKL attention (head_dim 512, beyond FlashAttention kernels) runs on "
-                         + "+".join(sorted(b.value for b in vae)))
+        elif used:
+            lines.append(f"{REGISTRY[unet[0]].label} enabled for UNet2DConditionModel")
+        vae = {m: b for m, b in self.per_module.items() if m.startswith("vae.")}
+        if vae and used:
+            dims = sorted({self.shapes[m][3] for m in vae if m in self.shapes})
+            dim = "/".join(map(str, dims)) or "?"
+            beyond = ", beyond FlashAttention kernels" if dims and min(dims) > 256 else ""
+            lines.append(f"AutoencoderKL attention (head_dim {dim}{beyond}) runs on "
+                         + "+".join(sorted({b.value for b in vae.values()})))
         return lines
 
 
 def build_report(router: AttentionRouter, text_encoder: str) -> AttentionReport:
     unet_self = [b for m, b in router.ran.items() if m.startswith("unet.") and m.endswith("attn1")]
-    main = max(set(unet_self), key=unet_self.count) if unet_self else None
-    reason = None if main is not None and REGISTRY[main].flash_class else flash_off_reason(router, "unet.", 64)
+    main = max(sorted(set(unet_self), key=lambda b: b.value), key=unet_self.count) if unet_self else None
+    all_flash = bool(unet_self) and all(REGISTRY[b].flash_class for b in unet_self)
+    reason = None if all_flash else flash_off_reason(router, "unet.", 64)
     return AttentionReport(main, dict(router.ran), text_encoder, reason, list(router.fallback_warnings),
                            dict(router.shapes))
