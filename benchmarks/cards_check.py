@@ -1,0 +1,139 @@
+"""GPU checks of the engine as users' cards run it (issue: ComfyUI on a GPU), on full-size SD2.1-architecture
+random weights, one process per part:
+
+  memory   the planner's figure (what the node asks ComfyUI for) against the measured peak of the pass, for
+           512->1024, 1024->2048 and 2048->4096 outputs, untiled and under 8 / 12 / 24 GiB budgets;
+  fp16     dtype fp16 forced (as on a Turing card) at 1024 and 2048: finite outputs, whether the fp32 VAE
+           recompute ran, the status line, PSNR against the bf16 pass;
+  notriton the same bf16 pass with Triton unimportable (ComfyUI's Windows portable build has none): the
+           PyTorch fallbacks, the status, the time, and the output against the Triton pass's.
+
+    python3 benchmarks/cards_check.py PART --json OUT.json [--reference REF.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+
+if "--no-triton" in sys.argv:  # before torch: the process sees no Triton at all, as on Windows portable
+    sys.modules["triton"] = None
+
+import torch  # noqa: E402
+
+from hypir.bench import build_models  # noqa: E402
+from hypir.pipeline import HYPIRPipeline  # noqa: E402
+from hypir.settings import RestoreOptions  # noqa: E402
+
+SIZES = {1024: 512, 2048: 1024, 4096: 2048}  # output side: input side
+
+
+def images(side: int) -> torch.Tensor:
+    return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to("cuda")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def timed(pipe, lq, options, repeats=3):
+    pipe(lq, options=options)  # warm-up: kernel choice, Triton compile
+    times, result = [], None
+    for _ in range(repeats):
+        result = pipe(lq, options=options)
+        times.append(result.seconds * 1000)
+    return result, statistics.median(times)
+
+
+def memory(pipe) -> list[dict]:
+    rows = []
+    for output, side in SIZES.items():
+        lq = images(side)
+        for budget in (None, 24.0, 12.0, 8.0):
+            options = RestoreOptions(upscale=2.0, vram_budget_gb=budget, cuda_graphs=False)
+            plan = pipe.plan(lq, options)
+            pipe(lq, options=options)  # warm-up (per-shape timing allocates its own scratch)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            result = pipe(lq, options=options)
+            peak = torch.cuda.max_memory_allocated() - base
+            rows.append({"output": output, "budget_gb": budget, "tile": plan.tile, "tiles": plan.tiles,
+                         "planned_mib": plan.total_bytes / 2**20, "peak_mib": peak / 2**20,
+                         "planned_over_peak": plan.total_bytes / peak, "ms": result.seconds * 1000})
+            print(json.dumps(rows[-1]))
+    return rows
+
+
+def fp16() -> list[dict]:
+    models = build_models("sd21", torch.device("cuda"), torch.float16)
+    pipe = HYPIRPipeline(models)
+    rows = []
+    for output, side in list(SIZES.items())[:2]:
+        lq = images(side)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("hypir").addHandler(handler)
+        try:
+            result, ms = timed(pipe, lq, RestoreOptions(upscale=2.0))
+        finally:
+            logging.getLogger("hypir").removeHandler(handler)
+        recomputes = [r.getMessage() for r in records if "recomputing it in fp32" in r.getMessage()]
+        rows.append({"output": output, "finite": bool(torch.isfinite(result.images).all()), "ms": ms,
+                     "vae_fp32_recomputes": recomputes, "status": result.status_line()})
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def triton_pass(reference: str | None) -> dict:
+    models = build_models("sd21", torch.device("cuda"), torch.bfloat16)
+    pipe = HYPIRPipeline(models)
+    out = {}
+    for output, side in list(SIZES.items())[:2]:
+        result, ms = timed(pipe, images(side), RestoreOptions(upscale=2.0, latent="mode"))
+        out[output] = {"ms": ms, "status": result.status_line(), "images": result.images.cpu()}
+    if reference:
+        ref = torch.load(reference, weights_only=True)
+        for output in out:
+            out[output]["psnr_vs_reference_db"] = psnr(out[output]["images"], ref[output])
+            out[output]["max_abs_diff"] = (out[output]["images"] - ref[output]).abs().max().item()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=["memory", "fp16", "triton", "notriton"])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--reference", help="triton/notriton: the other pass's outputs (.pt), saved with --save")
+    parser.add_argument("--save", help="triton/notriton: save this pass's outputs here (.pt)")
+    parser.add_argument("--no-triton", action="store_true", help="make Triton unimportable (before torch)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    if args.part == "memory":
+        result = {"rows": memory(HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16)))}
+    elif args.part == "fp16":
+        result = {"rows": fp16()}
+    else:
+        passes = triton_pass(args.reference)
+        if args.save:
+            torch.save({k: v["images"] for k, v in passes.items()}, args.save)
+        result = {str(k): {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in passes.items()}
+        for k, v in result.items():
+            print(k, json.dumps(v))
+    result.update(device=torch.cuda.get_device_name(), torch=torch.__version__, seconds=time.perf_counter() - t0,
+                  triton_importable=sys.modules.get("triton", 0) is not None)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
