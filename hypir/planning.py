@@ -67,20 +67,22 @@ def default_stride(tile: int, stride: int | None) -> int:
 
 
 def pass_bytes(height: int, width: int, batch: int, element_bytes: int) -> int:
-    """Peak activation bytes of one untiled pass at this (padded, processed) size; the VAE decoder at full
-    resolution dominates: 1300 elements a pixel (2.6 KB in 16-bit), measured on SD2.1 at 2048^2."""
-    return int(height * width * batch * 1300 * element_bytes)
-
-
-def full_size_bytes(batch: int, height: int, width: int) -> int:
-    """The float32 image-sized buffers a pass keeps at the output size (about ten RGB planes)."""
-    return batch * height * width * 3 * 4 * 10
+    """Peak activation bytes of the models over one untiled pass at this (padded, processed) size: 760 elements
+    a pixel. Measured on an H200 with SD2.1-architecture weights in bf16 (benchmarks/cards_check.py memory):
+    1406 bytes a pixel at 1024, 2048 and 4096, untiled and in tiles; 760 leaves 8 % of headroom."""
+    return int(height * width * batch * 760 * element_bytes)
 
 
 def buffer_bytes(batch: int, output: tuple[int, int], processed: tuple[int, int]) -> int:
-    """Untiled float32 buffers: ten RGB planes at the output size (the upscaled input, the result, the colour
-    fix) and four at the processed size (the resized input, the padded pass input, the decoded output)."""
-    return full_size_bytes(batch, *output) + batch * processed[0] * processed[1] * 3 * 4 * 4
+    """The float32 RGB image buffers held beside the models' activations: three planes at the output size (the
+    upscaled input, the blended result and its weights) and two at the processed size (the padded pass input,
+    the decoded image); measured as 4.3 planes where the two sizes are equal."""
+    return batch * 3 * 4 * (3 * output[0] * output[1] + 2 * processed[0] * processed[1])
+
+
+def finish_bytes(batch: int, output: tuple[int, int]) -> int:
+    """The colour fix's buffers after the models ran: about eight float32 RGB planes at the output size."""
+    return batch * 3 * 4 * 8 * output[0] * output[1]
 
 
 def model_bytes(element_bytes: int) -> int:
@@ -125,11 +127,13 @@ class PassPlan:
     tiles: int
     tiles_per_batch: int  # tiles sent through the models together
     activation_bytes: int  # the models' working memory for one group of tiles (or the one pass)
-    buffer_bytes: int  # the float32 image-sized buffers
+    buffer_bytes: int  # the float32 image-sized buffers held meanwhile
+    finish_bytes: int  # the colour fix's buffers, after the models ran
 
     @property
     def total_bytes(self) -> int:
-        return self.activation_bytes + self.buffer_bytes
+        """The pass's peak beside the resident weights: what the node asks ComfyUI for."""
+        return max(self.activation_bytes + self.buffer_bytes, self.finish_bytes)
 
     def describe(self) -> str:
         h0, w0 = self.output_size
@@ -155,9 +159,11 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
     h1, w1 = processed_size(h0, w0)
     hp, wp = h1 + -h1 % VAE_SCALE, w1 + -w1 % VAE_SCALE
     buffers = buffer_bytes(batch, (h0, w0), (h1, w1))
+    finish = finish_bytes(batch, (h0, w0))
     processed = "" if (h1, w1) == (h0, w0) else f" (processed at {w1}x{h1}: short sides are raised to {PATCH})"
-    if available_bytes is not None and buffers > available_bytes:
-        raise PlanError(f"a {w0}x{h0} output{processed}, batch {batch}, needs about {gib(buffers)} for its "
+    if available_bytes is not None and max(buffers, finish) > available_bytes:
+        need = max(buffers, finish)
+        raise PlanError(f"a {w0}x{h0} output{processed}, batch {batch}, needs about {gib(need)} for its "
                         f"image buffers alone, and {where} has {gib(max(available_bytes, 0))} for it; choose a "
                         f"smaller upscale or long side")
     budget = None if available_bytes is None else available_bytes - buffers
@@ -181,14 +187,14 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
         tile, stride = None, None  # one tile is one pass
     if tile is None:
         return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, None, None, 1, 1,
-                        pass_bytes(hp, wp, batch, element_bytes), buffers)
+                        pass_bytes(hp, wp, batch, element_bytes), buffers, finish)
     count = tile_count(hp, wp, tile, stride)
     group = 1
     if budget is not None:
         group = max(1, min(count, int(HEADROOM * budget // max(1, pass_bytes(tile, tile, batch, element_bytes))), 16))
     group = min(group, max_group or group)
     return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, tile, stride, count, group,
-                    pass_bytes(tile, tile, batch * group, element_bytes), buffers)
+                    pass_bytes(tile, tile, batch * group, element_bytes), buffers, finish)
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:

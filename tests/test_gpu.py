@@ -221,7 +221,7 @@ def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, mon
     """A real CUDA out-of-memory (a per-process cap below what one pass needs, above what 512 px tiles one at
     a time need) ends in a tiled retry."""
     from hypir.pipeline import HYPIRPipeline
-    from hypir.planning import full_size_bytes
+    from hypir.planning import finish_bytes
 
     # Per-shape timing off: the first call of a shape times every candidate kernel, whose peak is not what
     # the pass itself needs, and the tiled retry meets new shapes.
@@ -236,7 +236,7 @@ def test_out_of_memory_retries_with_smaller_tiles(small_models_bf16, caplog, mon
     # 512 px tiles one at a time (a budget with room for one tile's activations only).
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    one_tile_budget = (base + full_size_bytes(1, 2048, 2048)) / 2**30 + 0.5
+    one_tile_budget = (base + finish_bytes(1, (2048, 2048))) / 2**30 + 0.5
     pipe(lq, upscale=8.0, latent="mode", tile_size=512, tile_stride=384, vram_budget_gb=one_tile_budget,
          cuda_graphs=False, attention_autotune=False)
     need_tiled = torch.cuda.max_memory_allocated() - base

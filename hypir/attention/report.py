@@ -14,12 +14,18 @@ from .router import AttentionRouter
 
 
 def text_encoder_implementation(router: AttentionRouter) -> str:
-    """transformers' attn_implementation for the CLIP text model under this router's policy."""
+    """transformers' attn_implementation for the CLIP text model under this router's policy. Its "sdpa" lets
+    PyTorch pick a kernel, FlashAttention-class ones included (cuDNN, flash): with FlashAttention off, or a
+    non-FlashAttention backend named, the 77-token text encoder runs "eager" attention instead (once per prompt:
+    its embedding is cached)."""
     requested = router.policy.attention
-    if requested == AttentionBackend.STANDARD:
+    flash_allowed = (requested == AUTO and router.policy.use_flash_attention) or \
+        (requested != AUTO and REGISTRY[requested].flash_class)
+    if requested == AttentionBackend.SDPA:  # "PyTorch chooses", for the text encoder as for the UNet
+        return "sdpa"
+    if not flash_allowed or requested == AttentionBackend.STANDARD:
         return "eager"
-    wants_flash = requested == AttentionBackend.FLASH_ATTN or (requested == AUTO and router.policy.use_flash_attention)
-    if wants_flash and router.why_not(AttentionBackend.FLASH_ATTN, 64) is None:
+    if requested in (AUTO, AttentionBackend.FLASH_ATTN) and router.why_not(AttentionBackend.FLASH_ATTN, 64) is None:
         from transformers.utils import is_flash_attn_2_available
 
         if is_flash_attn_2_available():  # transformers' own check of the flash-attn 2 package
