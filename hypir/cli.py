@@ -195,8 +195,10 @@ def collect_inputs(inputs: list[str], run: RunPlan) -> tuple[list[Path], list[Pa
             found = [p for p in entries if p.suffix.lower() in INPUT_SUFFIXES]
             others = sorted({p.suffix.lower() or p.name for p in entries if p not in found})
             if others:
+                heic = " (HEIC/HEIF photos: convert them to JPEG or PNG first)" if {".heic", ".heif"} & set(others) \
+                    else ""
                 run.notes.append(f"{path}: {len(entries) - len(found)} files that are not images of a supported kind "
-                                 f"were left alone ({', '.join(others)})")
+                                 f"were left alone ({', '.join(others)}){heic}")
             if not found:
                 run.fail(path, f"folder holds no images ({', '.join(INPUT_SUFFIXES)})")
             files.extend(found)
