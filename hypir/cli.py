@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", default=None, metavar="PATH", help=f"HYPIR weights (default: {cfg['weights_file']} "
                                                                     "found in the model folders or the HF cache)")
     r.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu or mps")
+    r.add_argument("--devices", default=None, metavar="all|N|LIST",
+                   help="restore with one worker process per device: all GPUs, the first N (N CPU workers without "
+                        "a GPU), or a list such as cuda:0,cuda:2")
     size = r.add_mutually_exclusive_group()
     size.add_argument("--long-side", type=_bounded(1, 65536, int), default=None, help="target longest side in pixels")
     for setting in SETTINGS:  # every setting of a pass and of loading is a flag, with hypir_config.py's default
@@ -334,9 +337,12 @@ def cmd_restore(args) -> int:
     from .pipeline import HYPIRPipeline
 
     model_files = resolve_model_files(args.base, args.weights, allow_download=args.download)
-    pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype, lora_scale=args.lora_scale,
-                                    allow_download=args.download)
-    failures = _problem_lines(run) + restore_jobs(pipe, run.jobs, options, args)
+    if args.devices:
+        failures = _problem_lines(run) + restore_with_workers(model_files, run.jobs, options, args)
+    else:
+        pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype,
+                                        lora_scale=args.lora_scale, allow_download=args.download)
+        failures = _problem_lines(run) + restore_jobs(pipe, run.jobs, options, args)
     if failures:
         done = len(run.jobs) - (len(failures) - len(run.problems))
         raise CLIError(*failures, f"{len(failures)} of {len(failures) + done} inputs failed; {done} restored"
@@ -379,6 +385,38 @@ def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[s
                 for note in picture.notes:
                     tqdm.write(f"  note: {note}")
             bar.update(1)
+    return failures
+
+
+def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, args) -> list[str]:
+    """--devices: one worker process per device (distributed.run_pool); returns the failures, each named."""
+    from tqdm import tqdm
+
+    from .distributed import WorkerSetup, parse_devices, run_pool
+
+    try:
+        devices = parse_devices(args.devices)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    threads = 0
+    if devices[0] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // len(devices))
+    setup = WorkerSetup(str(model_files.base), str(model_files.weights), args.dtype, args.lora_scale, options,
+                        args.quality, threads)
+    failures: list[str] = []
+    with tqdm(total=len(jobs), unit="image", desc=f"HYPIR x{len(devices)}") as bar:
+        def report(outcome, task) -> None:
+            if outcome.ok:
+                tqdm.write(f"{task[0]} -> {task[1]}: {outcome.message}")
+            else:
+                failures.append(f"{task[0]}: {outcome.message}")
+                tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
+            bar.update(1)
+
+        outcomes = run_pool([(j.source, j.target) for j in jobs], devices, setup, report,
+                            sizes=[j.source.stat().st_size for j in jobs])
+    if failures and not args.keep_going and len(failures) == len(outcomes):
+        raise CLIError(*failures)
     return failures
 
 

@@ -1,0 +1,199 @@
+"""A folder across every GPU of a host: one worker process per device, each loading the models once, fed one
+file at a time (largest first) by the parent, which keeps track of what each worker holds. A worker that dies
+is replaced and its file is given to another; a file that fails three times is reported by name. Outputs are
+written by the workers, atomically (images.write_image), so a killed worker leaves nothing partial.
+
+On a machine without CUDA the same runs N CPU worker processes (each with its share of the cores).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger("hypir")
+
+MAX_ATTEMPTS = 3
+
+
+def parse_devices(spec: str) -> list[str]:
+    """'all', a count N, or a comma-separated list (cuda:0,cuda:1 or cpu,cpu) -> one device name per worker."""
+    import torch
+
+    spec = spec.strip().lower()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "all":
+        return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    if spec.isdigit():
+        count = int(spec)
+        if count < 1:
+            raise ValueError(f"--devices {spec}: give at least one worker")
+        if gpus and count > gpus:
+            raise ValueError(f"--devices {spec}: this machine has {gpus} CUDA GPU(s)")
+        return [f"cuda:{i}" for i in range(count)] if gpus else ["cpu"] * count
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    for device in devices:
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if index >= gpus:
+                raise ValueError(f"--devices: {device} is not there (this machine has {gpus} CUDA GPU(s))")
+        elif device != "cpu":
+            raise ValueError(f"--devices: {device!r} is not cpu, cuda or cuda:N")
+    return devices
+
+
+@dataclass
+class Outcome:
+    index: int
+    ok: bool
+    message: str  # the status line, or why it failed
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    base: str
+    weights: str
+    dtype: str
+    lora_scale: float
+    options: object  # RestoreOptions
+    quality: int
+    threads: int  # CPU threads of a CPU worker (0: leave torch's default)
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds: a file being written is removed (images.write_image)
+
+
+def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:
+    """One worker: load once, then restore what the parent sends until it sends None."""
+    signal.signal(signal.SIGTERM, _stop)
+    logging.getLogger("hypir").setLevel(logging.WARNING)
+    import diffusers
+    import torch
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()  # this worker's own state: one bar, the parent's
+    transformers.utils.logging.disable_progress_bar()
+
+    from .images import read_image, write_image
+    from .pipeline import HYPIRPipeline
+
+    if device == "cpu" and setup.threads:
+        torch.set_num_threads(setup.threads)
+    pipe = HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype, lora_scale=setup.lora_scale)
+    results.put(("ready", os.getpid(), None, ""))
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        index, source, target = task
+        try:
+            picture = read_image(source)
+            restored, status = [], ""
+            for frame in picture.frames:
+                result = pipe(torch.from_numpy(frame)[None], options=setup.options)
+                restored.append(result.images[0].float().cpu().numpy())
+                status = result.status_line()
+            write_image(target, restored, picture, setup.quality)
+            results.put(("done", os.getpid(), index, status))
+        except Exception as exc:  # noqa: BLE001 - reported by the parent with the file's name
+            text = str(exc).strip()
+            results.put(("fail", os.getpid(), index, text.splitlines()[0] if text else type(exc).__name__))
+
+
+def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSetup,
+             on_outcome: Callable[[Outcome, tuple[Path, Path]], None] | None = None,
+             sizes: list[int] | None = None) -> list[Outcome]:
+    """Restore every (source, target) with one worker per device; returns one Outcome per task."""
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA state
+    results = context.Queue()
+    order = sorted(range(len(tasks)), key=lambda i: -(sizes[i] if sizes else 0))  # largest first
+    pending = collections.deque(order)
+    attempts: collections.Counter[int] = collections.Counter()
+    outcomes: dict[int, Outcome] = {}
+    workers: dict[int, tuple] = {}  # pid -> (process, its task queue, device)
+    holding: dict[int, int | None] = {}  # pid -> index it works on
+
+    def start(device: str) -> None:
+        inbox = context.Queue()
+        process = context.Process(target=_worker, args=(device, setup, inbox, results), daemon=True)
+        process.start()
+        workers[process.pid] = (process, inbox, device)
+        holding[process.pid] = None
+
+    idle: set[int] = set()  # loaded workers holding nothing
+
+    def give(pid: int) -> None:
+        if pending:
+            index = pending.popleft()
+            holding[pid] = index
+            idle.discard(pid)
+            workers[pid][1].put((index, str(tasks[index][0]), str(tasks[index][1])))
+        else:
+            holding[pid] = None
+            idle.add(pid)
+
+    def settle(index: int, ok: bool, message: str) -> None:
+        attempts[index] += 1
+        if ok or attempts[index] >= MAX_ATTEMPTS:
+            outcomes[index] = Outcome(index, ok, message if ok else f"{message} ({attempts[index]} attempts)")
+            if on_outcome is not None:
+                on_outcome(outcomes[index], tasks[index])
+        else:
+            pending.appendleft(index)
+
+    def replace_dead() -> None:
+        for pid, (process, _, device) in list(workers.items()):
+            if process.is_alive():
+                continue
+            lost = holding.pop(pid, None)
+            idle.discard(pid)
+            del workers[pid]
+            logger.warning("[HYPIR] worker %d on %s stopped (exit code %s)%s; starting another", pid, device,
+                           process.exitcode, f" while restoring {tasks[lost][0]}" if lost is not None else "")
+            if lost is not None:
+                settle(lost, False, f"the worker restoring it stopped (exit code {process.exitcode})")
+            if len(outcomes) < len(tasks):
+                start(device)
+
+    for device in devices:
+        start(device)
+    finished = False
+    try:
+        while len(outcomes) < len(tasks):
+            try:
+                kind, pid, index, message = results.get(timeout=0.5)
+            except queue.Empty:
+                kind = None
+            if kind is not None and pid in workers:  # else: a message from a worker already replaced
+                if kind in ("done", "fail"):
+                    settle(index, kind == "done", message)
+                give(pid)
+            replace_dead()
+            for pid in list(idle):  # work given back by a stopped worker goes to one that waits
+                if pending:
+                    give(pid)
+        finished = True
+    finally:
+        for process, inbox, _ in workers.values():
+            if not process.is_alive():
+                continue
+            if finished:
+                inbox.put(None)  # done: let it exit
+            else:
+                process.terminate()  # interrupted: SIGTERM unwinds it, removing a file half written
+        deadline = time.monotonic() + 30
+        for process, _, _ in workers.values():
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+    return [outcomes[i] for i in range(len(tasks))]
