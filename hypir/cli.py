@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--devices", default=None, metavar="all|N|LIST",
                    help="restore with one worker process per device: all GPUs, the first N (N CPU workers without "
                         "a GPU), or a list such as cuda:0,cuda:2")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="restore on Ray, one actor per GPU of the cluster: 'local' (the default) starts Ray here, an "
+                        "address joins a cluster (pip install 'comfyui-hypir[ray]')")
     size = r.add_mutually_exclusive_group()
     size.add_argument("--long-side", type=_bounded(1, 65536, int), default=None, help="target longest side in pixels")
     for setting in SETTINGS:  # every setting of a pass and of loading is a flag, with hypir_config.py's default
@@ -337,7 +340,7 @@ def cmd_restore(args) -> int:
     from .pipeline import HYPIRPipeline
 
     model_files = resolve_model_files(args.base, args.weights, allow_download=args.download)
-    if args.devices:
+    if args.devices or args.ray:
         failures = _problem_lines(run) + restore_with_workers(model_files, run.jobs, options, args)
     else:
         pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype,
@@ -389,13 +392,14 @@ def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[s
 
 
 def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, args) -> list[str]:
-    """--devices: one worker process per device (distributed.run_pool); returns the failures, each named."""
+    """--devices: one worker process per device (distributed.run_pool); --ray: one actor per GPU of a Ray
+    cluster (distributed.run_ray). Returns the failures, each named."""
     from tqdm import tqdm
 
-    from .distributed import WorkerSetup, parse_devices, run_pool
+    from .distributed import WorkerSetup, parse_devices, run_pool, run_ray
 
     try:
-        devices = parse_devices(args.devices)
+        devices = parse_devices(args.devices or "all")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     threads = 0
@@ -404,7 +408,7 @@ def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, 
     setup = WorkerSetup(str(model_files.base), str(model_files.weights), args.dtype, args.lora_scale, options,
                         args.quality, threads)
     failures: list[str] = []
-    with tqdm(total=len(jobs), unit="image", desc=f"HYPIR x{len(devices)}") as bar:
+    with tqdm(total=len(jobs), unit="image", desc="HYPIR on Ray" if args.ray else f"HYPIR x{len(devices)}") as bar:
         def report(outcome, task) -> None:
             if outcome.ok:
                 tqdm.write(f"{task[0]} -> {task[1]}: {outcome.message}")
@@ -413,8 +417,11 @@ def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, 
                 tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
             bar.update(1)
 
-        outcomes = run_pool([(j.source, j.target) for j in jobs], devices, setup, report,
-                            sizes=[j.source.stat().st_size for j in jobs])
+        tasks = [(j.source, j.target) for j in jobs]
+        if args.ray:
+            outcomes = run_ray(tasks, setup, args.ray, len(devices) if args.devices else None, report, quiet=True)
+        else:
+            outcomes = run_pool(tasks, devices, setup, report, sizes=[j.source.stat().st_size for j in jobs])
     if failures and not args.keep_going and len(failures) == len(outcomes):
         raise CLIError(*failures)
     return failures

@@ -197,3 +197,125 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
                 process.kill()
                 process.join(timeout=10)
     return [outcomes[i] for i in range(len(tasks))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Many hosts: the same restore on Ray (an optional extra: pip install -e '.[ray]'), imported only when asked for.
+
+
+def _is_uri(name: str) -> bool:
+    return "://" in name
+
+
+def _read_bytes(name: str) -> bytes:
+    """A file's bytes from a local path or any filesystem pyarrow supports (s3://, gs://, hdfs://...)."""
+    if not _is_uri(name):
+        return Path(name).read_bytes()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(name)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _write_output(name: str, frames, picture, quality: int) -> None:
+    """Write an output atomically: locally through images.write_image, elsewhere under a temporary name that is
+    then moved (an object store's move copies first, so a reader never sees half a file)."""
+    from .images import encode_image, write_image
+
+    if not _is_uri(name):
+        write_image(name, frames, picture, quality)
+        return
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(name)
+    data = encode_image(name, frames, picture, quality)
+    folder, _, base = path.rpartition("/")
+    tmp = f"{folder}/.{base}.{os.getpid()}.partial" if folder else f".{base}.{os.getpid()}.partial"
+    with filesystem.open_output_stream(tmp) as stream:
+        stream.write(data)
+    filesystem.move(tmp, path)
+
+
+class RayRestorer:
+    """A Ray Data actor: loads the models once (on its GPU, else the CPU), then restores each batch's files and
+    writes their outputs; a file's own failure is returned with its message, never raised (a raise would retry it)."""
+
+    def __init__(self, setup: WorkerSetup):
+        import torch
+
+        from .pipeline import HYPIRPipeline
+
+        logging.getLogger("hypir").setLevel(logging.WARNING)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and setup.threads:
+            torch.set_num_threads(setup.threads)
+        self.setup = setup
+        self.pipe = HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype,
+                                             lora_scale=setup.lora_scale)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .images import read_image
+
+        out = {"index": [], "ok": [], "message": []}
+        for index, source, target in zip(batch["index"], batch["source"], batch["target"]):
+            try:
+                picture = read_image(source, data=_read_bytes(str(source)))
+                restored, status = [], ""
+                for frame in picture.frames:
+                    result = self.pipe(torch.from_numpy(frame)[None], options=self.setup.options)
+                    restored.append(result.images[0].float().cpu().numpy())
+                    status = result.status_line()
+                _write_output(str(target), restored, picture, self.setup.quality)
+                ok, message = True, status
+            except Exception as exc:  # noqa: BLE001 - reported with the file's name
+                text = str(exc).strip()
+                ok, message = False, text.splitlines()[0] if text else type(exc).__name__
+            out["index"].append(int(index))
+            out["ok"].append(ok)
+            out["message"].append(message)
+        return out
+
+
+def run_ray(tasks: list[tuple[str, str]], setup: WorkerSetup, address: str = "local", workers: int | None = None,
+            on_outcome: Callable[[Outcome, tuple], None] | None = None, quiet: bool = False) -> list[Outcome]:
+    """Restore every (source, target), paths or URIs, on Ray Data: one RayRestorer actor per GPU of the cluster
+    (or `workers` CPU actors without GPUs). `address`: "local" starts a Ray instance on this machine; anything
+    else joins that cluster (ray.init(address=...)). A dead actor is restarted and its files retried by Ray
+    (up to MAX_ATTEMPTS attempts each). `quiet` (the command line) keeps Ray Data's progress log out of the
+    console."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise RuntimeError("--ray needs Ray: pip install 'comfyui-hypir[ray]' (or pip install 'ray[data]')") from None
+
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = workers or gpus or 1
+        per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        items = [{"index": i, "source": str(s), "target": str(t)} for i, (s, t) in enumerate(tasks)]
+        results = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            RayRestorer, fn_constructor_args=(setup,), batch_size=1, concurrency=count,
+            max_restarts=-1, max_task_retries=MAX_ATTEMPTS - 1, **per_actor)
+        outcomes: dict[int, Outcome] = {}
+        for row in results.iter_rows():
+            outcome = Outcome(int(row["index"]), bool(row["ok"]), str(row["message"]))
+            outcomes[outcome.index] = outcome
+            if on_outcome is not None:
+                on_outcome(outcome, tasks[outcome.index])
+        missing = [i for i in range(len(tasks)) if i not in outcomes]
+        for index in missing:
+            outcomes[index] = Outcome(index, False, "Ray returned no result for it")
+        return [outcomes[i] for i in range(len(tasks))]
+    finally:
+        if started:
+            ray.shutdown()

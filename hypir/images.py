@@ -75,12 +75,13 @@ class Picture:
 # Reading
 
 
-def read_image(path: str | os.PathLike) -> Picture:
-    """Decode every frame of `path`; ImageError (naming the file and the fix) for anything unusable."""
-    path = Path(path)
+def read_image(path: str | os.PathLike, data: bytes | None = None) -> Picture:
+    """Decode every frame of `path` (or of `data`, the file's bytes read from elsewhere, `path` naming it);
+    ImageError (naming the file and the fix) for anything unusable."""
+    path = Path(path) if data is None else path
     try:
-        with Image.open(path) as img:
-            return _decode(path, img)
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            return _decode(path, img, data)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -93,7 +94,7 @@ def read_image(path: str | os.PathLike) -> Picture:
         raise ImageError(f"{path}: cannot be decoded ({reason}); the file is damaged or incomplete") from None
 
 
-def _decode(path: Path, img: Image.Image) -> Picture:
+def _decode(path: Path, img: Image.Image, data: bytes | None = None) -> Picture:
     fmt = img.format or "?"
     notes: list[str] = []
     count = getattr(img, "n_frames", 1)
@@ -104,14 +105,14 @@ def _decode(path: Path, img: Image.Image) -> Picture:
     exif = img.getexif()
     orientation = exif.get(EXIF_ORIENTATION, 1) if exif else 1
     icc = img.info.get("icc_profile") or None
-    depth16 = _png_bit_depth(path) == 16 if fmt == "PNG" else False
+    depth16 = _png_bit_depth(path, data) == 16 if fmt == "PNG" else False
     frames, durations = [], []
     for index in range(count):
         img.seek(index)
         if depth16 and count == 1 and img.mode != "I;16":
-            array = _read_png16(path)
+            array = _read_png16(path, data)
         elif fmt == "TIFF" and _tiff_16bit_colour(img):
-            array = _read_tiff16(path, index, img, notes)
+            array = _read_tiff16(path, index, img, notes, data)
         else:
             array, icc = _pixels(path, img, icc, notes)
         frames.append(_orient(array, orientation))
@@ -169,17 +170,21 @@ def _channels_first(array: np.ndarray) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _png_bit_depth(path: Path) -> int | None:
+def _png_bit_depth(path: Path, data: bytes | None = None) -> int | None:
     """The bit depth in a PNG's IHDR chunk (Pillow reads 16-bit RGB PNGs at 8 bits and does not say)."""
-    with open(path, "rb") as f:
-        head = f.read(26)
+    if data is not None:
+        head = data[:26]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(26)
     return head[24] if len(head) == 26 and head[12:16] == b"IHDR" else None
 
 
-def _read_png16(path: Path) -> np.ndarray:
+def _read_png16(path: Path, data: bytes | None = None) -> np.ndarray:
     import png  # pypng
 
-    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    reader = png.Reader(bytes=data) if data is not None else png.Reader(filename=str(path))
+    width, height, rows, info = reader.asDirect()
     planes = info["planes"]
     data = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
     if info["bitdepth"] != 16:
@@ -193,11 +198,12 @@ def _tiff_16bit_colour(img: Image.Image) -> bool:
     return bool(bits) and tuple(bits)[0] == 16 and samples >= 3
 
 
-def _read_tiff16(path: Path, index: int, img: Image.Image, notes: list[str]) -> np.ndarray:
+def _read_tiff16(path: Path, index: int, img: Image.Image, notes: list[str], raw: bytes | None = None
+                 ) -> np.ndarray:
     import tifffile
 
     try:
-        data = tifffile.imread(str(path), key=index)
+        data = tifffile.imread(io.BytesIO(raw) if raw is not None else str(path), key=index)
     except (KeyError, ValueError, NotImplementedError, OSError) as exc:  # a codec tifffile lacks (LZW needs imagecodecs)
         notes.append(f"16-bit TIFF read at 8-bit precision ({exc}); `pip install imagecodecs` reads all 16 bits")
         return _pixels(path, img, None, notes)[0]
@@ -256,16 +262,32 @@ def write_image(path: str | os.PathLike, frames: list[np.ndarray], source: Pictu
     tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
-            if sixteen:
-                _write_png16(f, frames[0], source.icc_profile, exif)
-            else:
-                _save_with_pillow(f, fmt, [_to_pillow(a) for a in frames], source, exif, quality)
+            _encode(f, fmt, frames, source, quality, sixteen, exif)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a signal or an error: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def encode_image(name: str, frames: list[np.ndarray], source: Picture, quality: int = 95) -> bytes:
+    """The bytes write_image would write to a file called `name` (its suffix picks the format): for outputs that
+    go to another filesystem."""
+    fmt = output_format(name)
+    check_output(Path(name), frames[0].shape[1:], frames[0].shape[0], len(frames))
+    buffer = io.BytesIO()
+    _encode(buffer, fmt, frames, source, quality, source.bit_depth == 16 and fmt == "PNG" and len(frames) == 1,
+            _exif_for(source.exif, frames[0].shape[1:]))
+    return buffer.getvalue()
+
+
+def _encode(f, fmt: str, frames: list[np.ndarray], source: Picture, quality: int, sixteen: bool,
+            exif: Image.Exif) -> None:
+    if sixteen:
+        _write_png16(f, frames[0], source.icc_profile, exif)
+    else:
+        _save_with_pillow(f, fmt, [_to_pillow(a) for a in frames], source, exif, quality)
 
 
 def _exif_for(exif: Image.Exif | None, size: tuple[int, int]) -> Image.Exif:

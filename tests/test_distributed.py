@@ -103,3 +103,44 @@ def test_a_file_that_keeps_failing_is_named_after_three_attempts(tmp_path, tiny_
     assert [o.ok for o in outcomes] == [True, False, True]
     assert outcomes[1].message.startswith(f"{broken}: not an image") and "(3 attempts)" in outcomes[1].message
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [tasks[0][0].name, tasks[2][0].name]
+
+
+# ---- Ray (the [ray] extra): a local Ray instance, as `--ray` starts one ----------------------------------------
+
+def ray_workers() -> list[int]:
+    """The Ray worker processes that hold a RayRestorer actor."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if command.startswith("ray::") and "RayRestorer" in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the actors through /proc")
+def test_ray_local_with_a_killed_actor_equals_the_one_worker_run(tmp_path, tiny_files):
+    pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
+    inputs = photos(tmp_path / "in", 8)
+    one = restore(tiny_files, inputs, tmp_path / "one", "--devices", "1")
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err
+
+    run = restore(tiny_files, inputs, tmp_path / "ray", "--ray", "--devices", "2")
+    out = tmp_path / "ray"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (out.exists() and len(list(out.glob("*.png"))) >= 2):
+        time.sleep(0.05)
+    actors = ray_workers()
+    assert actors, "no RayRestorer actor process found"
+    os.kill(actors[0], signal.SIGKILL)  # an actor dies mid-run: Ray restarts it and retries its files
+    stdout, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    expected = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == expected and len(expected) == 8
+    for name in expected:
+        assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert stdout.count(" -> ") == 8
