@@ -15,28 +15,21 @@ Off CUDA, under torch.compile, or inside `fused_kernels(False)`, every block run
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from .kernels import add_channel_bias_, group_norm_silu
+from .kernels import add_channel_bias_, group_norm_silu, switched
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fused_kernels", default=True)
 
 
-@contextlib.contextmanager
-def fused_kernels(enabled: bool) -> Iterator[None]:
+def fused_kernels(enabled: bool):
     """Use the fused kernels (where they can run) or PyTorch's, for the calls made inside."""
-    token = _ENABLED.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+    return switched(_ENABLED, enabled)
 
 
 def _fast(x: torch.Tensor) -> bool:

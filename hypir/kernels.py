@@ -53,13 +53,18 @@ _FUSED_SOFTMAX: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fus
 
 
 @contextlib.contextmanager
-def fused_softmax(enabled: bool) -> Iterator[None]:
-    """Use the fused softmax kernel (where it can run) or PyTorch's, for the calls made inside."""
-    token = _FUSED_SOFTMAX.set(bool(enabled))
+def switched(switch: contextvars.ContextVar[bool], enabled: bool) -> Iterator[None]:
+    """A per-call switch (a ContextVar) set for the calls made inside, never process-wide."""
+    token = switch.set(bool(enabled))
     try:
         yield
     finally:
-        _FUSED_SOFTMAX.reset(token)
+        switch.reset(token)
+
+
+def fused_softmax(enabled: bool):
+    """Use the fused softmax kernel (where it can run) or PyTorch's, for the calls made inside."""
+    return switched(_FUSED_SOFTMAX, enabled)
 
 
 def fused_softmax_enabled() -> bool:

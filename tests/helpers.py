@@ -3,7 +3,22 @@ Ctrl-C as a terminal would deliver it. Imported as `from helpers import ...` (py
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_pack(name: str):
+    """The repository root imported as ComfyUI imports a custom-node folder, under `name`."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_random_model(root, size: str = "tiny"):

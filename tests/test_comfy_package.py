@@ -3,12 +3,12 @@ ComfyUI's modules present and without putting generic module names on sys.path."
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_pack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,11 +43,7 @@ def test_root_loads_as_custom_node_package():
 
 
 def test_every_input_has_a_tooltip():
-    spec = importlib.util.spec_from_file_location("hypir_pack_under_test", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hypir_pack_under_test"] = module
-    spec.loader.exec_module(module)
+    module = load_pack("hypir_pack_under_test")
     for name, node in module.NODE_CLASS_MAPPINGS.items():
         for key, spec_ in node.INPUT_TYPES()["required"].items():
             assert len(spec_) == 2 and spec_[1].get("tooltip"), f"{name}.{key} has no tooltip"

@@ -4,10 +4,10 @@ ComfyUI nodes' inputs cover every setting with its default."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_pack
 
 from hypir import config
 from hypir.cli import build_parser
@@ -34,12 +34,7 @@ def test_every_setting_is_a_flag_with_its_default(monkeypatch):
 
 
 def test_every_setting_is_a_node_input_with_its_default():
-    spec = importlib.util.spec_from_file_location("hypir_pack_settings", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["hypir_pack_settings"] = pack
-    spec.loader.exec_module(pack)
-    nodes = pack.NODE_CLASS_MAPPINGS
+    nodes = load_pack("hypir_pack_settings").NODE_CLASS_MAPPINGS
     inputs = {**nodes["HYPIRModelLoader"].INPUT_TYPES()["required"], **nodes["HYPIRRestore"].INPUT_TYPES()["required"]}
     advanced = nodes["HYPIRAdvancedRestoration"].INPUT_TYPES()["required"]
     as_node = {"tile_size": lambda v: 0 if v == "auto" else v}
