@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as _config
-from .errors import BASE_FOLDER
+from .errors import BASE_FOLDER, first_line
 from .settings import SETTINGS, RestoreOptions, check_setting
 
 logger = logging.getLogger("hypir")
@@ -356,11 +356,10 @@ def cmd_restore(args) -> int:
 def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[str]:
     """Read, restore (every frame) and write each job under a progress bar that messages never print over;
     returns the failures of --keep-going, and raises the first failure otherwise."""
-    import torch
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .images import read_image, write_image
+    from .images import restore_file
     from .pipeline import Callbacks
 
     failures: list[str] = []
@@ -369,23 +368,18 @@ def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[s
                                                                                       refresh=True))
         for job in jobs:
             try:
-                picture = read_image(job.source)
-                restored = []
-                for frame in picture.frames:
-                    result = pipe(torch.from_numpy(frame)[None], options=options, callbacks=callbacks)
-                    restored.append(result.images[0].float().cpu().numpy())
-                write_image(job.target, restored, picture, args.quality)
+                result, frames, notes = restore_file(pipe, job.source, job.target, options, args.quality, callbacks)
             except (KeyboardInterrupt, Stopped):
                 raise
             except Exception as exc:  # noqa: BLE001 - one file's failure is reported with its name
                 if not args.keep_going or args.debug:
-                    raise CLIError(f"{job.source}: {_message(exc)}") from exc
-                failures.append(f"{job.source}: {_message(exc)}")
+                    raise CLIError(f"{job.source}: {first_line(exc)}") from exc
+                failures.append(f"{job.source}: {first_line(exc)}")
                 tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
             else:
-                frames = f" ({len(restored)} frames)" if len(restored) > 1 else ""
-                tqdm.write(f"{job.source} -> {job.target}{frames}: {result.status_line()}")
-                for note in picture.notes:
+                tqdm.write(f"{job.source} -> {job.target}{f' ({frames} frames)' if frames > 1 else ''}: "
+                           f"{result.status_line()}")
+                for note in notes:
                     tqdm.write(f"  note: {note}")
             bar.update(1)
     return failures
@@ -426,10 +420,6 @@ def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, 
         raise CLIError(*failures)
     return failures
 
-
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 def cmd_doctor(args) -> int:
     import torch
@@ -554,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure ends in one line and a non-zero status
         if args.debug:
             raise
-        print(f"hypir: error: {_message(exc)}", file=sys.stderr)
+        print(f"hypir: error: {first_line(exc)}", file=sys.stderr)
         return 1
     finally:
         _restore_signals(previous)

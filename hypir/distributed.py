@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import first_line
+
 logger = logging.getLogger("hypir")
 
 MAX_ATTEMPTS = 3
@@ -72,23 +74,28 @@ def _stop(signum, frame):
     raise SystemExit(128 + signum)  # unwinds: a file being written is removed (images.write_image)
 
 
-def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:
-    """One worker: load once, then restore what the parent sends until it sends None."""
-    signal.signal(signal.SIGTERM, _stop)
-    logging.getLogger("hypir").setLevel(logging.WARNING)
+def _load(setup: WorkerSetup, device: str):
+    """A worker's (or actor's) pipeline, its own process quiet: the parent reports and draws the one bar."""
     import diffusers
     import torch
     import transformers
 
-    diffusers.utils.logging.disable_progress_bar()  # this worker's own state: one bar, the parent's
-    transformers.utils.logging.disable_progress_bar()
-
-    from .images import read_image, write_image
     from .pipeline import HYPIRPipeline
 
+    logging.getLogger("hypir").setLevel(logging.WARNING)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if device == "cpu" and setup.threads:
         torch.set_num_threads(setup.threads)
-    pipe = HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype, lora_scale=setup.lora_scale)
+    return HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype, lora_scale=setup.lora_scale)
+
+
+def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:
+    """One worker: load once, then restore what the parent sends until it sends None."""
+    signal.signal(signal.SIGTERM, _stop)
+    from .images import restore_file
+
+    pipe = _load(setup, device)
     results.put(("ready", os.getpid(), None, ""))
     while True:
         task = tasks.get()
@@ -96,17 +103,10 @@ def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:
             return
         index, source, target = task
         try:
-            picture = read_image(source)
-            restored, status = [], ""
-            for frame in picture.frames:
-                result = pipe(torch.from_numpy(frame)[None], options=setup.options)
-                restored.append(result.images[0].float().cpu().numpy())
-                status = result.status_line()
-            write_image(target, restored, picture, setup.quality)
-            results.put(("done", os.getpid(), index, status))
+            result, _, _ = restore_file(pipe, source, target, setup.options, setup.quality)
+            results.put(("done", os.getpid(), index, result.status_line()))
         except Exception as exc:  # noqa: BLE001 - reported by the parent with the file's name
-            text = str(exc).strip()
-            results.put(("fail", os.getpid(), index, text.splitlines()[0] if text else type(exc).__name__))
+            results.put(("fail", os.getpid(), index, first_line(exc)))
 
 
 def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSetup,
@@ -203,40 +203,6 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
 # Many hosts: the same restore on Ray (an optional extra: pip install -e '.[ray]'), imported only when asked for.
 
 
-def _is_uri(name: str) -> bool:
-    return "://" in name
-
-
-def _read_bytes(name: str) -> bytes:
-    """A file's bytes from a local path or any filesystem pyarrow supports (s3://, gs://, hdfs://...)."""
-    if not _is_uri(name):
-        return Path(name).read_bytes()
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(name)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
-
-
-def _write_output(name: str, frames, picture, quality: int) -> None:
-    """Write an output atomically: locally through images.write_image, elsewhere under a temporary name that is
-    then moved (an object store's move copies first, so a reader never sees half a file)."""
-    from .images import encode_image, write_image
-
-    if not _is_uri(name):
-        write_image(name, frames, picture, quality)
-        return
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(name)
-    data = encode_image(name, frames, picture, quality)
-    folder, _, base = path.rpartition("/")
-    tmp = f"{folder}/.{base}.{os.getpid()}.partial" if folder else f".{base}.{os.getpid()}.partial"
-    with filesystem.open_output_stream(tmp) as stream:
-        stream.write(data)
-    filesystem.move(tmp, path)
-
-
 class RayRestorer:
     """A Ray Data actor: loads the models once (on its GPU, else the CPU), then restores each batch's files and
     writes their outputs; a file's own failure is returned with its message, never raised (a raise would retry it)."""
@@ -244,35 +210,20 @@ class RayRestorer:
     def __init__(self, setup: WorkerSetup):
         import torch
 
-        from .pipeline import HYPIRPipeline
-
-        logging.getLogger("hypir").setLevel(logging.WARNING)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and setup.threads:
-            torch.set_num_threads(setup.threads)
         self.setup = setup
-        self.pipe = HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype,
-                                             lora_scale=setup.lora_scale)
+        self.pipe = _load(setup, "cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from .images import read_image
+        from .images import restore_file
 
         out = {"index": [], "ok": [], "message": []}
         for index, source, target in zip(batch["index"], batch["source"], batch["target"]):
             try:
-                picture = read_image(source, data=_read_bytes(str(source)))
-                restored, status = [], ""
-                for frame in picture.frames:
-                    result = self.pipe(torch.from_numpy(frame)[None], options=self.setup.options)
-                    restored.append(result.images[0].float().cpu().numpy())
-                    status = result.status_line()
-                _write_output(str(target), restored, picture, self.setup.quality)
-                ok, message = True, status
+                result, _, _ = restore_file(self.pipe, str(source), str(target), self.setup.options,
+                                            self.setup.quality)
+                ok, message = True, result.status_line()
             except Exception as exc:  # noqa: BLE001 - reported with the file's name
-                text = str(exc).strip()
-                ok, message = False, text.splitlines()[0] if text else type(exc).__name__
+                ok, message = False, first_line(exc)
             out["index"].append(int(index))
             out["ok"].append(ok)
             out["message"].append(message)

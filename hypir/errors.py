@@ -26,9 +26,16 @@ BASE_ALLOW_PATTERNS = [
 BASE_FOLDER = "stable-diffusion-2-1-base"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for messages that name the
+    file themselves."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-__all__ = ["BASE_ALLOW_PATTERNS", "BASE_FOLDER", "HYPIRLoadError", "one_line"]
+__all__ = ["BASE_ALLOW_PATTERNS", "BASE_FOLDER", "HYPIRLoadError", "first_line", "one_line"]

@@ -355,3 +355,50 @@ def is_hypir_output(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - a file that is not a readable image is not ours
         return False
     return software.startswith("hypir ")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files anywhere, and one file restored
+
+
+def is_uri(name: str) -> bool:
+    return "://" in name
+
+
+def read_bytes(name: str) -> bytes:
+    """A file's bytes from a local path or any filesystem pyarrow supports (s3://, gs://, hdfs://...)."""
+    if not is_uri(name):
+        return Path(name).read_bytes()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(name)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_output(name: str, frames, picture, quality: int) -> None:
+    """Write an output atomically: locally through write_image, elsewhere under a temporary name that is then
+    moved (an object store's move copies first, so a reader never sees half a file)."""
+    if not is_uri(name):
+        write_image(name, frames, picture, quality)
+        return
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(name)
+    data = encode_image(name, frames, picture, quality)
+    folder, _, base = path.rpartition("/")
+    tmp = f"{folder}/.{base}.{os.getpid()}{PARTIAL_SUFFIX}" if folder else f".{base}.{os.getpid()}{PARTIAL_SUFFIX}"
+    with filesystem.open_output_stream(tmp) as stream:
+        stream.write(data)
+    filesystem.move(tmp, path)
+
+
+def restore_file(pipe, source: str | os.PathLike, target: str | os.PathLike, options, quality: int = 95,
+                 callbacks=None):
+    """Read `source` (a path or a URI), restore every frame with `pipe` (a HYPIRPipeline), write `target`
+    atomically; returns the last frame's RestoreResult, the number of frames and the reading's notes."""
+    source, target = str(source), str(target)
+    picture = read_image(source, data=read_bytes(source)) if is_uri(source) else read_image(source)
+    restored, result = pipe.restore_frames(picture.frames, options, callbacks)
+    write_output(target, restored, picture, quality)
+    return result, len(restored), picture.notes

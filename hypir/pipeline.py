@@ -420,6 +420,16 @@ class HYPIRPipeline:
         self._log_report(result.report)
         return result
 
+    def restore_frames(self, frames: list, options: RestoreOptions, callbacks: Callbacks | None = None
+                       ) -> tuple[list, RestoreResult]:
+        """Restore each (C, H, W) float32 numpy frame of an image file (one, or an animation's); returns the
+        restored frames as numpy arrays and the last frame's result."""
+        restored, result = [], None
+        for frame in frames:
+            result = self(torch.from_numpy(frame)[None], options=options, callbacks=callbacks)
+            restored.append(result.images[0].float().cpu().numpy())
+        return restored, result
+
     def _log_report(self, report: AttentionReport) -> None:
         key = (report.status_line(), tuple(sorted(report.backends_by_role().items())))
         if key != self._last_console:
