@@ -354,33 +354,32 @@ def cmd_restore(args) -> int:
 
 
 def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[str]:
-    """Read, restore (every frame) and write each job under a progress bar that messages never print over;
-    returns the failures of --keep-going, and raises the first failure otherwise."""
+    """Read, restore (every frame) and write each job under a progress bar that messages never print over,
+    reading ahead of the GPU and writing behind it (streaming.restore_stream); returns the failures of
+    --keep-going, and raises the first failure otherwise."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .images import restore_file
     from .pipeline import Callbacks
+    from .streaming import restore_stream
 
     failures: list[str] = []
     with logging_redirect_tqdm(loggers=[logger]), tqdm(total=len(jobs), unit="image", desc="HYPIR") as bar:
         callbacks = Callbacks(progress=lambda stage, done, total: bar.set_postfix_str(f"{stage} {done}/{total}",
                                                                                       refresh=True))
-        for job in jobs:
-            try:
-                result, frames, notes = restore_file(pipe, job.source, job.target, options, args.quality, callbacks)
-            except (KeyboardInterrupt, Stopped):
-                raise
-            except Exception as exc:  # noqa: BLE001 - one file's failure is reported with its name
-                if not args.keep_going or args.debug:
-                    raise CLIError(f"{job.source}: {first_line(exc)}") from exc
-                failures.append(f"{job.source}: {first_line(exc)}")
-                tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
-            else:
-                tqdm.write(f"{job.source} -> {job.target}{f' ({frames} frames)' if frames > 1 else ''}: "
-                           f"{result.status_line()}")
-                for note in notes:
+        tasks = ((i, job.source, job.target) for i, job in enumerate(jobs))
+        for outcome in restore_stream(pipe, tasks, options, args.quality, callbacks):
+            if outcome.ok:
+                tqdm.write(f"{outcome.source} -> {outcome.target}"
+                           f"{f' ({outcome.frames} frames)' if outcome.frames > 1 else ''}: "
+                           f"{outcome.result.status_line()}")
+                for note in outcome.notes:
                     tqdm.write(f"  note: {note}")
+            else:
+                if not args.keep_going or args.debug:
+                    raise CLIError(f"{outcome.source}: {first_line(outcome.error)}") from outcome.error
+                failures.append(f"{outcome.source}: {first_line(outcome.error)}")
+                tqdm.write(f"hypir: error: {failures[-1]}", file=sys.stderr)
             bar.update(1)
     return failures
 
@@ -391,6 +390,7 @@ def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, 
     from tqdm import tqdm
 
     from .distributed import WorkerSetup, parse_devices, run_pool, run_ray
+    from .streaming import default_writers
 
     try:
         devices = parse_devices(args.devices or "all")
@@ -400,7 +400,7 @@ def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, 
     if devices[0] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // len(devices))
     setup = WorkerSetup(str(model_files.base), str(model_files.weights), args.dtype, args.lora_scale, options,
-                        args.quality, threads)
+                        args.quality, threads, default_writers(len(devices)))
     failures: list[str] = []
     with tqdm(total=len(jobs), unit="image", desc="HYPIR on Ray" if args.ray else f"HYPIR x{len(devices)}") as bar:
         def report(outcome, task) -> None:

@@ -1,7 +1,8 @@
-"""A folder across every GPU of a host: one worker process per device, each loading the models once, fed one
-file at a time (largest first) by the parent, which keeps track of what each worker holds. A worker that dies
-is replaced and its file is given to another; a file that fails three times is reported by name. Outputs are
-written by the workers, atomically (images.write_image), so a killed worker leaves nothing partial.
+"""A folder across every GPU of a host: one worker process per device, each loading the models once, fed a
+few files at a time (largest first) by the parent, which keeps track of what each worker holds. Each worker
+reads ahead of its GPU and writes behind it (streaming.restore_stream). A worker that dies is replaced: the
+files it held go to the others, and a file that fails three times is reported by name. Outputs are written by
+the workers, atomically (images.write_image), so a killed worker leaves nothing partial.
 
 On a machine without CUDA the same runs N CPU worker processes (each with its share of the cores).
 """
@@ -15,7 +16,7 @@ import os
 import queue
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,8 @@ from .errors import first_line
 logger = logging.getLogger("hypir")
 
 MAX_ATTEMPTS = 3
+RAY_BATCH = 8  # files an actor restores per call, reading ahead and writing behind its GPU within it
+FEED = 3  # files a worker holds that its GPU has not finished: one on the GPU, two read ahead
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -68,6 +71,7 @@ class WorkerSetup:
     options: object  # RestoreOptions
     quality: int
     threads: int  # CPU threads of a CPU worker (0: leave torch's default)
+    writers: int = 0  # encoder threads (0: streaming.default_writers)
 
 
 def _stop(signum, frame):
@@ -91,55 +95,62 @@ def _load(setup: WorkerSetup, device: str):
 
 
 def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:
-    """One worker: load once, then restore what the parent sends until it sends None."""
+    """One worker: load once, then restore what the parent sends until it sends None, reading ahead and
+    writing behind the GPU (streaming.restore_stream). It says when the GPU is done with a file ("restored":
+    the parent sends the next) and when its output is written ("done") or the file failed ("fail")."""
     signal.signal(signal.SIGTERM, _stop)
-    from .images import restore_file
+    from .streaming import restore_stream
 
     pipe = _load(setup, device)
-    results.put(("ready", os.getpid(), None, ""))
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        index, source, target = task
-        try:
-            result, _, _ = restore_file(pipe, source, target, setup.options, setup.quality)
-            results.put(("done", os.getpid(), index, result.status_line()))
-        except Exception as exc:  # noqa: BLE001 - reported by the parent with the file's name
-            results.put(("fail", os.getpid(), index, first_line(exc)))
+    pid = os.getpid()
+    results.put(("ready", pid, None, ""))
+    stream = restore_stream(pipe, iter(tasks.get, None), setup.options, setup.quality, writers=setup.writers,
+                            on_restored=lambda index: results.put(("restored", pid, index, "")))
+    for outcome in stream:
+        if outcome.ok:
+            results.put(("done", pid, outcome.key, outcome.result.status_line()))
+        else:
+            results.put(("fail", pid, outcome.key, first_line(outcome.error)))
+
+
+@dataclass
+class _Worker:
+    process: object
+    inbox: object
+    device: str
+    ready: bool = False
+    sent: list[int] = field(default_factory=list)  # indices it holds, in the order it works on them
+    restored: set[int] = field(default_factory=set)  # of those, the ones the GPU is done with
+
+    def on_gpu_or_waiting(self) -> int:
+        return len(self.sent) - len(self.restored)
 
 
 def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSetup,
              on_outcome: Callable[[Outcome, tuple[Path, Path]], None] | None = None,
              sizes: list[int] | None = None) -> list[Outcome]:
-    """Restore every (source, target) with one worker per device; returns one Outcome per task."""
+    """Restore every (source, target) with one worker per device; returns one Outcome per task. Each worker
+    holds FEED files not yet restored (one on the GPU, the next ones being read), so its GPU never waits for
+    the parent or the disk."""
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA state
     results = context.Queue()
     order = sorted(range(len(tasks)), key=lambda i: -(sizes[i] if sizes else 0))  # largest first
     pending = collections.deque(order)
     attempts: collections.Counter[int] = collections.Counter()
     outcomes: dict[int, Outcome] = {}
-    workers: dict[int, tuple] = {}  # pid -> (process, its task queue, device)
-    holding: dict[int, int | None] = {}  # pid -> index it works on
+    workers: dict[int, _Worker] = {}  # by pid
 
     def start(device: str) -> None:
         inbox = context.Queue()
         process = context.Process(target=_worker, args=(device, setup, inbox, results), daemon=True)
         process.start()
-        workers[process.pid] = (process, inbox, device)
-        holding[process.pid] = None
+        workers[process.pid] = _Worker(process, inbox, device)
 
-    idle: set[int] = set()  # loaded workers holding nothing
-
-    def give(pid: int) -> None:
-        if pending:
+    def feed(worker: _Worker) -> None:
+        while worker.ready and pending and worker.on_gpu_or_waiting() < FEED:
             index = pending.popleft()
-            holding[pid] = index
-            idle.discard(pid)
-            workers[pid][1].put((index, str(tasks[index][0]), str(tasks[index][1])))
-        else:
-            holding[pid] = None
-            idle.add(pid)
+            worker.sent.append(index)
+            worker.inbox.put((index, str(tasks[index][0]), str(tasks[index][1])))
 
     def settle(index: int, ok: bool, message: str) -> None:
         attempts[index] += 1
@@ -151,18 +162,23 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
             pending.appendleft(index)
 
     def replace_dead() -> None:
-        for pid, (process, _, device) in list(workers.items()):
-            if process.is_alive():
+        for pid, worker in list(workers.items()):
+            if worker.process.is_alive():
                 continue
-            lost = holding.pop(pid, None)
-            idle.discard(pid)
             del workers[pid]
-            logger.warning("[HYPIR] worker %d on %s stopped (exit code %s)%s; starting another", pid, device,
-                           process.exitcode, f" while restoring {tasks[lost][0]}" if lost is not None else "")
-            if lost is not None:
-                settle(lost, False, f"the worker restoring it stopped (exit code {process.exitcode})")
+            exitcode = worker.process.exitcode
+            # Charged an attempt: the file on its GPU and the ones being written (one of them may have killed
+            # it); the files it had not started go back to the queue as they were.
+            started = [i for i in worker.sent if i in worker.restored]
+            unrestored = [i for i in worker.sent if i not in worker.restored]
+            started += unrestored[:1]
+            logger.warning("[HYPIR] worker %d on %s stopped (exit code %s)%s; starting another", pid, worker.device,
+                           exitcode, f" while restoring {tasks[unrestored[0]][0]}" if unrestored else "")
+            pending.extendleft(reversed(unrestored[1:]))
+            for index in started:
+                settle(index, False, f"the worker restoring it stopped (exit code {exitcode})")
             if len(outcomes) < len(tasks):
-                start(device)
+                start(worker.device)
 
     for device in devices:
         start(device)
@@ -173,29 +189,34 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
                 kind, pid, index, message = results.get(timeout=0.5)
             except queue.Empty:
                 kind = None
-            if kind is not None and pid in workers:  # else: a message from a worker already replaced
-                if kind in ("done", "fail"):
+            worker = workers.get(pid) if kind is not None else None
+            if worker is not None:  # else: a message from a worker already replaced
+                if kind == "ready":
+                    worker.ready = True
+                elif kind == "restored":
+                    worker.restored.add(index)
+                elif kind in ("done", "fail"):
+                    worker.sent.remove(index)
+                    worker.restored.discard(index)
                     settle(index, kind == "done", message)
-                give(pid)
             replace_dead()
-            for pid in list(idle):  # work given back by a stopped worker goes to one that waits
-                if pending:
-                    give(pid)
+            for worker in workers.values():  # new work, or work given back by a stopped worker
+                feed(worker)
         finished = True
     finally:
-        for process, inbox, _ in workers.values():
-            if not process.is_alive():
+        for worker in workers.values():
+            if not worker.process.is_alive():
                 continue
             if finished:
-                inbox.put(None)  # done: let it exit
+                worker.inbox.put(None)  # done: let it exit
             else:
-                process.terminate()  # interrupted: SIGTERM unwinds it, removing a file half written
+                worker.process.terminate()  # interrupted: SIGTERM unwinds it, removing a file half written
         deadline = time.monotonic() + 30
-        for process, _, _ in workers.values():
-            process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=10)
+        for worker in workers.values():
+            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=10)
     return [outcomes[i] for i in range(len(tasks))]
 
 
@@ -214,19 +235,15 @@ class RayRestorer:
         self.pipe = _load(setup, "cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict) -> dict:
-        from .images import restore_file
+        from .streaming import restore_stream
 
         out = {"index": [], "ok": [], "message": []}
-        for index, source, target in zip(batch["index"], batch["source"], batch["target"]):
-            try:
-                result, _, _ = restore_file(self.pipe, str(source), str(target), self.setup.options,
-                                            self.setup.quality)
-                ok, message = True, result.status_line()
-            except Exception as exc:  # noqa: BLE001 - reported with the file's name
-                ok, message = False, first_line(exc)
-            out["index"].append(int(index))
-            out["ok"].append(ok)
-            out["message"].append(message)
+        tasks = zip((int(i) for i in batch["index"]), map(str, batch["source"]), map(str, batch["target"]))
+        for outcome in restore_stream(self.pipe, tasks, self.setup.options, self.setup.quality,
+                                      writers=self.setup.writers):
+            out["index"].append(outcome.key)
+            out["ok"].append(outcome.ok)
+            out["message"].append(outcome.result.status_line() if outcome.ok else first_line(outcome.error))
         return out
 
 
@@ -254,8 +271,8 @@ def run_ray(tasks: list[tuple[str, str]], setup: WorkerSetup, address: str = "lo
         count = workers or gpus or 1
         per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         items = [{"index": i, "source": str(s), "target": str(t)} for i, (s, t) in enumerate(tasks)]
-        results = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            RayRestorer, fn_constructor_args=(setup,), batch_size=1, concurrency=count,
+        results = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // RAY_BATCH))).map_batches(
+            RayRestorer, fn_constructor_args=(setup,), batch_size=RAY_BATCH, concurrency=count,
             max_restarts=-1, max_task_retries=MAX_ATTEMPTS - 1, **per_actor)
         outcomes: dict[int, Outcome] = {}
         for row in results.iter_rows():

@@ -393,12 +393,7 @@ def write_output(name: str, frames, picture, quality: int) -> None:
     filesystem.move(tmp, path)
 
 
-def restore_file(pipe, source: str | os.PathLike, target: str | os.PathLike, options, quality: int = 95,
-                 callbacks=None):
-    """Read `source` (a path or a URI), restore every frame with `pipe` (a HYPIRPipeline), write `target`
-    atomically; returns the last frame's RestoreResult, the number of frames and the reading's notes."""
-    source, target = str(source), str(target)
-    picture = read_image(source, data=read_bytes(source)) if is_uri(source) else read_image(source)
-    restored, result = pipe.restore_frames(picture.frames, options, callbacks)
-    write_output(target, restored, picture, quality)
-    return result, len(restored), picture.notes
+def read_source(source: str | os.PathLike) -> Picture:
+    """read_image of a local path or of any URI pyarrow reads."""
+    source = str(source)
+    return read_image(source, data=read_bytes(source)) if is_uri(source) else read_image(source)

@@ -1,0 +1,138 @@
+"""Many image files through one pipeline with the GPU kept busy: the next files are read and decoded in a
+thread ahead of the GPU, and finished ones are encoded and written by a few threads behind it, while the
+calling thread only restores. Decoding and encoding (Pillow, zlib, libjpeg) release the GIL, so they overlap
+with the GPU work. Used by the command line, the per-GPU worker processes and the Ray actors.
+
+Outputs are the same as restoring the files one by one: the same pipeline call per file, in the same order.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterable, Iterator
+
+from .images import Picture, read_source, write_output
+
+READ_AHEAD = 2  # decoded files waiting for the GPU
+_END = object()
+_BROKEN = object()  # marks ("the task source raised", exception)
+
+
+def default_writers(workers: int = 1) -> int:
+    """Encoder threads for one of `workers` pipelines on this machine: a 1024x1024 PNG takes about 60 ms to
+    compress, so a fast GPU needs several; at most 4, and never more than this worker's share of the cores."""
+    return max(1, min(4, (os.cpu_count() or 2) // (2 * max(1, workers))))
+
+
+@dataclass
+class FileOutcome:
+    key: Hashable  # what the caller gave with the file (an index, say)
+    source: str
+    target: str
+    result: object | None = None  # the last frame's RestoreResult
+    frames: int = 0
+    notes: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    stage: str = ""  # where it failed: "read", "restore" or "write"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _read_ahead(tasks: Iterable[tuple[Hashable, str, str]], ready: queue.Queue, stop: threading.Event) -> None:
+    """The reader thread: decode each task's file (or keep its error) and queue it for the GPU, in order."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for key, source, target in tasks:
+            try:
+                item = (key, str(source), str(target), read_source(source), None)
+            except Exception as exc:  # noqa: BLE001 - yielded as this file's outcome
+                item = (key, str(source), str(target), None, exc)
+            if not put(item):
+                return
+    except BaseException as exc:  # noqa: BLE001 - the task source itself broke: raised in the calling thread
+        put((_BROKEN, exc))
+        return
+    put(_END)
+
+
+def _written(outcome: FileOutcome, future: Future | None) -> FileOutcome:
+    if future is not None:
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, Exception):
+                raise error
+            outcome.error, outcome.stage = error, "write"
+    return outcome
+
+
+def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, quality: int = 95, callbacks=None,
+                   writers: int | None = None, read_ahead: int = READ_AHEAD,
+                   on_restored: Callable[[Hashable], None] | None = None) -> Iterator[FileOutcome]:
+    """Restore every (key, source, target) of `tasks` with `pipe` (a HYPIRPipeline) and write each output
+    atomically; yields one FileOutcome per task, in the tasks' order, once its file is written or has failed.
+    A file's failure (reading, restoring or writing it) is yielded, never raised; an interrupt (Ctrl-C,
+    SIGTERM) is raised once the outputs already restored are written. `tasks` may block (a worker's inbox);
+    `on_restored(key)` is called when the GPU is done with a file, before it is written."""
+    writers = writers or default_writers()
+    ready: queue.Queue = queue.Queue(maxsize=max(1, read_ahead))
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_ahead, args=(tasks, ready, stop), name="hypir-read", daemon=True)
+    pending: collections.deque[tuple[FileOutcome, Future | None]] = collections.deque()
+    reader.start()
+    try:
+        with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="hypir-write") as pool:
+            while True:
+                try:  # while an output is being written, look in on it now and then: it is reported when done
+                    item = ready.get(timeout=0.02 if pending else None)
+                except queue.Empty:
+                    while pending and (pending[0][1] is None or pending[0][1].done()):
+                        yield _written(*pending.popleft())
+                    continue
+                if item is _END:
+                    break
+                if item[0] is _BROKEN:
+                    raise item[1]
+                key, source, target, picture, error = item
+                outcome = FileOutcome(key, source, target)
+                future = None
+                if error is not None:
+                    outcome.error, outcome.stage = error, "read"
+                else:
+                    future = _restore_and_write(pipe, pool, outcome, picture, options, quality, callbacks)
+                    if on_restored is not None:
+                        on_restored(key)
+                pending.append((outcome, future))
+                # Yield what is written; keep at most two files per writer waiting to be encoded (memory).
+                while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers):
+                    yield _written(*pending.popleft())
+            while pending:
+                yield _written(*pending.popleft())
+    finally:
+        stop.set()
+
+
+def _restore_and_write(pipe, pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, options,
+                       quality: int, callbacks) -> Future | None:
+    try:
+        restored, result = pipe.restore_frames(picture.frames, options, callbacks)
+    except Exception as exc:  # noqa: BLE001 - this file's outcome
+        outcome.error, outcome.stage = exc, "restore"
+        return None
+    outcome.result, outcome.frames, outcome.notes = result, len(restored), picture.notes
+    return pool.submit(write_output, outcome.target, restored, picture, quality)
