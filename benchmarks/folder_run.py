@@ -7,6 +7,7 @@ Modes (each a fresh process, as a user runs it):
   stream      `hypir restore IN -o OUT` (reads ahead of the GPU and writes behind it)
   devicesN    `hypir restore IN -o OUT --devices N` (N worker processes, one per GPU)
   rayN        `hypir restore IN -o OUT --ray local --devices N` (Ray Data, N GPU actors; needs ray[data])
+  MODE+omp1   the same with OMP_NUM_THREADS=1 (as Ray sets it for its workers)
 
   python3 benchmarks/folder_run.py --photos 400 --modes one-by-one,stream,devices1,devices2 --json OUT/folder.json
 
@@ -133,6 +134,7 @@ class BusySampler:
 
 
 def command(mode: str, photos: Path, out: Path, base: Path, weights: Path) -> list[str]:
+    mode = mode.split("+")[0]
     hypir = [sys.executable, "-m", "hypir", "restore", str(photos), "-o", str(out), "--base", str(base),
              "--weights", str(weights), "--format", "png"]
     if mode == "one-by-one":
@@ -149,6 +151,8 @@ def command(mode: str, photos: Path, out: Path, base: Path, weights: Path) -> li
 def run_mode(mode: str, photos: Path, out: Path, base: Path, weights: Path, count: int, log: Path) -> dict:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PYTHONPATH=path)
+    if mode.endswith("+omp1"):
+        env["OMP_NUM_THREADS"] = "1"
     sampler = BusySampler()
     started = time.monotonic()
     done: list[float] = []
@@ -223,9 +227,11 @@ def main() -> int:
         out = args.workdir / f"out-{mode}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         row = run_mode(mode, photos, out, base, weights, args.photos, logs / f"{mode}.log")
-        reference = args.workdir / "out-one-by-one"
-        if mode != "one-by-one" and reference.exists():
-            row["outputs_vs_one_by_one"] = compare(reference, out)
+        for name in ("one-by-one", "devices1"):  # the one-by-one run's outputs, else one GPU's
+            reference = args.workdir / f"out-{name}"
+            if mode != name and reference.exists():
+                row[f"outputs_vs_{name}"] = compare(reference, out)
+                break
         report["runs"][mode] = row
         print(json.dumps(row), flush=True)
         if args.json:

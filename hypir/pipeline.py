@@ -9,6 +9,7 @@ runtime.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -91,7 +92,8 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     start = time.perf_counter()
     for attempt in range(MAX_OOM_RETRIES + 1):
         try:
-            out, stages = _one_pass(models, runtime, images, plan, options, router, callbacks)
+            with on_device(models.device):
+                out, stages = _one_pass(models, runtime, images, plan, options, router, callbacks)
             break
         except torch.cuda.OutOfMemoryError as exc:
             current = plan.tile or max(plan.padded_size)
@@ -115,6 +117,13 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     report = build_report(router, text_encoder_implementation(router))
     speedups = _speedups(models, options, runtime.unet_graphs.replays > replays_before)
     return RestoreResult(out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size, speedups)
+
+
+def on_device(device: torch.device):
+    """The models' GPU as the current CUDA device for the pass (restored after it): CUDA graph capture, Triton
+    launches and current-stream calls use the current device, which for models on cuda:1 is otherwise cuda:0
+    (the capture then fails and Triton kernels run on the other GPU, reading across the link)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan: PassPlan, options: RestoreOptions,

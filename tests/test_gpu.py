@@ -303,3 +303,32 @@ def test_no_flash_kernel_anywhere_with_use_flash_attention_off(gpu_models):
     assert not any(REGISTRY[b].flash_class for b in result.report.per_module.values())
     assert result.report.text_encoder != "flash_attention_2"
     assert result.report.status_line().startswith("FlashAttention: disabled (switched off)")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_pass_on_the_second_gpu_runs_there_graph_and_kernels_included(tiny_files, caplog):
+    """Models on cuda:1 while cuda:0 is the current device (a --devices worker, ComfyUI on its second GPU): the
+    CUDA graph is captured and replayed, every kernel runs on cuda:1, and the image equals the cuda:0 pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hypir.pipeline import HYPIRPipeline
+    from hypir.runtime import load_models
+
+    folder, weights = tiny_files
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        pipe = HYPIRPipeline(load_models(folder, weights, device=device, dtype="bf16"))
+        options = dict(upscale=2.0, latent="mode", attention="sdpa_efficient", attention_autotune=False)
+        pipe(images.to(device), **options)  # this size's first run captures the graph
+        assert torch.cuda.current_device() == 0
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            result = pipe(images.to(device), **options)
+            torch.cuda.synchronize(device)
+        assert "UNet CUDA graph" in result.speedups and "next run" not in result.speedups, result.speedups
+        kernel_devices = {e.device_index for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+        assert kernel_devices == {int(device[-1])}, (device, kernel_devices)
+        results[device] = result.images
+    assert "capture failed" not in caplog.text
+    assert results["cuda:1"].device == torch.device("cuda:1")
+    torch.testing.assert_close(results["cuda:1"].cpu(), results["cuda:0"].cpu(), rtol=0, atol=0)
