@@ -338,6 +338,7 @@ def cmd_restore(args) -> int:
         return 0
 
     from .pipeline import HYPIRPipeline
+    from .streaming import spare_the_cpu
 
     model_files = resolve_model_files(args.base, args.weights, allow_download=args.download)
     if args.devices or args.ray:
@@ -345,6 +346,7 @@ def cmd_restore(args) -> int:
     else:
         pipe = HYPIRPipeline.from_files(model_files.base, model_files.weights, device, dtype,
                                         lora_scale=args.lora_scale, allow_download=args.download)
+        spare_the_cpu(device)
         failures = _problem_lines(run) + restore_jobs(pipe, run.jobs, options, args)
     if failures:
         done = len(run.jobs) - (len(failures) - len(run.problems))

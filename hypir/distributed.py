@@ -89,9 +89,13 @@ def _load(setup: WorkerSetup, device: str):
     logging.getLogger("hypir").setLevel(logging.WARNING)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    from .streaming import spare_the_cpu
+
     if device == "cpu" and setup.threads:
         torch.set_num_threads(setup.threads)
-    return HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype, lora_scale=setup.lora_scale)
+    pipe = HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype, lora_scale=setup.lora_scale)
+    spare_the_cpu(pipe.models.device)
+    return pipe
 
 
 def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:

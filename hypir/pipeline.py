@@ -435,7 +435,8 @@ class HYPIRPipeline:
         restored frames as numpy arrays and the last frame's result."""
         restored, result = [], None
         for frame in frames:
-            result = self(torch.from_numpy(frame)[None], options=options, callbacks=callbacks)
+            frame = torch.from_numpy(frame)[None].to(self.models.device)  # its checks run there, not on the CPU
+            result = self(frame, options=options, callbacks=callbacks)
             restored.append(result.images[0].float().cpu().numpy())
         return restored, result
 
