@@ -105,7 +105,9 @@ class GraphedCalls:
             with torch.cuda.stream(side):  # a warm-up on the capture's stream, as PyTorch asks
                 fn(*static)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
+            # On that same stream of the inputs' GPU: torch.cuda.graph's default capture stream is made once per
+            # process, on the device current at the first capture, and a later capture for another GPU fails on it.
+            with torch.cuda.graph(graph, stream=side):
                 output = fn(*static)
         except torch.cuda.OutOfMemoryError:
             raise
