@@ -226,7 +226,7 @@ def main() -> int:
     for mode in args.modes.split(","):
         out = args.workdir / f"out-{mode}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        row = run_mode(mode, photos, out, base, weights, args.photos, logs / f"{mode}.log")
+        row = run_mode(mode, photos, out, base, weights, args.photos, logs / f"{mode.replace('+', '_')}.log")
         for name in ("one-by-one", "devices1"):  # the one-by-one run's outputs, else one GPU's
             reference = args.workdir / f"out-{name}"
             if mode != name and reference.exists():
