@@ -334,3 +334,35 @@ def test_a_pass_on_the_second_gpu_runs_there_graph_and_kernels_included(tiny_fil
     assert results["cuda:1"].device == torch.device("cuda:1")
     # cuDNN picks each convolution's algorithm per device by timing: equal within bf16 rounding, not bit for bit.
     torch.testing.assert_close(results["cuda:1"].cpu(), results["cuda:0"].cpu(), rtol=0, atol=2 / 255)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["cuda-graphs", "torch-compile"])
+def test_nothing_replays_against_weights_that_moved(tiny_files, compiled):
+    """ComfyUI offloads HYPIR (its weights go to the CPU) and loads it back (to new addresses), here with
+    the weights changed while away: the next pass must use the weights where they now are. A CUDA graph or a
+    compiled callable replayed against the old addresses would give the first image (or garbage)."""
+    from hypir.pipeline import HYPIRPipeline
+    from hypir.runtime import load_models, runtime_of
+
+    folder, weights = tiny_files
+    models = load_models(folder, weights, device="cuda", dtype="bf16")
+    pipe = HYPIRPipeline(models)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)).cuda()
+    options = dict(upscale=2.0, latent="mode", attention="sdpa_efficient", attention_autotune=False,
+                   torch_compile=compiled)
+    pipe(x, **options)
+    before = pipe(x, **options)
+    if not compiled:
+        assert runtime_of(models).unet_graphs.replays >= 1 and "next run" not in before.speedups
+    addresses = [p.data_ptr() for p in models.unet.parameters()]
+    models.unet.to("cpu")
+    with torch.no_grad():
+        for p in models.unet.parameters():
+            p.mul_(0.9)
+    models.unet.to("cuda")
+    assert [p.data_ptr() for p in models.unet.parameters()] != addresses
+    torch.cuda.empty_cache()  # the old addresses' memory goes back to the driver: a stale replay reads freed memory
+    after = pipe(x, **options)
+    eager = pipe(x, **{**options, "cuda_graphs": False, "torch_compile": False})
+    assert (after.images - before.images).abs().max().item() > 1e-2  # the weights changed the image
+    torch.testing.assert_close(after.images, eager.images, rtol=0, atol=2 / 255)

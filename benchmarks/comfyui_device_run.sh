@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# ComfyUI on the GPU machine: the end-to-end test module on the GPU (tiny and full-size random weights) and
+# benchmarks/comfyui_gpu_check.py, against the 2024 tree (the one CI uses) and the current ComfyUI.
+# Their wheels do not fit one call, so it runs as two consecutive calls while the machine is warm:
+#
+#   here, once:  bash benchmarks/comfyui_device_run.sh prepare CURRENT_COMFYUI_TREE [COMMIT]
+#   call 1:      COMMIT=abc1234 bash benchmarks/comfyui_device_run.sh 2024      (carry .comfy-small .wheels)
+#   call 2:      COMMIT=abc1234 bash benchmarks/comfyui_device_run.sh current   (carry .comfy-av .comfy-current .wheels)
+#
+# prepare: downloads the wheels the GPU machine lacks (ComfyUI's requirements beyond its image: torchsde,
+# kornia, spandrel, pydantic, alembic, SQLAlchemy; av and the frontend package for the current ComfyUI) and packs
+# both trees (the 2024 tree from $HYPIR_COMFYUI_DIR or .cache/comfyui, unpacked by .ci/run). The folders are
+# git-ignored through .git/info/exclude. Results in $OUT.
+set -uo pipefail
+PART=${1:?prepare, 2024 or current}
+OUT=${OUT:-device_out}
+COMMIT_FILE=.comfy-small/COMMIT
+
+download() {  # download FOLDER SPEC...
+  local folder=$1; shift
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$folder" "$@"
+}
+
+case $PART in
+prepare)
+  CURRENT=${2:?the current ComfyUI tree (a checkout of Comfy-Org/ComfyUI)}
+  TREE_2024=${HYPIR_COMFYUI_DIR:-.cache/comfyui}
+  mkdir -p .comfy-small .comfy-av .comfy-current
+  for folder in .comfy-small .comfy-av .comfy-current; do
+    grep -qx "/$folder/" .git/info/exclude || echo "/$folder/" >> .git/info/exclude
+  done
+  download .comfy-small torchsde==0.2.6 trampoline==0.1.2 kornia==0.9.0 kornia_rs==0.2.0 spandrel==0.4.2 \
+    pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 typing-inspection==0.4.5 \
+    annotated-types==0.8.0 alembic==1.20.1 Mako==1.3.10 SQLAlchemy==2.1.9
+  download .comfy-av av==19.0.2 comfyui-frontend-package==1.27.10
+  tar -czf .comfy-small/comfyui-2024.tar.gz -C "$TREE_2024" .
+  tar -czf .comfy-current/comfyui-current.tar.gz -C "$CURRENT" .
+  echo "${3:-$(git rev-parse --short HEAD)}" > $COMMIT_FILE
+  du -sh .comfy-small .comfy-av .comfy-current
+  exit 0 ;;
+2024|current) ;;
+*) echo "part: prepare, 2024 or current (got $PART)"; exit 2 ;;
+esac
+
+mkdir -p "$OUT"
+shopt -s nullglob  # call 2 need not carry what call 1 installed into /tmp/site
+wheels=(.wheels/*.whl .comfy-small/*.whl)
+[ "$PART" = current ] && wheels+=(.comfy-av/*.whl)
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${wheels[@]}" 2>&1 \
+  | grep -v WARNING | tail -3
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+TREE=/tmp/comfyui-$PART
+rm -rf "$TREE" && mkdir -p "$TREE"
+if [ "$PART" = 2024 ]; then tar -xzf .comfy-small/comfyui-2024.tar.gz -C "$TREE"
+else tar -xzf .comfy-current/comfyui-current.tar.gz -C "$TREE"; fi
+COMMIT=${COMMIT:-$(cat $COMMIT_FILE 2>/dev/null || echo unknown)}  # the device's git log is not this checkout's
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+export HYPIR_COMFYUI_DIR=$TREE HYPIR_COMFY_PYTHON=python3 HYPIR_COMFY_GPU=1
+
+# 1. The end-to-end module on the GPU, tiny weights then full-size ones; the GPU tests of moved weights.
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_comfyui_e2e.py > "$OUT/e2e_${PART}_tiny.txt" 2>&1
+tail -1 "$OUT/e2e_${PART}_tiny.txt"
+HYPIR_E2E_MODEL_SIZE=sd21 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_comfyui_e2e.py \
+  > "$OUT/e2e_${PART}_sd21.txt" 2>&1
+tail -1 "$OUT/e2e_${PART}_sd21.txt"
+if [ "$PART" = 2024 ]; then
+  timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k "moved or second_gpu" \
+    > "$OUT/test_gpu_moved.txt" 2>&1
+  tail -1 "$OUT/test_gpu_moved.txt"
+fi
+
+# 2. Node overhead against `hypir restore`, memory after /free; on the current ComfyUI also the cards.
+parts=overhead
+[ "$PART" = current ] && parts=overhead,cards
+timeout $(( 560 - SECONDS )) python3 benchmarks/comfyui_gpu_check.py --comfyui "$TREE" --python python3 \
+  --parts $parts --json "$OUT/comfyui_$PART.json" --logs "$OUT/comfyui_${PART}_logs.txt" --commit "$COMMIT" \
+  2>&1 | tee "$OUT/comfyui_$PART.txt"
+echo "done at $SECONDS s"
