@@ -4,7 +4,8 @@ random weights, one process per part:
   memory   the planner's figure (what the node asks ComfyUI for) against the measured peak of the pass, for
            512->1024, 1024->2048 and 2048->4096 outputs, untiled and under 8 / 12 / 24 GiB budgets;
   fp16     dtype fp16 forced (as on a Turing card) at 1024 and 2048: finite outputs, whether the fp32 VAE
-           recompute ran, the status line, PSNR against the bf16 pass;
+           recompute ran, the status line, PSNR against the bf16 pass; then a real overflow (the decoder's last
+           convolution scaled past fp16's range): a finite output, and the status line naming the fp32 stage;
   notriton the same bf16 pass with Triton unimportable (ComfyUI's Windows portable build has none): the
            PyTorch fallbacks, the status, the time, and the output against the Triton pass's.
 
@@ -90,6 +91,13 @@ def fp16() -> list[dict]:
         rows.append({"output": output, "finite": bool(torch.isfinite(result.images).all()), "ms": ms,
                      "vae_fp32_recomputes": recomputes, "status": result.status_line()})
         print(json.dumps(rows[-1]))
+    # A real overflow: the decoder's last convolution scaled until its sums pass fp16's 65504.
+    with torch.no_grad():
+        models.vae.decoder.conv_out.weight.mul_(2000.0)
+    result, ms = timed(pipe, images(512), RestoreOptions(upscale=2.0))
+    rows.append({"output": "1024, decoder scaled to overflow fp16", "finite": bool(torch.isfinite(result.images).all()),
+                 "ms": ms, "vae_fp32": list(result.fp32_vae), "status": result.status_line()})
+    print(json.dumps(rows[-1]))
     return rows
 
 

@@ -10,6 +10,7 @@ runtime.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -65,12 +66,15 @@ class RestoreResult:
     tile_stride: int | None
     processed_size: tuple[int, int]  # (h1, w1), the size the VAE and UNet saw
     speedups: str = ""  # what else ran on the GPU: "Triton norms, UNet CUDA graph, torch.compile"
+    fp32_vae: tuple[str, ...] = ()  # VAE stages recomputed in float32 after an fp16 overflow ("encode", "decode")
 
     def status_line(self) -> str:
         b, _, h, w = self.images.shape
         tiles = f"tiles {self.tile_size}/{self.tile_stride}" if self.tile_size else "one pass"
         roles = ", ".join(f"{k} {v}" for k, v in self.report.backends_by_role().items())
         extra = f" | {self.speedups}" if self.speedups else ""
+        if self.fp32_vae:
+            extra += f" | VAE {' and '.join(self.fp32_vae)} recomputed in fp32 (fp16 overflowed)"
         return f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles}{extra} | {self.seconds:.2f} s"
 
 
@@ -93,7 +97,7 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     for attempt in range(MAX_OOM_RETRIES + 1):
         try:
             with on_device(models.device):
-                out, stages = _one_pass(models, runtime, images, plan, options, router, callbacks)
+                out, stages, fp32_vae = _one_pass(models, runtime, images, plan, options, router, callbacks)
             break
         except torch.cuda.OutOfMemoryError as exc:
             current = plan.tile or max(plan.padded_size)
@@ -116,7 +120,8 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     seconds = time.perf_counter() - start
     report = build_report(router, text_encoder_implementation(router))
     speedups = _speedups(models, options, runtime.unet_graphs.replays > replays_before)
-    return RestoreResult(out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size, speedups)
+    return RestoreResult(out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size, speedups,
+                         tuple(stage for stage in ("encode", "decode") if stage in fp32_vae))
 
 
 def on_device(device: torch.device):
@@ -127,12 +132,14 @@ def on_device(device: torch.device):
 
 
 def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan: PassPlan, options: RestoreOptions,
-              router: AttentionRouter, callbacks: Callbacks) -> tuple[torch.Tensor, dict[str, float]]:
-    """The method's steps, in the order of the reference implementation (XPixelGroup/HYPIR's enhancer)."""
+              router: AttentionRouter, callbacks: Callbacks) -> tuple[torch.Tensor, dict[str, float], set[str]]:
+    """The method's steps, in the order of the reference implementation (XPixelGroup/HYPIR's enhancer); also
+    returns the VAE stages recomputed in fp32."""
     device, dtype = models.device, models.dtype
     clock = _StageClock(device if options.sync_stages else None)
     tiles = _Tiles(plan, callbacks)
     compiled = options.torch_compile and device.type == "cuda"
+    fp32_vae: set[str] = set()
 
     # 1. Upscale; this is the colour reference and fixes the output size.
     ref = resize_to_output(as_rgb(images).to(device=device, dtype=torch.float32), options.upscale, options.long_side)
@@ -150,7 +157,8 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does after
         #    torch.manual_seed(seed).
         generator = torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample" else None
-        z = tiles.run("encode", lambda t: vae_stage(models, runtime, "encode", t, compiled), x, 1 / VAE_SCALE, 4,
+        encode = functools.partial(vae_stage, models, runtime, "encode", compiled=compiled, fp32_stages=fp32_vae)
+        z = tiles.run("encode", encode, x, 1 / VAE_SCALE, 4,
                       per_tile=lambda moments, index: _latent(moments, generator, dtype))
         require_finite(z, "the VAE encoder's latent", dtype)
         clock.lap("encode")
@@ -169,8 +177,8 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
 
         # 7. VAE decode.
-        out = tiles.run("decode", lambda t: vae_stage(models, runtime, "decode", t, compiled), z_out, VAE_SCALE, 3,
-                        latent=True)
+        decode = functools.partial(vae_stage, models, runtime, "decode", compiled=compiled, fp32_stages=fp32_vae)
+        out = tiles.run("decode", decode, z_out, VAE_SCALE, 3, latent=True)
         require_finite(out, "the VAE decoder's image", dtype)
         clock.lap("decode")
     if compiled:  # the compiled graphs call SDPA directly (HYPIRAttnProcessor): report that
@@ -186,7 +194,7 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
     # 9. Clamp.
     out = require_finite(out, "the restored image", dtype).clamp(0, 1)
     clock.lap("finish")
-    return out, clock.stages
+    return out, clock.stages, fp32_vae
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,10 +295,11 @@ def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Ten
     return vae.decode(x).sample
 
 
-def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor, compiled: bool = False
-              ) -> torch.Tensor:
+def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor, compiled: bool = False,
+              fp32_stages: set[str] | None = None) -> torch.Tensor:
     """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
-    (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning."""
+    (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning, and
+    the stage is added to `fp32_stages`."""
     vae = models.vae
     forward = (runtime.compiled(f"vae.{stage}", lambda t: _vae_forward(vae, stage, t)) if compiled
                else lambda t: _vae_forward(vae, stage, t))
@@ -298,6 +307,8 @@ def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor
     if models.dtype == torch.float16 and not torch.isfinite(out).all():
         logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
         out = _vae_forward(runtime.vae_fp32(vae), stage, x.float())
+        if fp32_stages is not None:
+            fp32_stages.add(stage)
     return out
 
 

@@ -237,9 +237,10 @@ def test_fp16_vae_overflow_recomputed_in_fp32(tiny_files, caplog):
     with torch.no_grad():
         models.vae.decoder.conv_out.weight.fill_(5000.0)
     z = torch.randn(1, 4, 4, 4)
+    fp32_stages = set()
     with caplog.at_level("WARNING", logger="hypir"):
-        out = vae_stage(models, runtime_of(models), "decode", z)
-    assert "VAE decode overflowed in fp16; recomputing it in fp32" in caplog.text
+        out = vae_stage(models, runtime_of(models), "decode", z, fp32_stages=fp32_stages)
+    assert "VAE decode overflowed in fp16; recomputing it in fp32" in caplog.text and fp32_stages == {"decode"}
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.abs().max() > 65504
     assert models.vae.decoder.conv_out.weight.dtype == torch.float16  # the shared model stays fp16
 
@@ -250,3 +251,14 @@ def test_a_small_budget_tiles_the_pass(pipe, image_factory):
     result = pipe(image_factory(1, 48, 48, seed=9), upscale=8.0, latent="mode", vram_budget_gb=0.4)
     assert (result.tile_size, result.tile_stride) == (256, 192)
     assert result.images.shape == (1, 3, 384, 384) and torch.isfinite(result.images).all()
+
+
+
+def test_the_status_line_names_the_vae_stages_recomputed_in_fp32(pipe):
+    """What the fp16 overflow test above records (vae_stage's fp32_stages) reaches the status line."""
+    import dataclasses
+
+    result = pipe(torch.rand(1, 3, 32, 32), upscale=1.0, latent="mode")
+    assert result.fp32_vae == () and "fp32" not in result.status_line()
+    both = dataclasses.replace(result, fp32_vae=("encode", "decode"))
+    assert "| VAE encode and decode recomputed in fp32 (fp16 overflowed) |" in both.status_line()
