@@ -20,6 +20,7 @@ from typing import Callable, Hashable, Iterable, Iterator
 from .images import Picture, read_source, write_output
 
 READ_AHEAD = 2  # decoded files waiting for the GPU
+HELD_BYTES = 2 * 2**30  # restored frames waiting to be written, at most (beyond one file), besides 2 per writer
 _END = object()
 _BROKEN = object()  # marks ("the task source raised", exception)
 
@@ -52,6 +53,7 @@ class FileOutcome:
     notes: list[str] = field(default_factory=list)
     error: Exception | None = None
     stage: str = ""  # where it failed: "read", "restore" or "write"
+    held_bytes: int = 0  # its restored frames, while they wait to be written
 
     @property
     def ok(self) -> bool:
@@ -130,8 +132,9 @@ def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, qu
                     if on_restored is not None:
                         on_restored(key)
                 pending.append((outcome, future))
-                # Yield what is written; keep at most two files per writer waiting to be encoded (memory).
-                while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers):
+                # Yield what is written; keep at most two files per writer, and HELD_BYTES, waiting to be written.
+                while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers
+                                   or sum(o.held_bytes for o, _ in pending) > HELD_BYTES):
                     yield _written(*pending.popleft())
             while pending:
                 yield _written(*pending.popleft())
@@ -147,4 +150,5 @@ def _restore_and_write(pipe, pool: ThreadPoolExecutor, outcome: FileOutcome, pic
         outcome.error, outcome.stage = exc, "restore"
         return None
     outcome.result, outcome.frames, outcome.notes = result, len(restored), picture.notes
+    outcome.held_bytes = sum(frame.nbytes for frame in restored)
     return pool.submit(write_output, outcome.target, restored, picture, quality)

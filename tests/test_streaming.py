@@ -158,3 +158,17 @@ def test_each_output_is_reported_while_the_task_source_waits_for_more(tmp_path, 
     inbox.put(None)
     assert not alive and got == [0, 1], "the outcomes waited for the next task"
     assert list(stream) == []
+
+
+def test_restored_frames_held_for_writing_stay_within_the_byte_bound(tmp_path, pipe, monkeypatch):
+    """With room for no restored frames beyond one file, the next restore waits until the last one is written."""
+    monkeypatch.setattr(streaming, "HELD_BYTES", 1)
+    sources = photos(tmp_path / "in", 3)
+
+    def before(index):
+        if index > 0:
+            assert (tmp_path / f"p{index - 1}.png").exists(), f"file {index - 1} was still held when {index} began"
+
+    tasks = [(i, s, tmp_path / f"p{i}.png") for i, s in enumerate(sources)]
+    outcomes = list(streaming.restore_stream(Watched(pipe, before), tasks, OPTIONS, writers=4))
+    assert [o.ok for o in outcomes] == [True, True, True], [o.error for o in outcomes]
