@@ -180,12 +180,21 @@ def _patcher_class():
             # An unload moves the weights to device_to with them restored (model_unload, detach); newer ComfyUI
             # also calls this with unpatch_weights=False on its way to loading more, which is no unload.
             if device_to is not None and unpatch_weights:
-                runtime = runtime_of(self.model.hypir_models)
-                graphs = len(runtime.unet_graphs)
-                runtime.clear()
-                logger.info("[HYPIR] unloaded by ComfyUI to %s; released %d CUDA graph(s) and the pass's caches",
-                            device_to, graphs)
+                self._release(f"unloaded by ComfyUI to {device_to}")
             return result
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            # Newer ComfyUI frees room by moving some of a model's modules off the GPU.
+            freed = super().partially_unload(device_to, memory_to_free)
+            if freed:
+                self._release(f"partly unloaded by ComfyUI to {device_to} ({freed / 2**20:.0f} MiB)")
+            return freed
+
+        def _release(self, what: str) -> None:
+            runtime = runtime_of(self.model.hypir_models)
+            graphs = len(runtime.unet_graphs)
+            runtime.clear()
+            logger.info("[HYPIR] %s; released %d CUDA graph(s) and the pass's caches", what, graphs)
 
     return HYPIRModelPatcher
 

@@ -318,7 +318,7 @@ def part_cards(args, models, work: Path) -> list[dict]:
                 segment = session.server.log()[before_reload:]
                 row["offload"] = {
                     "other_model": other, "again": again,
-                    "hypir_was_unloaded": "[HYPIR] unloaded by ComfyUI" in session.server.log(),
+                    "hypir_was_unloaded": "unloaded by ComfyUI" in session.server.log(),
                     "reloaded": "Requested to load HYPIRComponents" in segment,
                     "ran_again": again.get("node_s") is not None,  # not ComfyUI's cached output
                     "same_png": bool(first.get("png_sha256")) and first.get("png_sha256") == again.get("png_sha256")}

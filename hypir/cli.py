@@ -374,7 +374,7 @@ def restore_jobs(pipe, jobs: list[Job], options: RestoreOptions, args) -> list[s
             if outcome.ok:
                 tqdm.write(f"{outcome.source} -> {outcome.target}"
                            f"{f' ({outcome.frames} frames)' if outcome.frames > 1 else ''}: "
-                           f"{outcome.result.status_line()}")
+                           f"{outcome.status}")
                 for note in outcome.notes:
                     tqdm.write(f"  note: {note}")
             else:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import first_line
+from .images import PARTIAL_SUFFIX
 
 logger = logging.getLogger("hypir")
 
 MAX_ATTEMPTS = 3
-RAY_BATCH = 8  # files an actor restores per call, reading ahead and writing behind its GPU within it
+RAY_BATCH = 8  # files an actor restores per call at most, reading ahead and writing behind its GPU within it
 FEED = 3  # files a worker holds that its GPU has not finished: one on the GPU, two read ahead
 
 
@@ -75,7 +76,15 @@ class WorkerSetup:
 
 
 def _stop(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds: a file being written is removed (images.write_image)
+    raise SystemExit(128 + signum)  # unwinds: writes under way finish (streaming.restore_stream), no new ones
+
+
+def remove_partial_files(pid: int, targets) -> None:
+    """The temporary files a killed worker (SIGKILL, the out-of-memory killer) left beside the outputs it held
+    (images.write_image writes `.<name>.<pid>.partial` and renames it when complete)."""
+    for target in targets:
+        target = Path(target)
+        (target.parent / f".{target.name}.{pid}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
 
 
 def _load(setup: WorkerSetup, device: str):
@@ -105,14 +114,18 @@ def _worker(device: str, setup: WorkerSetup, tasks, results) -> None:
     signal.signal(signal.SIGTERM, _stop)
     from .streaming import restore_stream
 
-    pipe = _load(setup, device)
     pid = os.getpid()
+    try:
+        pipe = _load(setup, device)
+    except Exception as exc:  # noqa: BLE001 - the parent stops the run with it: every worker would fail alike
+        results.put(("broken", pid, None, first_line(exc)))
+        return
     results.put(("ready", pid, None, ""))
     stream = restore_stream(pipe, iter(tasks.get, None), setup.options, setup.quality, writers=setup.writers,
                             on_restored=lambda index: results.put(("restored", pid, index, "")))
     for outcome in stream:
         if outcome.ok:
-            results.put(("done", pid, outcome.key, outcome.result.status_line()))
+            results.put(("done", pid, outcome.key, outcome.status))
         else:
             results.put(("fail", pid, outcome.key, first_line(outcome.error)))
 
@@ -156,14 +169,18 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
             worker.sent.append(index)
             worker.inbox.put((index, str(tasks[index][0]), str(tasks[index][1])))
 
-    def settle(index: int, ok: bool, message: str) -> None:
+    def settle(index: int, ok: bool, message: str, retry_last: bool = False) -> None:
         attempts[index] += 1
         if ok or attempts[index] >= MAX_ATTEMPTS:
             outcomes[index] = Outcome(index, ok, message if ok else f"{message} ({attempts[index]} attempts)")
             if on_outcome is not None:
                 on_outcome(outcomes[index], tasks[index])
+        elif retry_last:
+            pending.append(index)
         else:
             pending.appendleft(index)
+
+    early_deaths: collections.Counter[str] = collections.Counter()  # per device, before the models loaded
 
     def replace_dead() -> None:
         for pid, worker in list(workers.items()):
@@ -171,8 +188,15 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
                 continue
             del workers[pid]
             exitcode = worker.process.exitcode
-            # Charged an attempt: the file on its GPU and the ones being written (one of them may have killed
-            # it); the files it had not started go back to the queue as they were.
+            remove_partial_files(pid, [tasks[i][1] for i in worker.sent])
+            if not worker.ready:
+                early_deaths[worker.device] += 1
+                if early_deaths[worker.device] >= MAX_ATTEMPTS:
+                    raise RuntimeError(f"the worker on {worker.device} stopped {early_deaths[worker.device]} times "
+                                       f"before its models loaded (exit code {exitcode}); its messages are above")
+            # Charged an attempt and retried last: the file on its GPU and the ones being written (one of them
+            # may have killed it). The files it had not started go back to the front of the queue as they were,
+            # so a file that kills a worker while being read is the one on the GPU next time.
             started = [i for i in worker.sent if i in worker.restored]
             unrestored = [i for i in worker.sent if i not in worker.restored]
             started += unrestored[:1]
@@ -180,9 +204,24 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
                            exitcode, f" while restoring {tasks[unrestored[0]][0]}" if unrestored else "")
             pending.extendleft(reversed(unrestored[1:]))
             for index in started:
-                settle(index, False, f"the worker restoring it stopped (exit code {exitcode})")
+                settle(index, False, f"the worker restoring it stopped (exit code {exitcode})", retry_last=True)
             if len(outcomes) < len(tasks):
                 start(worker.device)
+
+    def handle(kind: str, pid: int, index, message: str) -> None:
+        worker = workers.get(pid)
+        if worker is None:  # a message from a worker already replaced
+            return
+        if kind == "broken":
+            raise RuntimeError(f"the worker on {worker.device} could not load the models: {message}")
+        if kind == "ready":
+            worker.ready = True
+        elif kind == "restored":
+            worker.restored.add(index)
+        elif kind in ("done", "fail"):
+            worker.sent.remove(index)
+            worker.restored.discard(index)
+            settle(index, kind == "done", message)
 
     for device in devices:
         start(device)
@@ -190,19 +229,11 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
     try:
         while len(outcomes) < len(tasks):
             try:
-                kind, pid, index, message = results.get(timeout=0.5)
+                handle(*results.get(timeout=0.5))
+                while True:  # all that is there, before looking for dead workers: a worker's last results count
+                    handle(*results.get_nowait())
             except queue.Empty:
-                kind = None
-            worker = workers.get(pid) if kind is not None else None
-            if worker is not None:  # else: a message from a worker already replaced
-                if kind == "ready":
-                    worker.ready = True
-                elif kind == "restored":
-                    worker.restored.add(index)
-                elif kind in ("done", "fail"):
-                    worker.sent.remove(index)
-                    worker.restored.discard(index)
-                    settle(index, kind == "done", message)
+                pass
             replace_dead()
             for worker in workers.values():  # new work, or work given back by a stopped worker
                 feed(worker)
@@ -214,13 +245,14 @@ def run_pool(tasks: list[tuple[Path, Path]], devices: list[str], setup: WorkerSe
             if finished:
                 worker.inbox.put(None)  # done: let it exit
             else:
-                worker.process.terminate()  # interrupted: SIGTERM unwinds it, removing a file half written
+                worker.process.terminate()  # interrupted: SIGTERM unwinds it, finishing the writes under way
         deadline = time.monotonic() + 30
-        for worker in workers.values():
+        for pid, worker in workers.items():
             worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=10)
+                remove_partial_files(pid, [tasks[i][1] for i in worker.sent])
     return [outcomes[i] for i in range(len(tasks))]
 
 
@@ -247,7 +279,7 @@ class RayRestorer:
                                       writers=self.setup.writers):
             out["index"].append(outcome.key)
             out["ok"].append(outcome.ok)
-            out["message"].append(outcome.result.status_line() if outcome.ok else first_line(outcome.error))
+            out["message"].append(outcome.status if outcome.ok else first_line(outcome.error))
         return out
 
 
@@ -275,8 +307,9 @@ def run_ray(tasks: list[tuple[str, str]], setup: WorkerSetup, address: str = "lo
         count = workers or gpus or 1
         per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         items = [{"index": i, "source": str(s), "target": str(t)} for i, (s, t) in enumerate(tasks)]
-        results = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // RAY_BATCH))).map_batches(
-            RayRestorer, fn_constructor_args=(setup,), batch_size=RAY_BATCH, concurrency=count,
+        batch = max(1, min(RAY_BATCH, len(items) // count))  # every actor gets work, even for a few files
+        results = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch))).map_batches(
+            RayRestorer, fn_constructor_args=(setup,), batch_size=batch, concurrency=count,
             max_restarts=-1, max_task_retries=MAX_ATTEMPTS - 1, **per_actor)
         outcomes: dict[int, Outcome] = {}
         for row in results.iter_rows():

@@ -19,7 +19,7 @@ from typing import Callable, Hashable, Iterable, Iterator
 
 from .images import Picture, read_source, write_output
 
-READ_AHEAD = 2  # decoded files waiting for the GPU
+READ_AHEAD = 2  # decoded files waiting for the GPU (and one more in the reader while it waits to queue it)
 HELD_BYTES = 2 * 2**30  # restored frames waiting to be written, at most (beyond one file), besides 2 per writer
 _END = object()
 _BROKEN = object()  # marks ("the task source raised", exception)
@@ -48,7 +48,8 @@ class FileOutcome:
     key: Hashable  # what the caller gave with the file (an index, say)
     source: str
     target: str
-    result: object | None = None  # the last frame's RestoreResult
+    status: str = ""  # the last frame's status line (RestoreResult.status_line; not the result, which holds the
+    #                   output on the GPU while the file waits to be written)
     frames: int = 0
     notes: list[str] = field(default_factory=list)
     error: Exception | None = None
@@ -149,6 +150,6 @@ def _restore_and_write(pipe, pool: ThreadPoolExecutor, outcome: FileOutcome, pic
     except Exception as exc:  # noqa: BLE001 - this file's outcome
         outcome.error, outcome.stage = exc, "restore"
         return None
-    outcome.result, outcome.frames, outcome.notes = result, len(restored), picture.notes
+    outcome.status, outcome.frames, outcome.notes = result.status_line(), len(restored), picture.notes
     outcome.held_bytes = sum(frame.nbytes for frame in restored)
     return pool.submit(write_output, outcome.target, restored, picture, quality)

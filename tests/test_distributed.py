@@ -112,6 +112,24 @@ def test_a_file_that_keeps_failing_is_named_after_three_attempts(tmp_path, tiny_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [tasks[0][0].name, tasks[2][0].name]
 
 
+def test_models_that_do_not_load_stop_the_run_with_the_reason(tmp_path, tiny_files):
+    """Every worker would fail the same way (here a damaged weights file): the run stops at once with the
+    loader's message, instead of starting workers for ever."""
+    from hypir import distributed
+    from hypir.settings import RestoreOptions
+
+    inputs = photos(tmp_path / "in", 2)
+    damaged = tmp_path / "HYPIR_damaged.pth"
+    damaged.write_bytes(b"PK\x03\x04 not a checkpoint")
+    tasks = [(p, tmp_path / "out" / p.name) for p in sorted(inputs.iterdir())]
+    setup = distributed.WorkerSetup(str(tiny_files[0]), str(damaged), "fp32", 1.0, RestoreOptions(latent="mode"), 95, 1)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"the worker on cpu could not load the models: .*HYPIR_damaged\.pth"):
+        distributed.run_pool(tasks, ["cpu", "cpu"], setup)
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "out").exists()
+
+
 # ---- Ray (the [ray] extra): a local Ray instance, as `--ray` starts one ----------------------------------------
 
 def ray_workers() -> list[int]:
