@@ -363,7 +363,9 @@ def test_interrupt_stops_a_tiled_run(comfy, client):
     assert len(interrupted) == 1 and interrupted[0]["node_id"] == "3", [m["type"] for m in messages]
     assert not of(messages, "execution_error", prompt_id)
     progress = [m["value"] for m in of(messages, "progress", prompt_id) if m["node"] == "3"]
-    assert max(progress) < 100, progress  # stopped in the encode stage, long before the end (300)
+    # Stopped long before the end (300): on the CPU within the encode stage; a GPU runs tiles faster than the
+    # interrupt's round trip, so there only before the last one.
+    assert max(progress) < (300 if GPU else 100), progress
     history = client.history(prompt_id)
     assert history["status"]["status_str"] == "error" and not history["status"]["completed"]
     assert "execution_interrupted" in [kind for kind, _ in history["status"]["messages"]]
