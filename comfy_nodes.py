@@ -170,10 +170,23 @@ def _patcher_class():
     import comfy.model_patcher
 
     class HYPIRModelPatcher(comfy.model_patcher.ModelPatcher):
-        """ComfyUI's ModelPatcher, which also gives back the pass's own GPU memory (CUDA graphs and their
-        activation pools, compiled callables, the fp32 VAE copy, prompt embeddings) whenever ComfyUI unloads
-        HYPIR: to make room for another model, or on Unload Models (POST /free). Graphs would be dropped anyway
-        at the next run (the weights moved), but their memory would be held until then."""
+        """ComfyUI's ModelPatcher for HYPIR's diffusers modules, which run only with all their weights on the GPU
+        (they do not cast weights in on the fly as ComfyUI's own layers do):
+        - loads are whole: ComfyUI's low-VRAM partial load would leave some modules on the CPU and the pass
+          would fail on mixed devices; ComfyUI frees room by offloading other models first;
+        - unloads are whole: asked to free part of HYPIR, it frees nothing, and ComfyUI unloads it entirely;
+        - an unload also gives back the pass's own GPU memory (CUDA graphs and their activation pools, compiled
+          callables, the fp32 VAE copy, prompt embeddings), which would otherwise stay held until the next run."""
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            return super().load(device_to, lowvram_model_memory=0, force_patch_weights=force_patch_weights,
+                                full_load=True)
+
+        def patch_model_lowvram(self, device_to=None, lowvram_model_memory=0, *args, **kwargs):
+            return self.patch_model(device_to)  # 2024 ComfyUI: its low-VRAM path, made a whole load
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            return 0
 
         def unpatch_model(self, device_to=None, unpatch_weights=True):
             result = super().unpatch_model(device_to, unpatch_weights=unpatch_weights)
@@ -182,13 +195,6 @@ def _patcher_class():
             if device_to is not None and unpatch_weights:
                 self._release(f"unloaded by ComfyUI to {device_to}")
             return result
-
-        def partially_unload(self, device_to, memory_to_free=0):
-            # Newer ComfyUI frees room by moving some of a model's modules off the GPU.
-            freed = super().partially_unload(device_to, memory_to_free)
-            if freed:
-                self._release(f"partly unloaded by ComfyUI to {device_to} ({freed / 2**20:.0f} MiB)")
-            return freed
 
         def _release(self, what: str) -> None:
             runtime = runtime_of(self.model.hypir_models)
@@ -243,6 +249,16 @@ def load_hypir_model(base: str, weights: str, dtype: str, download_if_missing: b
                       {**run_options, "vram_budget_gb": vram_budget_gb or None})
 
 
+@functools.cache
+def _whole_load() -> dict:
+    """load_models_gpu's request for a whole load, where this ComfyUI has it (2024-08 and newer)."""
+    import inspect
+
+    import comfy.model_management as mm
+
+    return {"force_full_load": True} if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters else {}
+
+
 def run_restore(model: HYPIRModel, image, **inputs):
     """IMAGE (B, H, W, C) in [0, 1] -> restored IMAGE and the status line."""
     import comfy.model_management as mm
@@ -262,7 +278,7 @@ def run_restore(model: HYPIRModel, image, **inputs):
     # and brings HYPIR back to the GPU if it was offloaded.
     budget = options.vram_budget_gb or mm.get_total_memory(pipeline.models.device) / 2**30
     plan = pipeline.plan(images, options.replace(vram_budget_gb=budget))
-    mm.load_models_gpu([model.patcher], memory_required=plan.total_bytes)
+    mm.load_models_gpu([model.patcher], memory_required=plan.total_bytes, **_whole_load())
     result = pipeline(images, options=options,
                       callbacks=Callbacks(progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted))
     out = result.images.movedim(1, -1).float().cpu()

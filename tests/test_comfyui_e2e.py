@@ -408,3 +408,55 @@ def test_free_then_run_again(comfy, client):
     # Unloading gave back the pass's own memory too (comfy_nodes.HYPIRModelPatcher).
     assert "[HYPIR] unloaded by ComfyUI to" in segment and segment.index("[HYPIR] unloaded by ComfyUI to") < \
         segment.index("Requested to load HYPIRComponents"), segment
+
+
+WHOLE_LOAD_SCRIPT = r"""
+import importlib.util, inspect, json, sys
+import torch
+repo, base, weights = sys.argv[1:4]
+sys.argv = ["main.py", "--cpu"]  # ComfyUI's own arguments, as main.py would parse them
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management
+import comfy.model_patcher
+
+spec = importlib.util.spec_from_file_location("hypir_pack_check", f"{repo}/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["hypir_pack_check"] = pack
+spec.loader.exec_module(pack)
+from hypir_pack_check.hypir.runtime import load_models
+
+patcher = pack.comfy_nodes.model_patcher(load_models(base, weights, device="cpu", dtype="fp32"))
+result = {"class": type(patcher).__name__}
+base_class = comfy.model_patcher.ModelPatcher
+if "full_load" in inspect.signature(getattr(base_class, "load", lambda: None)).parameters:
+    # ComfyUI's low-VRAM load with room for one byte of weights: a stock ModelPatcher loads none of the
+    # modules of plain torch layers; HYPIR's must load them all.
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    with_weights = [n for n, m in patcher.model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    result["left_unloaded"] = [n for n, m in patcher.model.named_modules()
+                               if n in with_weights and not getattr(m, "comfy_patched_weights", False)]
+    result["modules"] = len(with_weights)
+if hasattr(base_class, "partially_unload"):
+    result["partially_unloaded"] = patcher.partially_unload(torch.device("cpu"), 2**40)
+print(json.dumps(result))
+"""
+
+
+def test_hypir_is_loaded_and_unloaded_whole_by_comfyui(comfy):
+    """HYPIR's diffusers modules cannot run with some weights elsewhere: ComfyUI's low-VRAM partial load (on a
+    small card, or with other models resident) must load all of them, and a partial unload frees nothing so
+    that ComfyUI unloads HYPIR whole. Run with ComfyUI's own ModelPatcher in ComfyUI's Python."""
+    python = os.environ.get("HYPIR_COMFY_PYTHON", sys.executable)
+    models = comfy.server.models
+    out = subprocess.run([python, "-c", WHOLE_LOAD_SCRIPT, str(REPO), str(models / "diffusers" / f"{MODEL_SIZE}-sd21"),
+                          str(models / "HYPIR" / WEIGHTS)], capture_output=True, text=True, timeout=300,
+                         cwd=comfy.server.comfy_dir, env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["class"] == "HYPIRModelPatcher"
+    if "left_unloaded" in result:  # ComfyUI with ModelPatcher.load (2024-08 and newer)
+        assert result["modules"] > 100 and result["left_unloaded"] == [], result
+    if "partially_unloaded" in result:
+        assert result["partially_unloaded"] == 0, result
