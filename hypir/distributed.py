@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import first_line
-from .images import PARTIAL_SUFFIX
+from .images import partial_name
 
 logger = logging.getLogger("hypir")
 
@@ -81,10 +81,10 @@ def _stop(signum, frame):
 
 def remove_partial_files(pid: int, targets) -> None:
     """The temporary files a killed worker (SIGKILL, the out-of-memory killer) left beside the outputs it held
-    (images.write_image writes `.<name>.<pid>.partial` and renames it when complete)."""
+    (images.write_image writes under images.partial_name and renames it when complete)."""
     for target in targets:
         target = Path(target)
-        (target.parent / f".{target.name}.{pid}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
+        (target.parent / partial_name(target.name, pid)).unlink(missing_ok=True)
 
 
 def _load(setup: WorkerSetup, device: str):
@@ -95,11 +95,11 @@ def _load(setup: WorkerSetup, device: str):
 
     from .pipeline import HYPIRPipeline
 
+    from .streaming import spare_the_cpu
+
     logging.getLogger("hypir").setLevel(logging.WARNING)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    from .streaming import spare_the_cpu
-
     if device == "cpu" and setup.threads:
         torch.set_num_threads(setup.threads)
     pipe = HYPIRPipeline.from_files(setup.base, setup.weights, device, setup.dtype, lora_scale=setup.lora_scale)

@@ -251,6 +251,11 @@ def check_output(path: Path, picture_size: tuple[int, int], channels: int, frame
                          f".webp or .tif")
 
 
+def partial_name(name: str, pid: int | None = None) -> str:
+    """The temporary name an output is written under by process `pid` (this one) before it is renamed."""
+    return f".{name}.{os.getpid() if pid is None else pid}{PARTIAL_SUFFIX}"
+
+
 def write_image(path: str | os.PathLike, frames: list[np.ndarray], source: Picture, quality: int = 95) -> None:
     """Write restored (C, H, W) frames in [0, 1] with the source's metadata, atomically."""
     path = Path(path)
@@ -259,7 +264,7 @@ def write_image(path: str | os.PathLike, frames: list[np.ndarray], source: Pictu
     sixteen = source.bit_depth == 16 and fmt == "PNG" and len(frames) == 1
     exif = _exif_for(source.exif, frames[0].shape[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    tmp = path.with_name(partial_name(path.name))
     try:
         with open(tmp, "wb") as f:
             _encode(f, fmt, frames, source, quality, sixteen, exif)
@@ -387,7 +392,7 @@ def write_output(name: str, frames, picture, quality: int) -> None:
     filesystem, path = fs.FileSystem.from_uri(name)
     data = encode_image(name, frames, picture, quality)
     folder, _, base = path.rpartition("/")
-    tmp = f"{folder}/.{base}.{os.getpid()}{PARTIAL_SUFFIX}" if folder else f".{base}.{os.getpid()}{PARTIAL_SUFFIX}"
+    tmp = f"{folder}/{partial_name(base)}" if folder else partial_name(base)
     with filesystem.open_output_stream(tmp) as stream:
         stream.write(data)
     filesystem.move(tmp, path)

@@ -4,7 +4,7 @@ calling thread only restores. Decoding and encoding (Pillow, zlib, libjpeg) rele
 with the GPU work. Used by the command line, the per-GPU worker processes and the Ray actors.
 
 Outputs are the same as restoring the files one by one: the same pipeline call per file, in the same order.
-No torch here.
+Torch is imported only by spare_the_cpu.
 """
 
 from __future__ import annotations
