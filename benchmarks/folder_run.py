@@ -57,16 +57,9 @@ for path in sorted(source.iterdir()):
 
 
 def make_models(workdir: Path) -> tuple[Path, Path]:
-    folder, weights = workdir / "sd21_sd", workdir / "HYPIR_sd21.pth"
-    if not weights.exists():
-        import torch
+    from hypir.bench.random_models import write_random_model
 
-        from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
-
-        base = build_random_base("sd21", seed=0)
-        save_diffusers_folder(base, folder, "sd21")
-        torch.save(random_lora(base.unet, rank=4, seed=0), weights)
-    return folder, weights
+    return write_random_model(workdir / "sd21_sd", workdir / "HYPIR_sd21.pth", "sd21")
 
 
 def make_photos(folder: Path, count: int, size: int, seed: int = 0) -> Path:

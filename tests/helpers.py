@@ -23,13 +23,9 @@ def load_pack(name: str):
 
 def write_random_model(root, size: str = "tiny"):
     """A random SD2.1-architecture diffusers folder of `size` and a rank-4 HYPIR LoRA file for it, in root."""
-    from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
+    from hypir.bench.random_models import write_random_model as write
 
-    base = build_random_base(size, seed=0)
-    folder = save_diffusers_folder(base, root / f"{size}_sd")
-    weights = root / f"HYPIR_{size}.pth"
-    torch.save(random_lora(base.unet, rank=4, seed=0), weights)
-    return folder, weights
+    return write(root / f"{size}_sd", root / f"HYPIR_{size}.pth", size)
 
 
 def smooth_image(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -21,17 +21,11 @@ SIZES = ("tiny", "sd21")
 
 
 def main(models_dir: str, size: str = "tiny") -> None:
-    import torch
-
-    from hypir.bench.random_models import build_random_base, random_lora, save_diffusers_folder
+    from hypir.bench.random_models import write_random_model
 
     models = Path(models_dir)
-    base = build_random_base(size, seed=0)
-    save_diffusers_folder(base, models / "diffusers" / f"{size}-sd21", size)
-    (models / "HYPIR").mkdir(parents=True, exist_ok=True)
-    torch.save(random_lora(base.unet, rank=4, seed=0), models / "HYPIR" / f"HYPIR_{size}.pth")
-    print(models / "diffusers" / f"{size}-sd21")
-    print(models / "HYPIR" / f"HYPIR_{size}.pth")
+    for path in write_random_model(models / "diffusers" / f"{size}-sd21", models / "HYPIR" / f"HYPIR_{size}.pth", size):
+        print(path)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,15 @@ def save_diffusers_folder(base: BaseModel, target: Path, size: str = "tiny") -> 
     base.vae.save_pretrained(target / "vae")
     base.text_encoder.save_pretrained(target / "text_encoder")
     return target
+
+
+def write_random_model(folder: Path, weights: Path, size: str = "tiny", seed: int = 0) -> tuple[Path, Path]:
+    """A random `size` SD2.1-architecture diffusers folder at `folder` and a rank-4 HYPIR LoRA file for it at
+    `weights`, written once (kept when `weights` exists already)."""
+    folder, weights = Path(folder), Path(weights)
+    if not weights.exists():
+        base = build_random_base(size, seed=seed)
+        save_diffusers_folder(base, folder, size)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(random_lora(base.unet, rank=4, seed=seed), weights)
+    return folder, weights
