@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ if "--no-triton" in sys.argv:  # before torch: the process sees no Triton at all
 
 import torch  # noqa: E402
 
-from hypir.bench import build_models  # noqa: E402
+from hypir.bench import _psnr as psnr, _random_images, build_models  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 from hypir.settings import RestoreOptions  # noqa: E402
 
@@ -35,12 +33,7 @@ SIZES = {1024: 512, 2048: 1024, 4096: 2048}  # output side: input side
 
 
 def images(side: int) -> torch.Tensor:
-    return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to("cuda")
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    return _random_images(side, torch.device("cuda"))
 
 
 def timed(pipe, lq, options, repeats=3):
@@ -79,17 +72,9 @@ def fp16() -> list[dict]:
     rows = []
     for output, side in list(SIZES.items())[:2]:
         lq = images(side)
-        records = []
-        handler = logging.Handler()
-        handler.emit = records.append
-        logging.getLogger("hypir").addHandler(handler)
-        try:
-            result, ms = timed(pipe, lq, RestoreOptions(upscale=2.0))
-        finally:
-            logging.getLogger("hypir").removeHandler(handler)
-        recomputes = [r.getMessage() for r in records if "recomputing it in fp32" in r.getMessage()]
+        result, ms = timed(pipe, lq, RestoreOptions(upscale=2.0))
         rows.append({"output": output, "finite": bool(torch.isfinite(result.images).all()), "ms": ms,
-                     "vae_fp32_recomputes": recomputes, "status": result.status_line()})
+                     "vae_fp32": list(result.fp32_vae), "status": result.status_line()})
         print(json.dumps(rows[-1]))
     # A real overflow: the decoder's last convolution scaled until its sums pass fp16's 65504.
     with torch.no_grad():

@@ -7,7 +7,8 @@ ComfyUI's requirements (``HYPIR_COMFY_PYTHON``).
   ``--lowvram``) on a free 127.0.0.1 port with an extra_model_paths.yaml that points ComfyUI at a work folder
   (custom_nodes holding this repository, models, input, output), waits for ``GET /system_stats`` and stops it
   (its process group) again; `log()` is its console output.
-* `torch_active_bytes(stats)`: PyTorch's allocated memory in the server, from ``/system_stats``.
+* `torch_active_bytes(stats)`: PyTorch's allocated memory in the server, from ``/system_stats``;
+  `wait_active_at_most` polls it.
 * `WebSocket` is a minimal RFC 6455 client (text/binary frames, ping/pong, close), enough for ComfyUI's
   ``/ws?clientId=...`` status stream.
 * `ComfyClient` queues API-format prompts (``POST /prompt``) and follows them over the websocket until
@@ -72,6 +73,17 @@ def torch_active_bytes(stats: dict) -> int:
     reports torch_vram_total as the reserved bytes and torch_vram_free as reserved minus active."""
     device = stats["devices"][0]
     return int(device["torch_vram_total"]) - int(device["torch_vram_free"])
+
+
+def wait_active_at_most(base_url: str, limit: int, timeout: float = 20) -> int:
+    """Poll PyTorch's allocated memory in the server every 0.5 s until it is at most `limit` bytes (after
+    POST /free, ComfyUI unloads when its prompt worker next wakes up); returns the last figure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        active = torch_active_bytes(get_json(f"{base_url}/system_stats"))
+        if active <= limit or time.monotonic() >= deadline:
+            return active
+        time.sleep(0.5)
 
 
 def free_port() -> int:

@@ -37,6 +37,7 @@ from comfyui_server import (  # noqa: E402
     post_json,
     torch_active_bytes,
     upload_image,
+    wait_active_at_most,
     write_png,
 )
 
@@ -378,12 +379,7 @@ def test_free_then_run_again(comfy, client):
     assert code == 200, body
     time.sleep(1.0)  # the prompt worker applies the flags when it wakes up, before taking the next prompt
     if GPU:  # the weights went back to the CPU and the pass's memory (CUDA graphs included) was released
-        deadline, active = time.monotonic() + 20, None
-        while time.monotonic() < deadline:
-            active = torch_active_bytes(get_json(f"{comfy.url}/system_stats"))
-            if active <= comfy.started_active + FREED_WITHIN:
-                break
-            time.sleep(0.5)
+        active = wait_active_at_most(comfy.url, comfy.started_active + FREED_WITHIN)
         assert active <= comfy.started_active + FREED_WITHIN, (active, comfy.started_active)
 
     image = input_image(comfy, "e2e_32x32.png", 32, 32)
