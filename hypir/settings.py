@@ -217,9 +217,7 @@ class RestoreOptions:
         if unknown:
             raise TypeError(f"unknown restore options {unknown}; valid: {sorted(names)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if overrides.get("long_side") is not None:
-            values["upscale"] = None
-        return cls(**values)
+        return cls(**values)  # a long_side sets upscale to None (__post_init__)
 
     def replace(self, **changes) -> "RestoreOptions":
         return replace(self, **changes)

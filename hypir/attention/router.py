@@ -117,7 +117,7 @@ class AttentionRouter:
         if timing is None:
             if torch.compiler.is_compiling() or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
                 return None  # nothing can be timed while tracing or capturing: the fixed order decides
-            candidates = [b for b in TUNED_ORDER if not REGISTRY[b].opt_in and self.why_not(b, shape.head_dim) is None]
+            candidates = [b for b in TUNED_ORDER if self.why_not(b, shape.head_dim) is None]  # none opt-in
             timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
                                     lambda backend, exc: self._record_failure(module, backend, exc))
         if timing.errors:  # kernels that raised on this shape are failed kernels of every module running it
