@@ -52,9 +52,15 @@ def find_base(filename: str, extra_dirs: list | None = None) -> Path | None:
 def find_models(extra_dirs: list | None = None) -> tuple[Path | None, Path | None]:
     """(weights, base) found locally: the model folders, then the Hugging Face cache; None where missing."""
     cfg = _config.load_config()
-    weights = find_file(cfg["weights_file"], extra_dirs) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
-    base = find_base(cfg["base_model_file"], extra_dirs) or _cached_hub_snapshot(cfg["base_model_repo"])
-    return weights, base
+    return _find_weights(cfg, extra_dirs), _find_base(cfg, extra_dirs)
+
+
+def _find_weights(cfg: dict, extra_dirs: list | None) -> Path | None:
+    return find_file(cfg["weights_file"], extra_dirs) or _cached_hub_file(cfg["weights_repo"], cfg["weights_file"])
+
+
+def _find_base(cfg: dict, extra_dirs: list | None) -> Path | None:
+    return find_base(cfg["base_model_file"], extra_dirs) or _cached_hub_snapshot(cfg["base_model_repo"])
 
 
 def _cached_hub_file(repo: str, filename: str) -> Path | None:
@@ -85,10 +91,10 @@ def resolve_model_files(base: str | None = None, weights: str | None = None, all
     """Paths for the base model and the HYPIR weights: given ones as they are, else found, else downloaded
     (only with allow_download), else an error that says which file to put where."""
     cfg = _config.load_config()
-    found_weights, found_base = find_models(extra_dirs) if weights is None or base is None else (None, None)
     places = ", ".join(str(d) for d in search_dirs(extra_dirs)) + " and the Hugging Face cache"
     target = Path(download_dir or search_dirs(extra_dirs)[0])
     if weights is None:
+        found_weights = _find_weights(cfg, extra_dirs)  # only what was not given is looked for
         if found_weights is None and allow_download:
             found_weights = download_weights(target, cfg["weights_repo"], cfg["weights_file"])
         if found_weights is None:
@@ -98,6 +104,7 @@ def resolve_model_files(base: str | None = None, weights: str | None = None, all
                 f"file with --weights PATH")
         weights = str(found_weights)
     if base is None:
+        found_base = _find_base(cfg, extra_dirs)
         if found_base is None and allow_download:
             found_base = download_base(target / BASE_FOLDER, cfg["base_model_repo"])
         if found_base is None:
