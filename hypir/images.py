@@ -259,15 +259,12 @@ def partial_name(name: str, pid: int | None = None) -> str:
 def write_image(path: str | os.PathLike, frames: list[np.ndarray], source: Picture, quality: int = 95) -> None:
     """Write restored (C, H, W) frames in [0, 1] with the source's metadata, atomically."""
     path = Path(path)
-    fmt = output_format(path)
     check_output(path, frames[0].shape[1:], frames[0].shape[0], len(frames))
-    sixteen = source.bit_depth == 16 and fmt == "PNG" and len(frames) == 1
-    exif = _exif_for(source.exif, frames[0].shape[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(partial_name(path.name))
     try:
         with open(tmp, "wb") as f:
-            _encode(f, fmt, frames, source, quality, sixteen, exif)
+            _encode(f, path.name, frames, source, quality)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -279,17 +276,18 @@ def write_image(path: str | os.PathLike, frames: list[np.ndarray], source: Pictu
 def encode_image(name: str, frames: list[np.ndarray], source: Picture, quality: int = 95) -> bytes:
     """The bytes write_image would write to a file called `name` (its suffix picks the format): for outputs that
     go to another filesystem."""
-    fmt = output_format(name)
     check_output(Path(name), frames[0].shape[1:], frames[0].shape[0], len(frames))
     buffer = io.BytesIO()
-    _encode(buffer, fmt, frames, source, quality, source.bit_depth == 16 and fmt == "PNG" and len(frames) == 1,
-            _exif_for(source.exif, frames[0].shape[1:]))
+    _encode(buffer, name, frames, source, quality)
     return buffer.getvalue()
 
 
-def _encode(f, fmt: str, frames: list[np.ndarray], source: Picture, quality: int, sixteen: bool,
-            exif: Image.Exif) -> None:
-    if sixteen:
+def _encode(f, name: str, frames: list[np.ndarray], source: Picture, quality: int) -> None:
+    """Encode into the open file `f` in the format `name`'s suffix picks: a 16-bit PNG for a 16-bit single
+    frame going to PNG, else Pillow's writer; the source's EXIF (pixel size updated) and ICC profile carried."""
+    fmt = output_format(name)
+    exif = _exif_for(source.exif, frames[0].shape[1:])
+    if source.bit_depth == 16 and fmt == "PNG" and len(frames) == 1:
         _write_png16(f, frames[0], source.icc_profile, exif)
     else:
         _save_with_pillow(f, fmt, [_to_pillow(a) for a in frames], source, exif, quality)
