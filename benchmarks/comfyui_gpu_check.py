@@ -281,7 +281,7 @@ def start_ballast(args, card_gib: float) -> subprocess.Popen:
     return ballast
 
 
-def part_cards(args, models, work: Path) -> list[dict]:
+def part_cards(args, models, work: Path, save) -> list[dict]:
     rows = []
     for card in args.cards:
         for mode in args.modes:
@@ -324,6 +324,7 @@ def part_cards(args, models, work: Path) -> list[dict]:
                     ballast.stdin.close()
                     ballast.wait(timeout=30)
             rows.append(row)
+            save(rows)  # a call cut short by its time limit keeps the cards done so far
     return rows
 
 
@@ -360,8 +361,10 @@ def main() -> int:
         report["overhead"] = part_overhead(args, models, work)
         args.json.write_text(json.dumps(report, indent=2))
     if "cards" in parts:
-        report["cards"] = part_cards(args, models, work)
-        args.json.write_text(json.dumps(report, indent=2))
+        def save(rows):
+            report["cards"] = rows
+            args.json.write_text(json.dumps(report, indent=2))
+        part_cards(args, models, work, save)
     return 0
 
 
