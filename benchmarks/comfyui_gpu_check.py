@@ -6,7 +6,8 @@
 overhead  ComfyUI with the whole GPU: 512->1024 and 1024->2048, a first run then five more (the seed changes, so
           ComfyUI runs the node each time). The HYPIR node's time (from the websocket's `executing` of the node
           to that of the next) and its pass time (its status line) against `hypir restore` of the same image
-          (the median of five warm passes, in a separate process, the same call). PyTorch's allocated memory
+          (the median of five warm passes, in a separate process, the same call), under ComfyUI's allocator
+          (cudaMallocAsync by default) and under PyTorch's native one. PyTorch's allocated memory
           (from GET /system_stats) at start-up, after the runs and after POST /free.
 cards     A smaller card emulated: a ballast process holds all of the GPU's free memory but CARD GiB less
           0.5 GiB (what a card of that size leaves to CUDA), so ComfyUI and HYPIR see the small card through
@@ -221,9 +222,11 @@ def status_seconds(status: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def cli_pass_seconds(args, models: tuple[Path, Path], side: int, upscale: float, work: Path) -> dict:
-    """`hypir restore` of six copies of the same picture: the median pass time of the last five (warm)."""
-    folder = work / f"cli{side}x{upscale:g}"
+def cli_pass_seconds(args, models: tuple[Path, Path], side: int, upscale: float, work: Path,
+                     allocator: str = "native") -> dict:
+    """`hypir restore` of six copies of the same picture: the median pass time of the last five (warm), under
+    PyTorch's native allocator or cudaMallocAsync (ComfyUI's default)."""
+    folder = work / f"cli{side}x{upscale:g}-{allocator}"
     folder.mkdir(parents=True, exist_ok=True)
     picture = make_picture(folder / "photo0.png", side)
     for i in range(1, 6):
@@ -232,7 +235,9 @@ def cli_pass_seconds(args, models: tuple[Path, Path], side: int, upscale: float,
                           "--base", str(models[0]), "--weights", str(models[1]), "--upscale", str(upscale),
                           "--overwrite", "--device", "cpu" if args.cpu else "auto"], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
-                             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))))
+                             filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                                  **({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
+                                     if allocator == "cudaMallocAsync" else {})))
     times = [status_seconds(line.strip()) for line in out.stdout.splitlines() if " -> " in line]
     times = [t for t in times if t is not None]
     if out.returncode or len(times) < 6:
@@ -257,16 +262,21 @@ def part_overhead(args, models, work: Path) -> dict:
         report["after_runs"] = session.stats()
         report["free"] = session.free()
         log(f"overhead /free: {report['free']}")
+        # ComfyUI names its allocator at start-up ("... : cudaMallocAsync"); the node is compared with the
+        # engine under the same one, and with the engine's own default (PyTorch's native allocator).
+        report["comfyui_allocator"] = "cudaMallocAsync" if "cudaMallocAsync" in session.server.log() else "native"
     finally:
         session.close()
     for size in [s for s in ("512->1024", "1024->2048") if s in args.sizes]:  # the engine alone, after the server is gone: the GPU to itself
         side, upscale = SIZES[size]
-        cli = cli_pass_seconds(args, models, side, upscale, work)
-        report[size]["cli"] = cli
-        node = report[size].get("node_s")
-        if cli.get("ok") and node:
-            report[size]["node_over_cli"] = round(node / cli["pass_s"], 3)
-        log(f"overhead {size}: hypir restore pass {cli.get('pass_s')} s; node/cli {report[size].get('node_over_cli')}")
+        for allocator in ("native", "cudaMallocAsync"):
+            cli = cli_pass_seconds(args, models, side, upscale, work, allocator)
+            report[size][f"cli_{allocator}"] = cli
+            node = report[size].get("node_s")
+            if cli.get("ok") and node:
+                report[size][f"node_over_cli_{allocator}"] = round(node / cli["pass_s"], 3)
+            log(f"overhead {size}: hypir restore pass ({allocator}) {cli.get('pass_s')} s; "
+                f"node/cli {report[size].get(f'node_over_cli_{allocator}')}")
     return report
 
 

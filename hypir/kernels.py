@@ -95,14 +95,29 @@ def kernel_fallbacks() -> dict[str, str]:
     return {"triton": triton_failure()} if triton_failure() else {}
 
 
+def graphs_hold_triton() -> str | None:
+    """Why a CUDA graph cannot capture this process's Triton launches (None when it can).
+
+    Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA cards) memory allocated during a
+    capture has no device address until the graph is launched, and Triton's launcher refuses such pointers
+    ("Pointer argument ... cannot be accessed from Triton")."""
+    if torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        return "the cudaMallocAsync allocator"
+    return None
+
+
 def _run_triton(launch, fallback):
     """Launch a Triton kernel; if Triton cannot compile or launch here (no C compiler or Python headers for
-    its launcher, a driver it does not support), warn once and use the PyTorch path from then on."""
+    its launcher, a driver it does not support), warn once and use the PyTorch path from then on. During a
+    CUDA graph capture the error is raised instead: the capture fails (that shape runs eagerly, with Triton)
+    rather than the whole process losing its kernels."""
     try:
         return launch()
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - an accelerator that cannot run falls back, loudly, once
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
         if not _TRITON_FAILURE:
             _TRITON_FAILURE.append(one_line(exc))
             logger.warning("[HYPIR] Triton kernels cannot run here (%s); using PyTorch's GroupNorm instead",

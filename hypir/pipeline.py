@@ -25,7 +25,7 @@ from .attention import (AttentionBackend, AttentionPolicy, AttentionReport, Atte
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
-from .kernels import fused_softmax, triton_available, triton_failure
+from .kernels import fused_softmax, graphs_hold_triton, triton_available, triton_failure
 from .loading import HYPIRModels
 from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
     short_side_size
@@ -75,7 +75,7 @@ class RestoreResult:
         extra = f" | {self.speedups}" if self.speedups else ""
         if self.fp32_vae:
             extra += f" | VAE {' and '.join(self.fp32_vae)} recomputed in fp32 (fp16 overflowed)"
-        return f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles}{extra} | {self.seconds:.2f} s"
+        return f"{self.report.status_line()} | {roles} | {w}x{h} x{b} | {tiles}{extra} | {self.seconds:.3f} s"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
 
     forward = runtime.compiled("unet", forward) if compiled else forward
     timestep = torch.tensor([options.model_t], device=models.device)
-    graphed = options.cuda_graphs and models.device.type == "cuda"
+    graphed = options.cuda_graphs and models.device.type == "cuda" and not _graphs_blocked(options)
     key = (repr(router.policy), options.fused_kernels, options.fused_softmax, compiled)
     weights = weights_signature(unet) if graphed else ()
 
@@ -334,6 +334,15 @@ def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
         return runtime.unet_graphs(key, forward, inputs, weights=weights,
                                    snapshot=lambda: router.snapshot("unet."), restore=router.restore)
     return call
+
+
+def _graphs_blocked(options: RestoreOptions) -> str | None:
+    """Why the UNet runs without a CUDA graph although they are on: a graph could not hold the Triton kernels
+    (cudaMallocAsync), and the Triton kernels save more than a graph does (about 75 ms against 6 ms of
+    launches at a 1024 output on an H200)."""
+    if options.fused_kernels and triton_available() and not triton_failure():
+        return graphs_hold_triton()
+    return None
 
 
 def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> str:
@@ -349,7 +358,10 @@ def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> s
     else:
         norms = "Triton norms"
     parts = [norms]
-    if options.cuda_graphs:
+    blocked = _graphs_blocked(options) if options.cuda_graphs else None
+    if blocked:
+        parts.append(f"no UNet CUDA graph ({blocked} cannot hold Triton kernels; ComfyUI: --disable-cuda-malloc)")
+    elif options.cuda_graphs:
         parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
     if options.torch_compile:
         parts.append("torch.compile")

@@ -69,6 +69,8 @@ def assert_device_status(status: str) -> None:
         return
     assert status.startswith("FlashAttention: ") and "CPU:" not in status, status
     assert " norms" in status, status
+    # ComfyUI's cudaMallocAsync allocator once made the UNet's graph capture cost the process its Triton kernels.
+    assert "Triton failed" not in status, status
 
 
 class Comfy:
@@ -309,7 +311,9 @@ def test_4x_upscale_tiled(comfy, client):
     assert_device_status(status)
     assert "tiles 512/256" in status and "192x128 x1" in status, status
     progress = [m["value"] for m in of(messages, "progress", prompt_id) if m["node"] == "3"]
-    assert 50 in progress and 150 in progress and 250 in progress, progress  # 1 of 2 tiles in each stage
+    assert {100, 200, 300} <= set(progress) and progress == sorted(progress), progress  # encode, UNet, decode
+    if not GPU:  # one tile at a time on the CPU: half of each stage; a GPU with room takes both tiles at once
+        assert 50 in progress and 150 in progress and 250 in progress, progress
     # The model loaded by test_basic_restore stayed in ComfyUI's model management between the prompts.
     if "Requested to load HYPIRComponents" in comfy.log()[:log_start]:
         assert "Requested to load HYPIRComponents" not in comfy.log()[log_start:]

@@ -262,3 +262,24 @@ def test_the_status_line_names_the_vae_stages_recomputed_in_fp32(pipe):
     assert result.fp32_vae == () and "fp32" not in result.status_line()
     both = dataclasses.replace(result, fp32_vae=("encode", "decode"))
     assert "| VAE encode and decode recomputed in fp32 (fp16 overflowed) |" in both.status_line()
+
+
+def test_cuda_malloc_async_runs_the_unet_without_a_graph_and_says_why(monkeypatch):
+    """The wiring of the GPU test of the same name (tests/test_gpu.py): under cudaMallocAsync a graph cannot
+    hold Triton launches, so the UNet runs eagerly on them; with the fused kernels off it is graphed."""
+    import types
+
+    from hypir import pipeline
+    from hypir.settings import RestoreOptions
+
+    monkeypatch.setattr(pipeline, "graphs_hold_triton", lambda: "the cudaMallocAsync allocator")
+    monkeypatch.setattr(pipeline, "triton_available", lambda: True)
+    monkeypatch.setattr(pipeline, "triton_failure", lambda: None)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    assert pipeline._graphs_blocked(RestoreOptions()) == "the cudaMallocAsync allocator"
+    assert pipeline._speedups(on_gpu, RestoreOptions(), replayed=False) == (
+        "Triton norms, no UNet CUDA graph (the cudaMallocAsync allocator cannot hold Triton kernels; "
+        "ComfyUI: --disable-cuda-malloc)")
+    assert pipeline._graphs_blocked(RestoreOptions(fused_kernels=False)) is None
+    assert pipeline._speedups(on_gpu, RestoreOptions(fused_kernels=False), replayed=True) == (
+        "PyTorch norms (fused kernels off), UNet CUDA graph")
