@@ -108,16 +108,15 @@ def graphs_hold_triton() -> str | None:
 
 def _run_triton(launch, fallback):
     """Launch a Triton kernel; if Triton cannot compile or launch here (no C compiler or Python headers for
-    its launcher, a driver it does not support), warn once and use the PyTorch path from then on. During a
-    CUDA graph capture the error is raised instead: the capture fails (that shape runs eagerly, with Triton)
-    rather than the whole process losing its kernels."""
+    its launcher, a driver it does not support), warn once and use the PyTorch path from then on. (Raising
+    instead during a CUDA graph capture, so that only the capture fails, crashed the process on an H200 under
+    cudaMallocAsync: freeing the failed capture's memory aborts in PyTorch. `graphs_hold_triton` keeps such
+    captures from being tried.)"""
     try:
         return launch()
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - an accelerator that cannot run falls back, loudly, once
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise
         if not _TRITON_FAILURE:
             _TRITON_FAILURE.append(one_line(exc))
             logger.warning("[HYPIR] Triton kernels cannot run here (%s); using PyTorch's GroupNorm instead",

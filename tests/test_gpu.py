@@ -372,7 +372,6 @@ CUDA_MALLOC_ASYNC_SCRIPT = r"""
 import sys
 import torch
 import hypir.kernels as kernels
-from hypir.cuda_graphs import GraphedCalls
 from hypir.pipeline import HYPIRPipeline
 from hypir.runtime import load_models
 
@@ -389,15 +388,6 @@ assert "Triton norms" in status and "no UNet CUDA graph (the cudaMallocAsync all
 eager = pipe(x, **options, cuda_graphs=False)
 assert torch.equal(results[-1].images, eager.images)  # the same kernels as a pass without graphs
 
-# A capture that meets the failure anyway fails alone: that shape runs eagerly, Triton stays in use.
-t = torch.randn(2, 32, 64, 64, device="cuda", dtype=torch.bfloat16)
-def norm(v):
-    return kernels.group_norm_silu(v * 2, None, None, 8, 1e-5, silu=True)
-graphs = GraphedCalls()
-reference = norm(t)
-outs = [graphs("norm", norm, [t]) for _ in range(3)]
-assert graphs.captures == 0 and kernels.triton_failure() is None, (graphs.captures, kernels.triton_failure())
-assert all(torch.equal(o, reference) for o in outs)
 print("ok", status)
 """
 
