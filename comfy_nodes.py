@@ -178,8 +178,8 @@ def _patcher_class():
         - loads are whole: ComfyUI's low-VRAM partial load would leave some modules on the CPU and the pass
           would fail on mixed devices; ComfyUI frees room by offloading other models first;
         - unloads are whole: asked to free part of HYPIR, it frees nothing, and ComfyUI unloads it entirely;
-        - an unload also gives back the pass's own GPU memory (CUDA graphs and their activation pools, compiled
-          callables, the fp32 VAE copy, prompt embeddings), which would otherwise stay held until the next run."""
+        - an unload also gives back the pass's own GPU memory (CUDA graphs and their activation pools, the fp32
+          VAE copy, prompt embeddings), which would otherwise stay held until the next run."""
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
             return super().load(device_to, lowvram_model_memory=0, force_patch_weights=force_patch_weights,
@@ -229,13 +229,13 @@ def release(model: HYPIRModel) -> None:
             loaded.model_unload()
             mm.current_loaded_models.remove(loaded)
     _PATCHERS.pop(id(model.pipeline.models), None)
-    runtime_of(model.pipeline.models).clear()  # CUDA graphs, compiled callables: their memory goes with the model
+    runtime_of(model.pipeline.models).clear()  # CUDA graphs, the fp32 VAE: their memory goes with the model
     MODEL_CACHE.evict(model.pipeline.models)
     mm.soft_empty_cache()
 
 
 LOADER_SETTINGS = ("attention", "use_flash_attention", "attention_autotune", "fused_kernels", "fused_softmax",
-                   "cuda_graphs", "torch_compile")  # how the models run: chosen on the loader, kept in HYPIR_MODEL
+                   "cuda_graphs")  # how the models run: chosen on the loader, kept in HYPIR_MODEL
 
 
 def load_hypir_model(base: str, weights: str, dtype: str, download_if_missing: bool, lora_scale: float = 1.0,
@@ -347,7 +347,6 @@ def _loader_inputs(cfg: dict) -> dict:
         "fused_kernels": _setting("fused_kernels", cfg),
         "fused_softmax": _setting("fused_softmax", cfg),
         "cuda_graphs": _setting("cuda_graphs", cfg),
-        "torch_compile": _setting("torch_compile", cfg),
         "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                      "tooltip": "Plan tiles to keep HYPIR (models included) within this many GiB of "
                                                 "VRAM; 0 = the GPU's free memory"}),

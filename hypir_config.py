@@ -34,13 +34,10 @@ HYPIR_CONFIG = {
     # Speed (NVIDIA GPUs; each is switched off by itself where it cannot run, and none changes results beyond
     # bf16/fp16 rounding). fused_kernels: Triton GroupNorm+SiLU and bias kernels for the VAE and UNet.
     # fused_softmax: the VAE attention's Triton softmax. cuda_graphs: replay the UNet as one CUDA graph when an
-    # image size repeats (keeps the UNet's working memory for the last two sizes). torch_compile: compile the
-    # UNet and VAE; the first run of each size compiles for minutes, and on an H100 the compiled pass was no
-    # faster than the default.
+    # image size repeats (keeps the UNet's working memory for the last two sizes).
     "fused_kernels": True,
     "fused_softmax": True,
     "cuda_graphs": True,
-    "torch_compile": False,
     # "auto": bf16 on Ampere and newer, fp16 on older GPUs and Apple, fp32 on CPU; or bf16/fp16/fp32.
     "dtype": "auto",
     # Strength of the HYPIR LoRA merged into the UNet (1.0 = as trained; 0..2).

@@ -73,7 +73,7 @@ def _bounded(low: float, high: float, parse=float):
     return convert
 
 
-FLAG_NAMES = {"use_flash_attention": "--flash-attention", "torch_compile": "--compile"}
+FLAG_NAMES = {"use_flash_attention": "--flash-attention"}
 FLAG_TYPES = {"upscale": _option("upscale", float), "lora_scale": _option("lora_scale", float), "tile_size": _tile_size}
 
 
@@ -148,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true", help="list the attention kernels each backend ran (CUDA)")
     b.add_argument("--json", default="hypir_bench.json", help="where to write the results")
     b.add_argument("--speed", action="store_true",
-                   help="CUDA: the fast paths (eager, CUDA graphs, torch.compile) against diffusers' stock modules "
+                   help="CUDA: the fast paths (eager, CUDA graphs) against diffusers' stock modules "
                         "at each --sizes, peak memory, PSNR against float32, a tiled run under --budget-gb")
     b.add_argument("--sizes", default="1024,2048", help="--speed: output sides, comma-separated")
-    b.add_argument("--modes", default="eager,eager+graphs,compiled", help="--speed: modes, comma-separated")
+    b.add_argument("--modes", default="eager,eager+graphs", help="--speed: modes, comma-separated")
     b.add_argument("--baselines", default="standard,sdpa",
                    help="--speed: diffusers stock-module baselines (standard, sdpa), comma-separated; empty: none")
     b.add_argument("--budget-size", type=int, default=4096, help="--speed: output side of the VRAM-budget run (0: none)")

@@ -33,8 +33,8 @@ def fused_kernels(enabled: bool):
 
 
 def _fast(x: torch.Tensor) -> bool:
-    """The fused path for this call: on CUDA, switched on, and not under torch.compile (where the plain ops go
-    to inductor, which writes its own fused kernels)."""
+    """The fused path for this call: on CUDA, switched on, and not traced by a torch.compile the caller applied
+    to the models (the plain ops then go to inductor, which writes its own fused kernels)."""
     return not torch.compiler.is_compiling() and x.is_cuda and _ENABLED.get()  # is_compiling first: dynamo
     # folds it to a constant and never reads the ContextVar
 

@@ -1,5 +1,5 @@
 """Loading the weights: the SD2.1 base (checkpoints.py) with the HYPIR LoRA merged (lora.py), cast and placed
-on a device. Only weights: what a model gathers while it runs (prompt cache, CUDA graphs, compiled callables)
+on a device. Only weights: what a model gathers while it runs (prompt cache, CUDA graphs, the fp32 VAE)
 and the fast paths installed on it live in runtime.py, which builds on this module and not the reverse.
 
 Nothing here downloads unless the caller passes ``allow_download=True``; untrusted files load without

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import (AttentionBackend, AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report,
+from .attention import (AttentionPolicy, AttentionReport, AttentionRouter, DeviceInfo, build_report,
                         text_encoder_implementation, use_router)
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
@@ -65,7 +65,7 @@ class RestoreResult:
     tile_size: int | None  # None: one pass
     tile_stride: int | None
     processed_size: tuple[int, int]  # (h1, w1), the size the VAE and UNet saw
-    speedups: str = ""  # what else ran on the GPU: "Triton norms, UNet CUDA graph, torch.compile"
+    speedups: str = ""  # what else ran on the GPU: "Triton norms, UNet CUDA graph"
     fp32_vae: tuple[str, ...] = ()  # VAE stages recomputed in float32 after an fp16 overflow ("encode", "decode")
 
     def status_line(self) -> str:
@@ -138,7 +138,6 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
     device, dtype = models.device, models.dtype
     clock = _StageClock(device if options.sync_stages else None)
     tiles = _Tiles(plan, callbacks)
-    compiled = options.torch_compile and device.type == "cuda"
     fp32_vae: set[str] = set()
 
     # 1. Upscale; this is the colour reference and fixes the output size.
@@ -157,7 +156,7 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does after
         #    torch.manual_seed(seed).
         generator = torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample" else None
-        encode = functools.partial(vae_stage, models, runtime, "encode", compiled=compiled, fp32_stages=fp32_vae)
+        encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae)
         z = tiles.run("encode", encode, x, 1 / VAE_SCALE, 4,
                       per_tile=lambda moments, index: _latent(moments, generator, dtype))
         require_finite(z, "the VAE encoder's latent", dtype)
@@ -167,7 +166,7 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         scaling = models.vae.config.scaling_factor
         z_in = z * scaling
         text = runtime.prompt_embedding(models, options.prompt, text_encoder_implementation(router)).to(dtype)
-        unet = _unet_call(models, runtime, router, options, text, compiled)
+        unet = _unet_call(models, runtime, router, options, text)
         eps = require_finite(tiles.run("unet", unet, z_in, 1, 4, latent=True), "the UNet's noise prediction", dtype)
         clock.lap("unet")
 
@@ -177,14 +176,10 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
 
         # 7. VAE decode.
-        decode = functools.partial(vae_stage, models, runtime, "decode", compiled=compiled, fp32_stages=fp32_vae)
+        decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae)
         out = tiles.run("decode", decode, z_out, VAE_SCALE, 3, latent=True)
         require_finite(out, "the VAE decoder's image", dtype)
         clock.lap("decode")
-    if compiled:  # the compiled graphs call SDPA directly (HYPIRAttnProcessor): report that
-        for model in (models.unet, models.vae):
-            for processor in model.attn_processors.values():
-                router.ran.setdefault(processor.name, AttentionBackend.SDPA)
 
     # 7. (cont.) Crop the padding, back to [0, 1] at the output size.
     out = F.interpolate((out[:, :, :h1, :w1] + 1) / 2, size=(h0, w0), mode="bicubic", antialias=True)
@@ -295,15 +290,13 @@ def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Ten
     return vae.decode(x).sample
 
 
-def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor, compiled: bool = False,
+def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor,
               fp32_stages: set[str] | None = None) -> torch.Tensor:
     """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
     (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning, and
     the stage is added to `fp32_stages`."""
     vae = models.vae
-    forward = (runtime.compiled(f"vae.{stage}", lambda t: _vae_forward(vae, stage, t)) if compiled
-               else lambda t: _vae_forward(vae, stage, t))
-    out = forward(x.to(models.dtype))
+    out = _vae_forward(vae, stage, x.to(models.dtype))
     if models.dtype == torch.float16 and not torch.isfinite(out).all():
         logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
         out = _vae_forward(runtime.vae_fp32(vae), stage, x.float())
@@ -313,17 +306,16 @@ def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor
 
 
 def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
-               text: torch.Tensor, compiled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """eps for a batch of latent tiles: eager, compiled, or replayed from a CUDA graph when the shape repeats."""
+               text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """eps for a batch of latent tiles: eager, or replayed from a CUDA graph when the shape repeats."""
     unet = models.unet
 
     def forward(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return unet(sample, timestep, encoder_hidden_states=text).sample
 
-    forward = runtime.compiled("unet", forward) if compiled else forward
     timestep = torch.tensor([options.model_t], device=models.device)
     graphed = options.cuda_graphs and models.device.type == "cuda" and not _graphs_blocked(options)
-    key = (repr(router.policy), options.fused_kernels, options.fused_softmax, compiled)
+    key = (repr(router.policy), options.fused_kernels, options.fused_softmax)
     weights = weights_signature(unet) if graphed else ()
 
     def call(tiles: torch.Tensor) -> torch.Tensor:
@@ -346,7 +338,7 @@ def _graphs_blocked(options: RestoreOptions) -> str | None:
 
 
 def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> str:
-    """The status line's account of the fused kernels, CUDA graphs and torch.compile (GPU only)."""
+    """The status line's account of the fused kernels and CUDA graphs (GPU only)."""
     if models.device.type != "cuda":
         return ""
     if not options.fused_kernels:
@@ -363,8 +355,6 @@ def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> s
         parts.append(f"no UNet CUDA graph ({blocked} cannot hold Triton kernels; ComfyUI: --disable-cuda-malloc)")
     elif options.cuda_graphs:
         parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
-    if options.torch_compile:
-        parts.append("torch.compile")
     return ", ".join(parts)
 
 

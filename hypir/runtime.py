@@ -1,6 +1,5 @@
 """What a loaded model gathers while it runs, apart from its weights (loading.py): the prompt embeddings,
-the torch.compile callables, a float32 copy of the VAE for fp16 overflows, and the UNet's CUDA graphs, each
-behind its own lock. Also where the fast paths are put on the weights (`prepare`), and the process-wide cache
+a float32 copy of the VAE for fp16 overflows, and the UNet's CUDA graphs, each behind its own lock. Also where the fast paths are put on the weights (`prepare`), and the process-wide cache
 of ready models that the command line, the nodes and the Python API share.
 """
 
@@ -34,8 +33,6 @@ class Runtime:
     def __init__(self):
         self._prompts: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._prompt_lock = threading.Lock()
-        self._compiled: dict[str, object] = {}
-        self._compile_lock = threading.Lock()
         self._vae_fp32: torch.nn.Module | None = None
         self._vae_lock = threading.Lock()
         self.unet_graphs = GraphedCalls()  # locks itself
@@ -50,14 +47,6 @@ class Runtime:
                     self._prompts.popitem(last=False)
             return self._prompts[key]
 
-    def compiled(self, name: str, fn):
-        """torch.compile(fn), once per name. Inductor caches what it compiled on disk (TORCHINDUCTOR_CACHE_DIR,
-        which this package leaves to the user), so a later process skips most of the wait."""
-        with self._compile_lock:
-            if name not in self._compiled:
-                self._compiled[name] = torch.compile(fn, dynamic=False)
-            return self._compiled[name]
-
     def vae_fp32(self, vae: torch.nn.Module) -> torch.nn.Module:
         """A float32 copy of the VAE, made on first need (an fp16 overflow), for recomputing a stage."""
         with self._vae_lock:
@@ -68,8 +57,6 @@ class Runtime:
     def clear(self) -> None:
         """Give back what this runtime holds on the device (ComfyUI's unload)."""
         self.unet_graphs.clear()
-        with self._compile_lock:
-            self._compiled.clear()
         with self._vae_lock:
             self._vae_fp32 = None
         with self._prompt_lock:

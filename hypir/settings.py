@@ -129,8 +129,6 @@ SETTINGS: tuple[Setting, ...] = (
             "with Triton)", "restore"),
     Setting("cuda_graphs", True, boolean, "replay the UNet as one CUDA graph when an image size repeats (keeps the "
             "UNet's working memory for the last two sizes)", "restore"),
-    Setting("torch_compile", False, boolean, "torch.compile the UNet and VAE; the first run of each size compiles "
-            "for minutes (cached on disk); measured no faster than the default on an H100", "restore"),
     # Loading
     Setting("dtype", "auto", one_of("auto", "bf16", "fp16", "fp32"), "'auto': bf16 on Ampere and newer, fp16 on "
             "older GPUs and Apple, fp32 on CPU", "load"),
@@ -180,7 +178,6 @@ class RestoreOptions:
     fused_kernels: bool = True
     fused_softmax: bool = True
     cuda_graphs: bool = True
-    torch_compile: bool = False
     # how the pass behaves
     oom_retry: bool = True  # out of GPU memory: retry with smaller tiles
     sync_stages: bool = False  # time each stage exactly (synchronises the GPU between stages; the bench)

@@ -133,6 +133,19 @@ def test_config_file_from_environment_and_unknown_keys(tmp_path, monkeypatch):
         hypir_config.load_config()
 
 
+def test_a_config_with_a_removed_key_still_loads(tmp_path, monkeypatch, caplog):
+    """hypir_config.py files written for an earlier version keep working: torch_compile (removed) is ignored
+    with a warning that says why and what to do."""
+    old = tmp_path / "old.py"
+    old.write_text("HYPIR_CONFIG = {'torch_compile': True, 'seed': 7}\n")
+    monkeypatch.setenv("HYPIR_CONFIG_FILE", str(old))
+    with caplog.at_level("WARNING", logger="hypir"):
+        cfg = hypir_config.load_config()
+    assert cfg["seed"] == 7 and "torch_compile" not in cfg
+    assert "HYPIR_CONFIG['torch_compile'] is ignored: torch.compile was removed" in caplog.text
+    assert "delete the line" in caplog.text
+
+
 def test_cli_defaults_come_from_the_config(tmp_path, monkeypatch):
     from hypir.cli import build_parser
 

@@ -1,6 +1,7 @@
 // Shows the status line of HYPIR Restore / HYPIR Advanced Restoration on the node after each run
 // (FlashAttention state, backend per module, size, tiles, time). Display only: never sent with the prompt.
 import { app } from "../../scripts/app.js";
+import { migrateWidgetValues, REMOVED_WIDGETS } from "./hypir_migrate.js";
 
 const NODES = ["HYPIRRestore", "HYPIRAdvancedRestoration"];
 
@@ -20,6 +21,25 @@ app.registerExtension({
       }
       widget.value = text;
       this.setDirtyCanvas(true, true);
+    };
+  },
+});
+
+// Workflows saved before a HYPIR input was removed: their widget values are moved back into place on loading.
+app.registerExtension({
+  name: "HYPIR.WidgetMigration",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!(nodeData.name in REMOVED_WIDGETS)) return;
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const widgets = this.widgets ?? [];
+      const values = migrateWidgetValues(nodeData.name, widgets.map((w) => w.name), info?.widgets_values);
+      if (values) {
+        widgets.forEach((widget, i) => { widget.value = values[i]; });
+        info.widgets_values = values;
+        console.info(`[HYPIR] ${nodeData.name}: a workflow saved with removed inputs was updated`);
+      }
+      return onConfigure?.apply(this, arguments);
     };
   },
 });

@@ -242,8 +242,8 @@ def _sage(q, k, v, scale):
 # Preference order of "auto". FlashAttention-class kernels first (FA3 and cuDNN lead on Hopper at
 # head_dim 64; FA4 compiles on first use for every new shape, so it is last), then the non-flash
 # fallbacks. On CUDA the per-shape timing below decides among the usable kernels of TUNED_ORDER; this
-# order is what runs without it (CPU, per_shape off, inside torch.compile or a CUDA graph capture before a
-# shape was timed) and breaks ties.
+# order is what runs without it (CPU, per_shape off, a CUDA graph capture before a shape was timed) and
+# breaks ties.
 FLASH_ORDER = (
     AttentionBackend.FLASH_ATTN3,
     AttentionBackend.FLASH_ATTN,

@@ -50,7 +50,7 @@ class HYPIRAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if torch.compiler.is_compiling():  # torch.compile picks the SDPA kernel and fuses around it
+        if torch.compiler.is_compiling():  # a caller's torch.compile: it picks the SDPA kernel and fuses around it
             hidden_states = _sdpa(query, key, value, attn.scale)
         else:
             hidden_states = dispatch(self.name, query, key, value, attn.scale)

@@ -115,8 +115,8 @@ class AttentionRouter:
         """The fastest measured kernel for this shape that has not failed in this module (None: use the order)."""
         timing = tuning.cached(shape)
         if timing is None:
-            if torch.compiler.is_compiling() or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-                return None  # nothing can be timed while tracing or capturing: the fixed order decides
+            if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None  # nothing can be timed while capturing: the fixed order decides
             candidates = [b for b in TUNED_ORDER if self.why_not(b, shape.head_dim) is None]  # none opt-in
             timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
                                     lambda backend, exc: self._record_failure(module, backend, exc))

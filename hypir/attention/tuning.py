@@ -1,6 +1,6 @@
 """Per-shape kernel choice: on the first call of an attention shape every usable candidate is timed on that
 call's q/k/v, and the fastest is kept in one small process-wide table, so later calls and later pipelines
-reuse it. Tracing (torch.compile) and CUDA graph capture never time: the fixed order decides there."""
+reuse it. A CUDA graph capture never times: the fixed order decides there."""
 
 from __future__ import annotations
 

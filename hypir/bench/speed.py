@@ -28,13 +28,9 @@ class SpeedMode:
 
 
 SPEED_MODES = {
-    "eager": SpeedMode(dict(cuda_graphs=False, torch_compile=False),
-                       "fused kernels, per-shape attention, no CUDA graphs"),
-    "eager+graphs": SpeedMode(dict(cuda_graphs=True, torch_compile=False),
-                              "the default: eager with the UNet as a CUDA graph"),
-    "compiled": SpeedMode(dict(cuda_graphs=True, torch_compile=True),
-                          "torch.compile of UNet and VAE, UNet as a CUDA graph"),
-    "pytorch-softmax": SpeedMode(dict(cuda_graphs=True, torch_compile=False, fused_softmax=False),
+    "eager": SpeedMode(dict(cuda_graphs=False), "fused kernels, per-shape attention, no CUDA graphs"),
+    "eager+graphs": SpeedMode(dict(cuda_graphs=True), "the default: eager with the UNet as a CUDA graph"),
+    "pytorch-softmax": SpeedMode(dict(cuda_graphs=True, fused_softmax=False),
                                  "the default with PyTorch's softmax in the VAE attention instead of the fused one")
 }
 
@@ -121,7 +117,7 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
         for name in baselines:
             stock = HYPIRPipeline(stock_models(models, name))
             rows[f"stock {name}"] = _measure(stock, images, repeats, reference, fused_kernels=False,
-                                             cuda_graphs=False, torch_compile=False, oom_retry=False,
+                                             cuda_graphs=False, oom_retry=False,
                                              description=f"diffusers' stock modules, {name} attention")
             stock = None
             torch.cuda.empty_cache()
@@ -147,11 +143,11 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
         log(_row_line(budget_size, f"eager+graphs budget {budget_gb:g} GiB", row))
     first = _random_images(sizes[0] // 2, device)
     result["attention"] = attention_table(pipe, first)
-    eager_rows = {m: r for m, r in result["sizes"][str(sizes[0])]["rows"].items()
-                  if m in SPEED_MODES and not SPEED_MODES[m].options.get("torch_compile") and "total_ms" in r}
-    fastest = min(eager_rows, key=lambda m: eager_rows[m]["total_ms"], default="eager+graphs")
+    mode_rows = {m: r for m, r in result["sizes"][str(sizes[0])]["rows"].items()
+                 if m in SPEED_MODES and "total_ms" in r}
+    fastest = min(mode_rows, key=lambda m: mode_rows[m]["total_ms"], default="eager+graphs")
     result["profile"] = {"mode": fastest, **time_by_kind(pipe, first, SPEED_MODES[fastest])}
-    log(f"where the GPU time goes ({fastest}, the fastest mode without compilation, {sizes[0]}): " +
+    log(f"where the GPU time goes ({fastest}, the fastest mode, {sizes[0]}): " +
         ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in result["profile"]["kinds"].items()))
     _write(result, json_path)
     if json_path:
@@ -235,7 +231,7 @@ def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
     """Per attention module: its shape, the backend that ran it and the CUDA kernel that backend launched
     (from torch.profiler); per shape: every candidate's measured time."""
-    report = pipe(images, upscale=2, cuda_graphs=False, torch_compile=False).report
+    report = pipe(images, upscale=2, cuda_graphs=False).report
     kernels: dict[tuple, list[str]] = {}
     modules = []
     for module, backend in sorted(report.per_module.items()):
