@@ -31,7 +31,7 @@ if "allocator" in sys.argv:  # before torch, as ComfyUI's cuda_malloc.py does
 
 import torch  # noqa: E402
 
-from hypir.bench import _psnr as psnr, _random_images, build_models  # noqa: E402
+from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 from hypir.settings import RestoreOptions  # noqa: E402
 
@@ -39,7 +39,7 @@ SIZES = {1024: 512, 2048: 1024, 4096: 2048}  # output side: input side
 
 
 def images(side: int) -> torch.Tensor:
-    return _random_images(side, torch.device("cuda"))
+    return random_images(side, torch.device("cuda"))
 
 
 def timed(pipe, lq, options, repeats=3):

@@ -266,8 +266,8 @@ def check_inputs(args, options: RestoreOptions, run: RunPlan, device, element_by
     """Decode every input (in threads), check that its output format can hold it and that its pass fits in
     memory; failing files move from the jobs to the problems."""
     from .images import ImageError, check_output, read_image
-    from .planning import PlanError, model_bytes, plan_pass
-    from .pipeline import memory_available
+    from .pipeline import memory_available, plan_size
+    from .planning import PlanError, model_bytes
 
     available, where = memory_available(device, options.vram_budget_gb)
     if available is not None:
@@ -278,9 +278,7 @@ def check_inputs(args, options: RestoreOptions, run: RunPlan, device, element_by
         try:
             picture = read_image(job.source)
             h, w = picture.size
-            plan = plan_pass(h, w, 1, upscale=options.upscale, long_side=options.long_side,
-                             element_bytes=element_bytes, available_bytes=available, tile_size=options.tile_size,
-                             tile_stride=options.tile_stride, where=where)
+            plan = plan_size(h, w, 1, options, device, element_bytes, memory=(available, where))
             check_output(job.target, plan.output_size, picture.channels, len(picture.frames))
             del picture
             return None

@@ -215,12 +215,21 @@ def check_images(images: torch.Tensor) -> None:
 def plan_for(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions, max_group: int | None = None
              ) -> PassPlan:
     """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now."""
-    available, where = memory_available(models.device, options.vram_budget_gb)
-    if models.device.type != "cuda":
+    return plan_size(images.shape[2], images.shape[3], images.shape[0], options, models.device,
+                     models.dtype.itemsize, max_group=max_group)
+
+
+def plan_size(height: int, width: int, batch: int, options: RestoreOptions, device: torch.device,
+              element_bytes: int, memory: tuple[int | None, str] | None = None, max_group: int | None = None
+              ) -> PassPlan:
+    """plan_for by sizes, before the models are loaded (the command line checks every input first); `memory` is
+    (bytes available, where) when the caller has worked it out, else the device's now."""
+    available, where = memory or memory_available(device, options.vram_budget_gb)
+    if device.type != "cuda":
         max_group = 1  # sending tiles together fills a GPU; on a CPU it only holds more memory
-    return plan_pass(images.shape[2], images.shape[3], images.shape[0], upscale=options.upscale,
-                     long_side=options.long_side, element_bytes=models.dtype.itemsize, available_bytes=available,
-                     tile_size=options.tile_size, tile_stride=options.tile_stride, max_group=max_group, where=where)
+    return plan_pass(height, width, batch, upscale=options.upscale, long_side=options.long_side,
+                     element_bytes=element_bytes, available_bytes=available, tile_size=options.tile_size,
+                     tile_stride=options.tile_stride, max_group=max_group, where=where)
 
 
 def memory_available(device: torch.device, vram_budget_gb: float | None = None) -> tuple[int | None, str]:

@@ -5,7 +5,6 @@ Skipped where PyTorch sees no CUDA GPU."""
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import pytest
@@ -15,6 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 import hypir.attention.tuning as tuning_module  # noqa: E402
 from helpers import write_random_model  # noqa: E402
+from hypir.bench.common import psnr  # noqa: E402
 from hypir.attention import (REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter,  # noqa: E402
                              AttentionShape, autotune_table, clear_autotune_cache)
 
@@ -135,11 +135,6 @@ def gpu_models(tiny_files):
     return {dtype: load_models(folder, weights, device="cuda", dtype=dtype) for dtype in ("fp32", "bf16")}
 
 
-def _psnr(a, b):
-    mse = torch.mean((a - b) ** 2).item()
-    return 10 * math.log10(1 / mse) if mse else float("inf")
-
-
 def test_every_backend_end_to_end_against_fp32_standard(gpu_models):
     """Each bf16 backend lands as close to the fp32 `standard` pass as bf16 `standard` does: the kernel adds
     nothing beyond bf16 rounding (random weights make bf16 itself lossy here)."""
@@ -150,18 +145,18 @@ def test_every_backend_end_to_end_against_fp32_standard(gpu_models):
     lq = lq.cuda()
     reference = HYPIRPipeline(gpu_models["fp32"])(lq, upscale=2.0, attention="standard", latent="mode").images
     bf16_standard = HYPIRPipeline(gpu_models["bf16"])(lq, upscale=2.0, attention="standard", latent="mode").images
-    floor = _psnr(bf16_standard, reference)
+    floor = psnr(bf16_standard, reference)
     print(f"bf16 standard vs fp32 standard: {floor:.1f} dB")
     for backend in AttentionBackend:
         if usable(backend, torch.bfloat16, 64) is not None:
             continue
         result = HYPIRPipeline(gpu_models["bf16"])(lq, upscale=2.0, attention=backend.value, latent="mode")
-        psnr = _psnr(result.images, reference)
-        print(f"{backend.value:15s} end to end vs fp32 standard: {psnr:.1f} dB, vs bf16 standard: "
-              f"{_psnr(result.images, bf16_standard):.1f} dB; ran {result.report.backends_by_role()}")
+        db = psnr(result.images, reference)
+        print(f"{backend.value:15s} end to end vs fp32 standard: {db:.1f} dB, vs bf16 standard: "
+              f"{psnr(result.images, bf16_standard):.1f} dB; ran {result.report.backends_by_role()}")
         unet_ran = {b for mod, b in result.report.per_module.items() if mod.startswith("unet.")}
         assert unet_ran == {backend}
-        assert psnr > floor - 1.0
+        assert db > floor - 1.0
 
 
 def test_auto_picks_a_flash_kernel_on_ampere_or_newer(gpu_models, monkeypatch):

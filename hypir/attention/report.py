@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..attention_names import AUTO, AttentionBackend
-from .backends import FLASH_ORDER, HALF_DTYPES, REGISTRY, dtype_name
+from .backends import FLASH_ORDER, REGISTRY, dtype_name
 from .router import AttentionRouter
 
 # ----------------------------------------------------------------------------------------------
@@ -54,13 +54,19 @@ def flash_off_reason(router: AttentionRouter, module_prefix: str = "unet.", head
     if router.policy.attention != AUTO:
         return f"{router.policy.attention.value} chosen"
     info = router.info
+    # What every FlashAttention-class kernel of the registry needs at the least, in one line for the user.
+    specs = [REGISTRY[b] for b in FLASH_ORDER]
+    lowest = min(s.min_capability for s in specs if s.min_capability)
+    dtypes = {d for s in specs for d in s.dtypes}
+    widest = max(s.max_head_dim for s in specs if s.max_head_dim)
     if info.type != "cuda":
         return f"{info.type.upper()}: FlashAttention needs an NVIDIA GPU"
-    if info.capability and info.capability < (8, 0):
-        return f"GPU {info.sm} ({info.name}) is below sm80" if info.name else f"GPU {info.sm} is below sm80"
-    if router.dtype not in HALF_DTYPES:
-        return f"{dtype_name(router.dtype)}: FlashAttention needs fp16 or bf16"
-    if head_dim > 256:
+    if info.capability and info.capability < lowest:
+        below = f"below sm{lowest[0]}{lowest[1]}"
+        return f"GPU {info.sm} ({info.name}) is {below}" if info.name else f"GPU {info.sm} is {below}"
+    if router.dtype not in dtypes:
+        return f"{dtype_name(router.dtype)}: FlashAttention needs {' or '.join(sorted(map(dtype_name, dtypes), reverse=True))}"
+    if head_dim > widest:
         return f"head_dim {head_dim} exceeds what FlashAttention kernels support"
     reasons = [f"{b.value}: {why}" for b in FLASH_ORDER if (why := router.why_not(b, head_dim))]
     return "; ".join(reasons) if reasons else "no FlashAttention kernel supports this shape"
@@ -179,7 +185,8 @@ class AttentionReport:
 def build_report(router: AttentionRouter, text_encoder: str) -> AttentionReport:
     unet_self = [b for m, b in router.ran.items() if m.startswith("unet.") and m.endswith("attn1")]
     main = max(sorted(set(unet_self), key=lambda b: b.value), key=unet_self.count) if unet_self else None
-    all_flash = bool(unet_self) and all(REGISTRY[b].flash_class for b in unet_self)
-    reason = None if all_flash else flash_off_reason(router, "unet.", 64)
-    return AttentionReport(main, dict(router.ran), text_encoder, reason, list(router.fallback_warnings),
-                           dict(router.shapes))
+    report = AttentionReport(main, dict(router.ran), text_encoder, None, list(router.fallback_warnings),
+                             dict(router.shapes))
+    if not report.flash_enabled:
+        report.reason = flash_off_reason(router, "unet.", 64)
+    return report

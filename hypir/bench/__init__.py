@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,14 +18,13 @@ import torch
 
 from ..attention import AttentionBackend, DeviceInfo, why_not
 from ..errors import one_line
-from ..loading import HYPIRModels, resolve_device, resolve_dtype
-from ..lora import lora_from_state_dict, merge_lora
+from ..loading import resolve_device, resolve_dtype
 from ..pipeline import HYPIRPipeline
-from ..runtime import prepare
+from .common import attention_kernel_names, build_models, kernel_kind, psnr, random_images, summarize_kernels
+from .speed import SPEED_MODES, run_speed, stock_models
 
 logger = logging.getLogger("hypir")
 
-ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "sdpa", "mha")  # not conv/gemm kernels
 
 
 @dataclass
@@ -42,47 +40,10 @@ class BenchRow:
     error: str | None = None
 
 
-def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> HYPIRModels:
-    """Random SD2.1-architecture weights, placed and prepared as loaded models are (runtime.prepare)."""
-    from .random_models import build_random_base, random_lora
-
-    base = build_random_base(size, seed)
-    if size != "sd21":  # a real-size rank-256 LoRA costs minutes to draw and nothing at run time once merged
-        merge_lora(base.unet, lora_from_state_dict(random_lora(base.unet, rank=4, seed=seed), "random"), 1.0)
-    for module in (base.text_encoder, base.unet, base.vae):
-        torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
-    return prepare(HYPIRModels(base.tokenizer, base.text_encoder, base.unet, base.vae, base.alphas_cumprod, device,
-                               dtype, 4, base.source, "random"))
-
-
 def available_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
     """Every backend: None when it can run here, else why not."""
     info = DeviceInfo.of(device)
     return {b.value: why_not(b, info, dtype, 64, device) for b in AttentionBackend}
-
-
-def _random_images(side: int, device: torch.device, batch: int = 1) -> torch.Tensor:
-    return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def _cuda_kernels(fn) -> list[tuple[str, float, int]]:
-    """(name, GPU ms, calls) of every CUDA kernel that fn() launched, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [(e.key, e.self_device_time_total / 1000, e.count) for e in prof.key_averages()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-def _attention_kernel_names(fn) -> list[str]:
-    return sorted({name for name, _, _ in _cuda_kernels(fn) if kernel_kind(name) == "attention"})
 
 
 def run_bench(model: str = "auto", output: int | None = None, backends: list[str] | None = None, device="auto",
@@ -103,7 +64,7 @@ def run_bench(model: str = "auto", output: int | None = None, backends: list[str
     models = build_models(model, device, dtype)
     log(f"built models in {time.perf_counter() - t0:.1f} s")
     pipe = HYPIRPipeline(models)
-    images = _random_images(int(output / upscale), device, batch)
+    images = random_images(int(output / upscale), device, batch)
 
     availability = available_backends(device, dtype)
     wanted = backends or [b for b, why in availability.items() if why is None]
@@ -131,9 +92,9 @@ def run_bench(model: str = "auto", output: int | None = None, backends: list[str
             out = result.images.float().cpu()
             if reference is None:
                 reference = out
-            kernels = _attention_kernel_names(run) if (profile and on_gpu) else []
+            kernels = attention_kernel_names(run) if (profile and on_gpu) else []
             rows.append(BenchRow(backend, result.report.backends_by_role(), statistics.median(totals), {k: statistics.median(v) for k, v in stages.items()},
-                                 peak, (out - reference).abs().max().item(), _psnr(out, reference), kernels))
+                                 peak, (out - reference).abs().max().item(), psnr(out, reference), kernels))
         except Exception as exc:  # noqa: BLE001 - a backend that fails is a result of the benchmark
             rows.append(BenchRow(backend, {}, float("nan"), {}, None, None, None, [],
                                  one_line(exc)))
@@ -177,8 +138,6 @@ def format_table(result: dict) -> str:
         lines.append("not available here: " + "; ".join(f"{b} ({why})" for b, why in unavailable.items()))
     return "\n".join(lines)
 
-
-from .speed import SPEED_MODES, kernel_kind, run_speed, stock_models, summarize_kernels  # noqa: E402
 
 __all__ = ["run_bench", "format_table", "available_backends", "run_speed", "stock_models", "SPEED_MODES",
            "summarize_kernels", "kernel_kind"]

@@ -19,7 +19,7 @@ from ..errors import one_line
 from ..kernels import kernel_fallbacks, triton_available
 from ..loading import HYPIRModels, resolve_device, resolve_dtype
 from ..pipeline import HYPIRPipeline
-from . import ATTENTION_KERNEL_WORDS, _attention_kernel_names, _cuda_kernels, _psnr, _random_images, build_models
+from .common import attention_kernel_names, build_models, cuda_kernels, psnr, random_images, summarize_kernels
 
 @dataclass(frozen=True)
 class SpeedMode:
@@ -99,7 +99,7 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
                     "repeats": repeats, "sizes": {}}
     for size in sizes:
         side = size // 2
-        images = _random_images(side, device)
+        images = random_images(side, device)
         rows: dict[str, dict] = {}
         reference, reference_name = None, None
         for attention in ("standard", "sdpa"):  # the float32 path PSNR is measured against
@@ -134,14 +134,14 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
     if budget_size:
         default = SPEED_MODES["eager+graphs"]
         torch.cuda.empty_cache()
-        row = _measure(pipe, _random_images(budget_size // 2, device), 1, None,
+        row = _measure(pipe, random_images(budget_size // 2, device), 1, None,
                        description=f"{default.description}, VRAM budget {budget_gb:g} GiB", vram_budget_gb=budget_gb,
                        **default.options)
         row["budget_gb"] = budget_gb
         row["within_budget"] = row.get("peak_mib") is not None and row["peak_mib"] <= budget_gb * 1024
         result[f"budget_{budget_size}"] = row
         log(_row_line(budget_size, f"eager+graphs budget {budget_gb:g} GiB", row))
-    first = _random_images(sizes[0] // 2, device)
+    first = random_images(sizes[0] // 2, device)
     result["attention"] = attention_table(pipe, first)
     mode_rows = {m: r for m, r in result["sizes"][str(sizes[0])]["rows"].items()
                  if m in SPEED_MODES and "total_ms" in r}
@@ -171,7 +171,7 @@ def _measure(pipe, images, repeats, reference, description="", **options) -> dic
            "tiles": out.tile_size, "tile_stride": out.tile_stride, "speedups": out.speedups,
            "kernel_fallbacks": kernel_fallbacks()}
     if reference is not None:
-        row["psnr_db"] = _psnr(out.images, reference)
+        row["psnr_db"] = psnr(out.images, reference)
         row["max_abs_diff"] = (out.images.float() - reference.float()).abs().max().item()
     return row
 
@@ -188,44 +188,12 @@ def _row_line(size, name, row) -> str:
 
 
 # Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
-KERNEL_KINDS = (
-    ("attention", ATTENTION_KERNEL_WORDS),
-    ("convolution", ("conv", "fprop", "implicit_gemm", "xmma", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")),
-    ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize")),
-    ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
-    ("bias and skip add (Triton)", ("channel_bias_add",)),
-    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
-    ("upsample", ("upsample",)),
-    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "copy", "cat", "fill", "triton_")),
-)
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    return next((kind for kind, words in KERNEL_KINDS if any(w in lowered for w in words)), "other")
-
-
 def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_MODES["eager+graphs"]) -> dict:
     """One pass of an eager mode under torch.profiler: GPU time per kind of kernel, and the 30 longest kernels."""
     options = {**mode.options, "cuda_graphs": False}  # the profiler sees kernels, not CUDA graph replays
     pipe(images, upscale=2, **options)
     torch.cuda.synchronize()
-    return summarize_kernels(_cuda_kernels(lambda: pipe(images, upscale=2, **options)))
-
-
-def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
-    """(name, ms, calls) per kernel -> ms and share per kind, and the 30 longest kernels."""
-    total = sum(ms for _, ms, _ in kernels) or 1.0
-    kinds: dict[str, dict] = {}
-    for name, ms, calls in kernels:
-        entry = kinds.setdefault(kernel_kind(name), {"ms": 0.0, "calls": 0})
-        entry["ms"] += ms
-        entry["calls"] += calls
-    for entry in kinds.values():
-        entry["share"] = entry["ms"] / total
-    ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
-    longest = [{"kernel": n[:160], "ms": ms, "calls": c} for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:30]]
-    return {"gpu_ms": total, "kinds": ordered, "longest": longest}
+    return summarize_kernels(cuda_kernels(lambda: pipe(images, upscale=2, **options)))
 
 
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
@@ -243,7 +211,7 @@ def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
             run = functools.partial(REGISTRY[backend].fn, q, kv, kv, head_dim ** -0.5)
             run()
             torch.cuda.synchronize()
-            kernels[key] = _attention_kernel_names(run)
+            kernels[key] = attention_kernel_names(run)
         modules.append({"module": module, "shape": [q_tokens, kv_tokens, heads, head_dim], "backend": backend.value,
                         "kernels": kernels[key]})
     timings = [{"shape": shape.describe(), "times_ms": {b.value: t for b, t in timing.times.items()},
