@@ -10,7 +10,8 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
 - `ResnetBlock2D` becomes `FusedResnetBlock2D`: norm1+SiLU; conv1's bias, the time embedding, norm2 and SiLU;
   conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1.
 
-Off CUDA, under torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own forward.
+Off CUDA, under a caller's torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own
+forward.
 """
 
 from __future__ import annotations
