@@ -47,3 +47,22 @@ def test_every_input_has_a_tooltip():
     for name, node in module.NODE_CLASS_MAPPINGS.items():
         for key, spec_ in node.INPUT_TYPES()["required"].items():
             assert len(spec_) == 2 and spec_[1].get("tooltip"), f"{name}.{key} has no tooltip"
+
+
+def test_host_image_is_touched_during_the_pass_and_filled_after():
+    """The node's IMAGE memory (ComfyUI's (B, H, W, C) float32 on the CPU) is made in a thread while the GPU
+    works, then filled with the result; a result of another shape (not expected: the plan gives it) still comes
+    back whole. Run here with CPU tensors standing for the GPU's: the thread and the copy are the same."""
+    import torch
+
+    module = load_pack("hypir_pack_host_image")
+    result = torch.rand(2, 3, 12, 10)  # (B, C, H, W) as the pass returns it
+    host = module.comfy_nodes.HostImage((2, 12, 10, 3), torch.device("cuda"))
+    assert host.thread is not None  # started at once, before the pass
+    image = host.fill(result.movedim(1, -1))
+    assert image is host.tensor and image.dtype == torch.float32 and image.is_contiguous()
+    assert torch.equal(image, result.movedim(1, -1))
+    other = module.comfy_nodes.HostImage((2, 12, 10, 3), torch.device("cuda")).fill(result[:1].movedim(1, -1))
+    assert torch.equal(other, result[:1].movedim(1, -1))
+    on_cpu = module.comfy_nodes.HostImage((2, 12, 10, 3), torch.device("cpu"))
+    assert on_cpu.thread is None and torch.equal(on_cpu.fill(result.movedim(1, -1)), result.movedim(1, -1))
