@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import statistics
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -47,11 +48,13 @@ class AttentionShape(NamedTuple):
 
 @dataclass(frozen=True)
 class ShapeTiming:
-    """One shape's measurement: median ms per candidate that ran, the error of each that raised, the winner."""
+    """One shape's measurement: median ms per candidate that ran, the error of each that raised, the winner, and
+    the seconds the measurement took (warm-ups and FA4's compile included)."""
 
     times: dict[AttentionBackend, float]
     errors: dict[AttentionBackend, str]
     winner: AttentionBackend | None
+    seconds: float = 0.0
 
 
 _TUNED: "OrderedDict[AttentionShape, ShapeTiming]" = OrderedDict()
@@ -103,6 +106,7 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
         if timing is not None:  # another thread measured it meanwhile
             return timing
         timer = timer or time_kernel
+        started = time.perf_counter()
         times: dict[AttentionBackend, float] = {}
         errors: dict[AttentionBackend, str] = {}
         with torch.no_grad():
@@ -118,13 +122,14 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
                     errors[backend] = one_line(exc)
                     on_error(backend, exc)
         # min() keeps the first of equal times: ties go to the preference order
-        timing = ShapeTiming(times, errors, min(times, key=times.__getitem__) if times else None)
+        timing = ShapeTiming(times, errors, min(times, key=times.__getitem__) if times else None,
+                             time.perf_counter() - started)
         _TUNED[shape] = timing
         while len(_TUNED) > MAX_TUNED_SHAPES:
             _TUNED.popitem(last=False)
-    logger.info("[HYPIR] attention %s: %s -> %s", shape.describe(),
+    logger.info("[HYPIR] attention %s: %s -> %s (timed in %.2f s, once per shape and process)", shape.describe(),
                 ", ".join(f"{b.value} {ms:.3f} ms" for b, ms in times.items()) or "no kernel ran",
-                timing.winner.value if timing.winner else "fixed order")
+                timing.winner.value if timing.winner else "fixed order", timing.seconds)
     return timing
 
 
