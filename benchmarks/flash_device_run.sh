@@ -34,7 +34,7 @@ b) cp .fa4b/* /tmp/fa4/ && ls /tmp/fa4 ;;
 c)
   cp .fa4c/* /tmp/fa4/
   cat /tmp/fa4/cu13.part* > /tmp/fa4/cu13.zip
-  for wheel in /tmp/fa4/*.whl /tmp/fa4/cu13.zip; do unzip -q -o "$wheel" -d "$SITE"; done  # merged, as pip would
+  for wheel in /tmp/fa4/*.whl /tmp/fa4/cu13.zip; do python3 -m zipfile -e "$wheel" "$SITE"; done  # merged, as pip would
   dsl=$SITE/nvidia_cutlass_dsl
   echo "export PYTHONPATH=$SITE:$dsl/python_packages:$dsl/dsl_packages:/tmp/site:$PWD HF_HUB_OFFLINE=1" > $env_file
   source $env_file
