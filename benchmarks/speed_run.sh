@@ -17,6 +17,7 @@
 set -uo pipefail
 OUT=${OUT:-device_out}
 LIMIT=${1:-560}
+case $LIMIT in ''|*[!0-9]*) echo "the argument is the seconds the run may take (got $LIMIT; the eager/compiled parts are gone)"; exit 2 ;; esac
 mkdir -p "$OUT"
 for wheel in .wheels/diffusers-*.whl; do
   [ -e "$wheel" ] && python3 -m pip install -q --no-deps --no-index "$wheel" 2>&1 | grep -v WARNING | tail -2

@@ -95,7 +95,7 @@ def kernel_fallbacks() -> dict[str, str]:
     return {"triton": triton_failure()} if triton_failure() else {}
 
 
-def graphs_hold_triton() -> str | None:
+def why_graphs_cannot_hold_triton() -> str | None:
     """Why a CUDA graph cannot capture this process's Triton launches (None when it can).
 
     Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA cards) memory allocated during a
@@ -110,7 +110,7 @@ def _run_triton(launch, fallback):
     """Launch a Triton kernel; if Triton cannot compile or launch here (no C compiler or Python headers for
     its launcher, a driver it does not support), warn once and use the PyTorch path from then on. (Raising
     instead during a CUDA graph capture, so that only the capture fails, crashed the process on an H200 under
-    cudaMallocAsync: freeing the failed capture's memory aborts in PyTorch. `graphs_hold_triton` keeps such
+    cudaMallocAsync: freeing the failed capture's memory aborts in PyTorch. `why_graphs_cannot_hold_triton` keeps such
     captures from being tried.)"""
     try:
         return launch()

@@ -25,7 +25,7 @@ from .attention import (AttentionPolicy, AttentionReport, AttentionRouter, Devic
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
-from .kernels import fused_softmax, graphs_hold_triton, triton_available, triton_failure
+from .kernels import fused_softmax, why_graphs_cannot_hold_triton, triton_available, triton_failure
 from .loading import HYPIRModels
 from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
     short_side_size
@@ -339,10 +339,11 @@ def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
 
 def _graphs_blocked(options: RestoreOptions) -> str | None:
     """Why the UNet runs without a CUDA graph although they are on: a graph could not hold the Triton kernels
-    (cudaMallocAsync), and the Triton kernels save more than a graph does (about 75 ms against 6 ms of
-    launches at a 1024 output on an H200)."""
-    if options.fused_kernels and triton_available() and not triton_failure():
-        return graphs_hold_triton()
+    it may launch (the fused norms, or the fused softmax of the matmul attention backend) under cudaMallocAsync,
+    and the Triton kernels save more than a graph does (on an H200 at 1024: 111 ms without the graph against
+    221 ms for a graph on PyTorch's norms, `benchmarks/cards_check.py allocator`)."""
+    if (options.fused_kernels or options.fused_softmax) and triton_available() and not triton_failure():
+        return why_graphs_cannot_hold_triton()
     return None
 
 

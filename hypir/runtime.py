@@ -1,6 +1,7 @@
 """What a loaded model gathers while it runs, apart from its weights (loading.py): the prompt embeddings,
-a float32 copy of the VAE for fp16 overflows, and the UNet's CUDA graphs, each behind its own lock. Also where the fast paths are put on the weights (`prepare`), and the process-wide cache
-of ready models that the command line, the nodes and the Python API share.
+a float32 copy of the VAE for fp16 overflows, and the UNet's CUDA graphs, each behind its own lock. Also where
+the fast paths are put on the weights (`prepare`), and the process-wide cache of ready models that the command
+line, the nodes and the Python API share.
 """
 
 from __future__ import annotations

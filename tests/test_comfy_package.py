@@ -49,7 +49,7 @@ def test_every_input_has_a_tooltip():
             assert len(spec_) == 2 and spec_[1].get("tooltip"), f"{name}.{key} has no tooltip"
 
 
-def test_host_image_is_touched_during_the_pass_and_filled_after():
+def test_host_image_is_touched_during_the_pass_and_filled_after(monkeypatch):
     """The node's IMAGE memory (ComfyUI's (B, H, W, C) float32 on the CPU) is made in a thread while the GPU
     works, then filled with the result; a result of another shape (not expected: the plan gives it) still comes
     back whole. Run here with CPU tensors standing for the GPU's: the thread and the copy are the same."""
@@ -57,6 +57,8 @@ def test_host_image_is_touched_during_the_pass_and_filled_after():
 
     module = load_pack("hypir_pack_host_image")
     result = torch.rand(2, 3, 12, 10)  # (B, C, H, W) as the pass returns it
+    assert module.comfy_nodes.HostImage((2, 12, 10, 3), torch.device("cuda")).thread is None  # small: no thread
+    monkeypatch.setattr(module.comfy_nodes.HostImage, "MIN_BYTES", 0)
     host = module.comfy_nodes.HostImage((2, 12, 10, 3), torch.device("cuda"))
     assert host.thread is not None  # started at once, before the pass
     image = host.fill(result.movedim(1, -1))

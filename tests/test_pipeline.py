@@ -272,7 +272,7 @@ def test_cuda_malloc_async_runs_the_unet_without_a_graph_and_says_why(monkeypatc
     from hypir import pipeline
     from hypir.settings import RestoreOptions
 
-    monkeypatch.setattr(pipeline, "graphs_hold_triton", lambda: "the cudaMallocAsync allocator")
+    monkeypatch.setattr(pipeline, "why_graphs_cannot_hold_triton", lambda: "the cudaMallocAsync allocator")
     monkeypatch.setattr(pipeline, "triton_available", lambda: True)
     monkeypatch.setattr(pipeline, "triton_failure", lambda: None)
     on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
@@ -280,6 +280,9 @@ def test_cuda_malloc_async_runs_the_unet_without_a_graph_and_says_why(monkeypatc
     assert pipeline._speedups(on_gpu, RestoreOptions(), replayed=False) == (
         "Triton norms, no UNet CUDA graph (the cudaMallocAsync allocator cannot hold Triton kernels; "
         "ComfyUI: --disable-cuda-malloc)")
-    assert pipeline._graphs_blocked(RestoreOptions(fused_kernels=False)) is None
-    assert pipeline._speedups(on_gpu, RestoreOptions(fused_kernels=False), replayed=True) == (
+    # The fused softmax (the matmul attention backend's) is a Triton kernel too: still no graph.
+    assert pipeline._graphs_blocked(RestoreOptions(fused_kernels=False)) == "the cudaMallocAsync allocator"
+    no_triton = RestoreOptions(fused_kernels=False, fused_softmax=False)
+    assert pipeline._graphs_blocked(no_triton) is None
+    assert pipeline._speedups(on_gpu, no_triton, replayed=True) == (
         "PyTorch norms (fused kernels off), UNet CUDA graph")

@@ -52,6 +52,8 @@ def test_the_all_in_one_node_saved_with_torch_compile():
     graphs = names.index("cuda_graphs")
     saved = today[:graphs + 1] + [True] + today[graphs + 1:]
     assert migrate("HYPIRAdvancedRestoration", names, saved) == today
+    shown = saved + ["FlashAttention: enabled (...)"]  # an older frontend also saved the status text
+    assert migrate("HYPIRAdvancedRestoration", names, shown) == today
 
 
 def test_today_s_workflows_and_other_layouts_are_left_alone():
@@ -68,5 +70,7 @@ def test_the_example_workflows_match_the_nodes_of_today():
     for path in (REPO / "example_workflows").glob("*.json"):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "HYPIRModelLoader":
-                assert len(node["widgets_values"]) == len(LOADER), path
-                assert migrate("HYPIRModelLoader", LOADER, node["widgets_values"]) is None
+                values = node["widgets_values"]
+                assert len(values) == len(LOADER), path
+                graphs = LOADER.index("cuda_graphs")  # and as saved before the switch went: migrated back
+                assert migrate("HYPIRModelLoader", LOADER, values[:graphs + 1] + [False] + values[graphs + 1:]) == values

@@ -176,7 +176,8 @@ class AttentionReport:
         if vae and used:
             dims = sorted({self.shapes[m][3] for m in vae if m in self.shapes})
             dim = "/".join(map(str, dims)) or "?"
-            beyond = ", beyond FlashAttention kernels" if dims and min(dims) > 256 else ""
+            widest = max(REGISTRY[b].max_head_dim for b in FLASH_ORDER if REGISTRY[b].max_head_dim)
+            beyond = ", beyond FlashAttention kernels" if dims and min(dims) > widest else ""
             lines.append(f"AutoencoderKL attention (head_dim {dim}{beyond}) runs on "
                          + "+".join(sorted({b.value for b in vae.values()})))
         return lines
