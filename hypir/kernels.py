@@ -204,7 +204,7 @@ def _kernels():
                     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
         # Chan et al.: merge the chunks' (count, mean, M2); every chunk but the last holds CPG * BLOCK_S values.
         group_id = tl.program_id(0)
-        total = (S * CPG).to(tl.float32)
+        total = tl.cast(S, tl.float32) * CPG  # S * CPG in int32 would overflow from 2**31 values a group
         acc_mean = tl.zeros([BLOCK_K], dtype=tl.float32)
         for start in range(0, CHUNKS, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
