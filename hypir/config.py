@@ -80,7 +80,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} must define a dict named HYPIR_CONFIG")
     for key in sorted(set(user) & set(REMOVED_KEYS)):
         logger.warning("[HYPIR] %s: HYPIR_CONFIG[%r] is ignored: %s; delete the line", path, key, REMOVED_KEYS[key])
-        user = {k: v for k, v in user.items() if k != key}
+    user = {k: v for k, v in user.items() if k not in REMOVED_KEYS}
     unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"{path}: unknown HYPIR_CONFIG keys {unknown}; valid keys: {sorted(DEFAULTS)}")

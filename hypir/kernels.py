@@ -110,8 +110,8 @@ def _run_triton(launch, fallback):
     """Launch a Triton kernel; if Triton cannot compile or launch here (no C compiler or Python headers for
     its launcher, a driver it does not support), warn once and use the PyTorch path from then on. (Raising
     instead during a CUDA graph capture, so that only the capture fails, crashed the process on an H200 under
-    cudaMallocAsync: freeing the failed capture's memory aborts in PyTorch. `why_graphs_cannot_hold_triton` keeps such
-    captures from being tried.)"""
+    cudaMallocAsync: freeing the failed capture's memory aborts in PyTorch. `why_graphs_cannot_hold_triton`
+    keeps such captures from being tried.)"""
     try:
         return launch()
     except torch.cuda.OutOfMemoryError:

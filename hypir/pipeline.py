@@ -25,7 +25,7 @@ from .attention import (AttentionPolicy, AttentionReport, AttentionRouter, Devic
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
-from .kernels import fused_softmax, why_graphs_cannot_hold_triton, triton_available, triton_failure
+from .kernels import fused_softmax, triton_available, triton_failure, why_graphs_cannot_hold_triton
 from .loading import HYPIRModels
 from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
     short_side_size

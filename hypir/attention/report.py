@@ -37,6 +37,14 @@ def text_encoder_implementation(router: AttentionRouter) -> str:
 # Why FlashAttention did not run
 
 
+def _flash_limits() -> tuple[tuple[int, int], set, int]:
+    """What every FlashAttention-class kernel of the registry needs at the least: (lowest capability, dtypes,
+    widest head_dim), for the one-line reasons a user reads."""
+    specs = [REGISTRY[b] for b in FLASH_ORDER]
+    return (min(s.min_capability for s in specs if s.min_capability), {d for s in specs for d in s.dtypes},
+            max(s.max_head_dim for s in specs if s.max_head_dim))
+
+
 def flash_off_reason(router: AttentionRouter, module_prefix: str = "unet.", head_dim: int = 64) -> str:
     """Why the modules under this prefix do not run a FlashAttention-class kernel, in the words a user needs."""
     failed = sorted({b.value for m, bs in router.failed.items() if m.startswith(module_prefix)
@@ -54,18 +62,15 @@ def flash_off_reason(router: AttentionRouter, module_prefix: str = "unet.", head
     if router.policy.attention != AUTO:
         return f"{router.policy.attention.value} chosen"
     info = router.info
-    # What every FlashAttention-class kernel of the registry needs at the least, in one line for the user.
-    specs = [REGISTRY[b] for b in FLASH_ORDER]
-    lowest = min(s.min_capability for s in specs if s.min_capability)
-    dtypes = {d for s in specs for d in s.dtypes}
-    widest = max(s.max_head_dim for s in specs if s.max_head_dim)
+    lowest, dtypes, widest = _flash_limits()
     if info.type != "cuda":
         return f"{info.type.upper()}: FlashAttention needs an NVIDIA GPU"
     if info.capability and info.capability < lowest:
         below = f"below sm{lowest[0]}{lowest[1]}"
         return f"GPU {info.sm} ({info.name}) is {below}" if info.name else f"GPU {info.sm} is {below}"
     if router.dtype not in dtypes:
-        return f"{dtype_name(router.dtype)}: FlashAttention needs {' or '.join(sorted(map(dtype_name, dtypes), reverse=True))}"
+        names = " or ".join(sorted(map(dtype_name, dtypes), reverse=True))
+        return f"{dtype_name(router.dtype)}: FlashAttention needs {names}"
     if head_dim > widest:
         return f"head_dim {head_dim} exceeds what FlashAttention kernels support"
     reasons = [f"{b.value}: {why}" for b in FLASH_ORDER if (why := router.why_not(b, head_dim))]
@@ -176,8 +181,7 @@ class AttentionReport:
         if vae and used:
             dims = sorted({self.shapes[m][3] for m in vae if m in self.shapes})
             dim = "/".join(map(str, dims)) or "?"
-            widest = max(REGISTRY[b].max_head_dim for b in FLASH_ORDER if REGISTRY[b].max_head_dim)
-            beyond = ", beyond FlashAttention kernels" if dims and min(dims) > widest else ""
+            beyond = ", beyond FlashAttention kernels" if dims and min(dims) > _flash_limits()[2] else ""
             lines.append(f"AutoencoderKL attention (head_dim {dim}{beyond}) runs on "
                          + "+".join(sorted({b.value for b in vae.values()})))
         return lines

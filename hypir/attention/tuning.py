@@ -127,8 +127,8 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
         _TUNED[shape] = timing
         while len(_TUNED) > MAX_TUNED_SHAPES:
             _TUNED.popitem(last=False)
-    logger.info("[HYPIR] attention %s: %s -> %s (timed in %.2f s; kept for this shape in this process)", shape.describe(),
-                ", ".join(f"{b.value} {ms:.3f} ms" for b, ms in times.items()) or "no kernel ran",
+    logger.info("[HYPIR] attention %s: %s -> %s (timed in %.2f s; kept for this shape in this process)",
+                shape.describe(), ", ".join(f"{b.value} {ms:.3f} ms" for b, ms in times.items()) or "no kernel ran",
                 timing.winner.value if timing.winner else "fixed order", timing.seconds)
     return timing
 

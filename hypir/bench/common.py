@@ -12,6 +12,7 @@ from ..lora import lora_from_state_dict, merge_lora
 from ..runtime import prepare
 
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "sdpa", "mha")  # not conv/gemm kernels
+# Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
 KERNEL_KINDS = (
     ("attention", ATTENTION_KERNEL_WORDS),
     ("convolution", ("conv", "fprop", "implicit_gemm", "xmma", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")),

@@ -187,7 +187,6 @@ def _row_line(size, name, row) -> str:
             f"PSNR {psnr}{fallbacks}")
 
 
-# Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
 def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_MODES["eager+graphs"]) -> dict:
     """One pass of an eager mode under torch.profiler: GPU time per kind of kernel, and the 30 longest kernels."""
     options = {**mode.options, "cuda_graphs": False}  # the profiler sees kernels, not CUDA graph replays
