@@ -54,6 +54,21 @@ def test_cpu_backends_match_float64(backend, shape):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
+def test_standard_attention_in_query_blocks_is_the_same_attention(monkeypatch):
+    """`standard` holds at most STANDARD_MAX_SCORES scores at once (PyTorch's CUDA softmax is wrong from 2**32);
+    blocks that do not divide the queries evenly give the same result as one block."""
+    import hypir.attention.backends as backends
+
+    q, k, v = qkv(2, 300, 77, 3, 16, seed=5)
+    whole = REGISTRY[AttentionBackend.STANDARD].fn(q, k, v, 0.25)
+    monkeypatch.setattr(backends, "STANDARD_MAX_SCORES", 2 * 3 * 77 * 7)  # 7 query rows a block: 43 blocks
+    blocked = REGISTRY[AttentionBackend.STANDARD].fn(q, k, v, 0.25)
+    ref = reference_attention(q, k, v, 0.25)
+    assert blocked.shape == whole.shape == (2, 300, 3, 16)
+    assert torch.allclose(blocked, whole, rtol=0, atol=1e-6)
+    assert ((blocked.double() - ref).norm() / ref.norm()).item() <= 1e-6
+
+
 def test_cpu_has_sdpa_and_standard():
     assert {AttentionBackend.SDPA, AttentionBackend.STANDARD} <= set(CPU_BACKENDS)
 
