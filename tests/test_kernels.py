@@ -37,6 +37,7 @@ def _rel(a, b):
     ((1, 40, 17, 5), 8, True, True, True),       # channels_last, 5 channels a group (padded block), time bias
     ((2, 32, 37), 32, False, False, False),      # (N, C, L): the VAE attention's norm
     ((1, 320, 8, 8), 32, True, True, True),      # the UNet's 10 channels a group
+    ((2, 96, 7, 9), 32, True, True, False),      # channels_last, two samples, each with its own time bias
 ])
 def test_group_norm_matches_pytorch(interpreted, shape, groups, channels_last, pre, silu):
     g = torch.Generator().manual_seed(0)
@@ -60,6 +61,24 @@ def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
     y = kernels.group_norm_silu(x, None, None, 2, 1e-6, False)
     expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-6)
     assert _rel(y, expected) < 1e-5
+
+
+def test_group_norm_channels_last_reads_whole_pixels(interpreted, monkeypatch):
+    """channels_last takes the whole-pixel kernels; here with tiles of 2 pixels, 16 a statistics program, so
+    that 297 chunks a sample make the merge loop over its 64-wide block five times, on a mean 200x the spread."""
+    calls = []
+    rows = kernels._triton_group_norm_rows
+    monkeypatch.setattr(kernels, "_triton_group_norm_rows", lambda *a: calls.append(1) or rows(*a))
+    monkeypatch.setattr(kernels, "ROW_TILE", 16)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 8, 60, 79, generator=g) * 0.5 + 100.0).to(memory_format=torch.channels_last)
+    w, b, pre = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, generator=g)
+    y = kernels.group_norm_silu(x, w, b, 4, 1e-6, True, pre)
+    expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 4, 1e-6, True, pre.double())
+    assert calls and y.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, expected) < 1e-5
+    nchw = kernels.group_norm_silu(x.contiguous(), w, b, 4, 1e-6, True, pre)  # the per-group kernels
+    assert len(calls) == 1 and _rel(nchw, expected) < 1e-5
 
 
 @pytest.mark.parametrize("cpg", [4, 8, 16, 40])

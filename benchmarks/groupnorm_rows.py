@@ -1,0 +1,116 @@
+"""The whole-pixel GroupNorm kernels (channels_last: a program reads rows of all C channels) against the
+per-group ones they replace, on one CUDA GPU, in one process:
+
+  kernels  every GroupNorm shape of SD2.1 at a 1024 output that runs on Triton (bf16, channels_last, affine,
+           SiLU): GPU time of each kernel set and PyTorch's F.group_norm, effective bandwidth (one read for the
+           statistics, one read and one write for the output), relative error against float64;
+  pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with each kernel set:
+           median of 10 calls, and the PSNR between the two outputs.
+
+    python3 benchmarks/groupnorm_rows.py --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hypir import kernels  # noqa: E402
+from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
+from hypir.pipeline import HYPIRPipeline  # noqa: E402
+from hypir.runtime import runtime_of  # noqa: E402
+
+SHAPES = [  # (C, H, W) of SD2.1's GroupNorms at a 1024 output, at or above kernels.TRITON_MIN_ELEMENTS
+    (128, 1024, 1024), (256, 1024, 1024), (256, 512, 512), (512, 512, 512), (512, 256, 256), (320, 128, 128),
+]
+ROWS_ON = kernels.MAX_ROW_CHANNELS
+
+
+def gpu_ms(fn, repeats=50) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def rows(enabled: bool) -> None:
+    kernels.MAX_ROW_CHANNELS = ROWS_ON if enabled else 0
+
+
+def part_kernels() -> list[dict]:
+    out = []
+    for c, h, w in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(c + h)
+        x = (torch.randn(1, c, h, w, device="cuda", generator=g) * 2 + 0.5).to(torch.bfloat16)
+        x = x.to(memory_format=torch.channels_last)
+        weight = torch.randn(c, device="cuda", generator=g).to(torch.bfloat16)
+        bias = torch.randn(c, device="cuda", generator=g).to(torch.bfloat16)
+        exact = kernels.group_norm_silu_reference(x.double(), weight.double(), bias.double(), 32, 1e-6, True)
+        row = {"shape": [c, h, w], "mib": x.numel() * 2 / 2**20}
+        for name, enabled in (("rows", True), ("groups", False)):
+            rows(enabled)
+            y = kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True)
+            row[f"{name}_rel_err"] = ((y.double() - exact).norm() / exact.norm()).item()
+            row[f"{name}_ms"] = gpu_ms(lambda: kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True))
+            row[f"{name}_gbps"] = 3 * x.numel() * 2 / row[f"{name}_ms"] / 1e6
+        rows(True)
+        row["pytorch_ms"] = gpu_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6)))
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def part_pass() -> list[dict]:
+    pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
+    out = []
+    for side in (512, 1024):
+        lq = random_images(side, torch.device("cuda"))
+        row = {"output": side * 2}
+        images = {}
+        for name, enabled in (("rows", True), ("groups", False), ("rows_again", True)):
+            rows(enabled)
+            runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
+            pipe(lq, upscale=2.0, latent="mode")
+            pipe(lq, upscale=2.0, latent="mode")  # captures this kernel set's graph
+            times = []
+            for _ in range(10):
+                result = pipe(lq, upscale=2.0, latent="mode")
+                times.append(result.seconds * 1000)
+            row[f"{name}_ms"] = statistics.median(times)
+            images[name] = result.images
+            row[f"{name}_status"] = result.status_line()
+        row["psnr_rows_vs_groups_db"] = psnr(images["rows"], images["groups"])
+        out.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("status")}), flush=True)
+    rows(True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--parts", default="kernels,pass")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "kernels" in args.parts:
+        result["kernels"] = part_kernels()
+    if "pass" in args.parts:
+        result["pass"] = part_pass()
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
