@@ -8,7 +8,10 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
   becomes one `FusedGroupNorm` with `silu=True`, the SiLU module an identity;
 - every `nn.Conv2d` becomes `FusedConv2d`: its bias added in one vectorised pass;
 - `ResnetBlock2D` becomes `FusedResnetBlock2D`: norm1+SiLU; conv1's bias, the time embedding, norm2 and SiLU;
-  conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1.
+  conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1;
+- `Transformer2DModel` (linear projections, as in SD2.1) becomes `FusedTransformer2DModel`: its output keeps
+  the channels_last layout the convolutions run in, where diffusers makes an NCHW copy that the next
+  convolution and skip connection convert back.
 
 Off CUDA, under a caller's torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own
 forward.
@@ -21,6 +24,7 @@ import contextvars
 import torch
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .kernels import add_channel_bias_, group_norm_silu, switched
@@ -93,6 +97,28 @@ class FusedResnetBlock2D(ResnetBlock2D):
         return hidden if self.output_scale_factor == 1 else hidden.div_(self.output_scale_factor)
 
 
+CHANNELS_LAST_TRANSFORMER_OUTPUT = True  # benchmarks/levers.py switches it off to measure what it saves
+
+
+class FusedTransformer2DModel(Transformer2DModel):
+    """diffusers' Transformer2DModel whose output is a channels_last view plus the residual, added in place:
+    diffusers ends with `.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()`, an NCHW copy of every
+    transformer's output. Same values; only the layout differs."""
+
+    def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
+        if not (CHANNELS_LAST_TRANSFORMER_OUTPUT and self.use_linear_projection and _fast(hidden_states)):
+            return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width,
+                                                             inner_dim)
+        hidden_states = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim)
+        return hidden_states.permute(0, 3, 1, 2).add_(residual)
+
+
+def fusable_transformer(module: nn.Module) -> bool:
+    # The method overridden is diffusers' own (0.39 and later); where it is gone, diffusers' forward runs.
+    return (type(module) is Transformer2DModel and getattr(module, "is_input_continuous", False)
+            and module.use_linear_projection and hasattr(Transformer2DModel, "_get_output_for_continuous_inputs"))
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
@@ -107,11 +133,14 @@ def fusable_resnet(block: nn.Module) -> bool:
 
 def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     """Switch a diffusers model's blocks to the fused classes, in place. Returns counts per kind."""
-    counts = {"resnet": 0, "norm_silu": 0, "norm": 0, "conv": 0}
+    counts = {"resnet": 0, "transformer": 0, "norm_silu": 0, "norm": 0, "conv": 0}
     for module in list(model.modules()):
         if fusable_resnet(module):
             module.__class__ = FusedResnetBlock2D
             counts["resnet"] += 1
+        if fusable_transformer(module):
+            module.__class__ = FusedTransformer2DModel
+            counts["transformer"] += 1
         norm_out, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
             norm_out.__class__ = FusedGroupNorm
@@ -128,4 +157,5 @@ def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-__all__ = ["FusedConv2d", "FusedGroupNorm", "FusedResnetBlock2D", "install_fused_blocks", "fused_kernels", "fusable_resnet"]
+__all__ = ["FusedConv2d", "FusedGroupNorm", "FusedResnetBlock2D", "FusedTransformer2DModel", "install_fused_blocks",
+           "fused_kernels", "fusable_resnet", "fusable_transformer"]

@@ -157,6 +157,23 @@ def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, mon
     assert _rel(got_eps, want_eps) < 1e-5
 
 
+def test_fused_transformer_keeps_channels_last(tiny_base, monkeypatch):
+    """A UNet transformer's output stays channels_last (diffusers' is an NCHW copy) with the same values."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
+    unet, counts = _fused_copy(tiny_base.unet)
+    assert counts["transformer"] == sum(type(m).__name__ == "Transformer2DModel" for m in tiny_base.unet.modules()) > 0
+    name, fused = next((n, m) for n, m in unet.named_modules() if isinstance(m, fused_blocks.FusedTransformer2DModel))
+    plain = dict(tiny_base.unet.named_modules())[name]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, fused.config.in_channels, 6, 5, generator=g).to(memory_format=torch.channels_last)
+    text = torch.randn(1, 77, fused.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        got = fused(x, encoder_hidden_states=text, return_dict=False)[0]
+        want = plain(x, encoder_hidden_states=text, return_dict=False)[0]
+    assert got.is_contiguous(memory_format=torch.channels_last) and want.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
     """Where a call cannot be captured (here: no CUDA at all), it runs eagerly, with one warning per shape."""
     from hypir.cuda_graphs import GraphedCalls

@@ -1,13 +1,22 @@
-"""The whole-pixel GroupNorm kernels (channels_last: a program reads rows of all C channels) against the
-per-group ones they replace, on one CUDA GPU, in one process:
+"""The speed levers not yet measured, each against the pass without it, on one CUDA GPU, in one process:
 
+  rows         GroupNorm for channels_last reading whole pixels (kernels.MAX_ROW_CHANNELS) instead of one
+               group's channels of each pixel;
+  transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
+               instead of diffusers' NCHW copy;
+  cudnn        cuDNN's own timing of convolution algorithms (torch.backends.cudnn.benchmark), which only a
+               process that owns PyTorch may switch on (the command line; not the ComfyUI nodes). Unlike the
+               others it is off in "all on" and measured switched on.
+
+Parts:
   kernels  every GroupNorm shape of SD2.1 at a 1024 output that runs on Triton (bf16, channels_last, affine,
            SiLU): GPU time of each kernel set and PyTorch's F.group_norm, effective bandwidth (one read for the
            statistics, one read and one write for the output), relative error against float64;
-  pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with each kernel set:
-           median of 10 calls, and the PSNR between the two outputs.
+  pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with every lever on,
+           then with each one off: median of 10 calls, the PSNR of each against all-on, and the GPU time by
+           kind of kernel of the all-on pass at 1024.
 
-    python3 benchmarks/groupnorm_rows.py --json OUT.json
+    python3 benchmarks/levers.py --json OUT.json
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hypir import kernels  # noqa: E402
+from hypir import fused_blocks, kernels  # noqa: E402
 from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
+from hypir.bench.speed import time_by_kind  # noqa: E402
 from hypir.runtime import runtime_of  # noqa: E402
 
 SHAPES = [  # (C, H, W) of SD2.1's GroupNorms at a 1024 output, at or above kernels.TRITON_MIN_ELEMENTS
@@ -47,6 +57,13 @@ def gpu_ms(fn, repeats=50) -> float:
 
 def rows(enabled: bool) -> None:
     kernels.MAX_ROW_CHANNELS = ROWS_ON if enabled else 0
+
+
+def levers(off: str | None) -> None:
+    """Every lever on but `off` (and cuDNN's benchmark mode only as the lever "with_cudnn")."""
+    rows(off != "rows")
+    fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
+    torch.backends.cudnn.benchmark = off == "with_cudnn"
 
 
 def part_kernels() -> list[dict]:
@@ -72,29 +89,37 @@ def part_kernels() -> list[dict]:
     return out
 
 
-def part_pass() -> list[dict]:
-    pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
-    out = []
-    for side in (512, 1024):
-        lq = random_images(side, torch.device("cuda"))
+def part_pass(smoke: bool = False) -> dict:
+    device = torch.device("cpu" if smoke else "cuda")
+    pipe = HYPIRPipeline(build_models("tiny" if smoke else "sd21", device,
+                                      torch.float32 if smoke else torch.bfloat16))
+    out = {"rows": []}
+    for side in ((16, 32) if smoke else (512, 1024)):
+        lq = random_images(side, device)
         row = {"output": side * 2}
         images = {}
-        for name, enabled in (("rows", True), ("groups", False), ("rows_again", True)):
-            rows(enabled)
+        for off in (None, "rows", "transformer", "with_cudnn", None):
+            name = (off if off.startswith("with_") else f"without_{off}") if off else "all_on"
+            levers(off)
             runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
             pipe(lq, upscale=2.0, latent="mode")
-            pipe(lq, upscale=2.0, latent="mode")  # captures this kernel set's graph
+            pipe(lq, upscale=2.0, latent="mode")  # captures this set's graph
             times = []
             for _ in range(10):
                 result = pipe(lq, upscale=2.0, latent="mode")
                 times.append(result.seconds * 1000)
-            row[f"{name}_ms"] = statistics.median(times)
-            images[name] = result.images
-            row[f"{name}_status"] = result.status_line()
-        row["psnr_rows_vs_groups_db"] = psnr(images["rows"], images["groups"])
-        out.append(row)
-        print(json.dumps({k: v for k, v in row.items() if not k.endswith("status")}), flush=True)
-    rows(True)
+            row[f"{name}_ms"] = min(row.get(f"{name}_ms", float("inf")), statistics.median(times))  # all_on twice
+            images.setdefault(name, result.images)
+            row[f"{name}_psnr_vs_all_on_db"] = psnr(result.images, images["all_on"])
+        row["status"] = result.status_line()
+        out["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "status"}), flush=True)
+    levers(None)
+    runtime_of(pipe.models).unet_graphs.clear()
+    if smoke:
+        return out
+    out["profile_1024_all_on"] = time_by_kind(pipe, random_images(512, torch.device("cuda")))
+    print(json.dumps({k: round(v["ms"], 2) for k, v in out["profile_1024_all_on"]["kinds"].items()}), flush=True)
     return out
 
 
@@ -102,12 +127,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
     parser.add_argument("--parts", default="kernels,pass")
+    parser.add_argument("--smoke", action="store_true", help="the pass part's flow on the CPU, tiny models")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    if "kernels" in args.parts:
+    result = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "kernels" in args.parts and not args.smoke:
         result["kernels"] = part_kernels()
     if "pass" in args.parts:
-        result["pass"] = part_pass()
+        result["pass"] = part_pass(args.smoke)
     Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
