@@ -4,6 +4,8 @@
                group's channels of each pixel;
   transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
                instead of diffusers' NCHW copy;
+  small        the graphed UNet's small activations on the Triton kernels as well
+               (pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE) instead of PyTorch's below kernels.TRITON_MIN_ELEMENTS;
   cudnn        cuDNN's own timing of convolution algorithms (torch.backends.cudnn.benchmark), which only a
                process that owns PyTorch may switch on (the command line; not the ComfyUI nodes). Unlike the
                others it is off in "all on" and measured switched on.
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hypir import fused_blocks, kernels  # noqa: E402
+from hypir import fused_blocks, kernels, pipeline  # noqa: E402
 from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 from hypir.bench.speed import time_by_kind  # noqa: E402
@@ -63,6 +65,7 @@ def levers(off: str | None) -> None:
     """Every lever on but `off` (and cuDNN's benchmark mode only as the lever "with_cudnn")."""
     rows(off != "rows")
     fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
+    pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE = off != "small"
     torch.backends.cudnn.benchmark = off == "with_cudnn"
 
 
@@ -98,7 +101,7 @@ def part_pass(smoke: bool = False) -> dict:
         lq = random_images(side, device)
         row = {"output": side * 2}
         images = {}
-        for off in (None, "rows", "transformer", "with_cudnn", None):
+        for off in (None, "rows", "transformer", "small", "with_cudnn", None):
             name = (off if off.startswith("with_") else f"without_{off}") if off else "all_on"
             levers(off)
             runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
