@@ -4,6 +4,8 @@
                group's channels of each pixel;
   transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
                instead of diffusers' NCHW copy;
+  upsample     nearest 2x + 3x3 convolution as a sub-pixel convolution (fused_blocks.SUBPIXEL_UPSAMPLE)
+               instead of diffusers' upsampled copy and 3x3 convolution;
   small        the graphed UNet's small activations on the Triton kernels as well
                (pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE) instead of PyTorch's below kernels.TRITON_MIN_ELEMENTS;
   cudnn        cuDNN's own timing of convolution algorithms (torch.backends.cudnn.benchmark), which only a
@@ -66,6 +68,7 @@ def levers(off: str | None) -> None:
     rows(off != "rows")
     fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
     pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE = off != "small"
+    fused_blocks.SUBPIXEL_UPSAMPLE = off != "upsample"
     torch.backends.cudnn.benchmark = off == "with_cudnn"
 
 
@@ -101,7 +104,7 @@ def part_pass(smoke: bool = False) -> dict:
         lq = random_images(side, device)
         row = {"output": side * 2}
         images = {}
-        for off in (None, "rows", "transformer", "small", "with_cudnn", None):
+        for off in (None, "rows", "transformer", "upsample", "small", "with_cudnn", None):
             name = (off if off.startswith("with_") else f"without_{off}") if off else "all_on"
             levers(off)
             runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with

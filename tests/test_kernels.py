@@ -174,6 +174,40 @@ def test_fused_transformer_keeps_channels_last(tiny_base, monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4, 6, 5, 7), (2, 3, 5, 1, 9), (1, 8, 8, 16, 9)])  # n, in, out, h, w
+def test_subpixel_upsample_is_nearest_then_conv(shape, channels_last):
+    """Nearest 2x then a 3x3 convolution (padding 1) equals the four 2x2 phase convolutions, borders included,
+    to float64 rounding."""
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(o, c, 3, 3, generator=g, dtype=torch.float64), torch.randn(o, generator=g, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), weight,
+                                      bias, padding=1)
+    got = fused_blocks.nearest2x_conv3x3(x, weight, bias)
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-12
+
+
+def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
+    """The phase kernels are remade when the 3x3 weights change (a LoRA merged later, a reload)."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    vae, counts = _fused_copy(tiny_base.vae)
+    assert counts["upsample"] == sum(type(m).__name__ == "Upsample2D" for m in tiny_base.vae.modules()) > 0
+    up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
+    x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = up(x)
+        up.conv.weight.mul_(0.5)
+        after = up(x)
+        want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                          up.conv.weight, up.conv.bias, padding=1)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
     """Where a call cannot be captured (here: no CUDA at all), it runs eagerly, with one warning per shape."""
     from hypir.cuda_graphs import GraphedCalls
