@@ -92,7 +92,8 @@ def triton_at_every_size(enabled: bool):
 
 
 def uses_triton(x: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype in TRITON_DTYPES and (x.numel() >= TRITON_MIN_ELEMENTS or _ALL_SIZES.get())
+    return (x.is_cuda and x.dtype in TRITON_DTYPES and x.numel() > 0
+            and (x.numel() >= TRITON_MIN_ELEMENTS or _ALL_SIZES.get())
             and triton_available() and not _TRITON_FAILURE and x.ndim >= 3
             and not (torch.is_grad_enabled() and x.requires_grad))
 
@@ -313,7 +314,7 @@ def _kernels():
         g = group_id % GROUPS
         ci = tl.arange(0, BLOCK_CPG)
         cmask = ci < CPG
-        total = (S * CPG).to(tl.float32)
+        total = tl.cast(S, tl.float32) * CPG
         acc = tl.zeros([BLOCK_K, BLOCK_CPG], dtype=tl.float32)
         for start in range(0, CHUNKS, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
@@ -452,15 +453,24 @@ def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
 # channels_last activations (the layout the pass runs in) take the whole-pixel kernels: a program reads rows
 # of all C channels, contiguous in memory, instead of one group's few channels of each pixel (4 of 128 in
 # the VAE: a quarter of every memory sector it fetched). Tiles of about ROW_TILE values; SUB tiles per
-# statistics program keep the partials (per chunk and channel) small.
+# statistics program keep the partials (per chunk and channel) small, down to 1 where that would leave fewer
+# than ROW_MIN_PROGRAMS programs (small activations: enough programs to fill the GPU).
 ROW_TILE = 8192
 ROW_SUB = 8
-MAX_ROW_CHANNELS = 2048  # SD2.1 has at most 1280 (the UNet's deepest blocks)
+ROW_MIN_PROGRAMS = 512
+MAX_ROW_CHANNELS = 4096  # SD2.1's widest norm: 2560 (the UNet's up blocks normalise concatenated skips)
 
 
 def _row_blocks(c: int) -> tuple[int, int]:
     block_c = 1 << (c - 1).bit_length()
     return block_c, max(1, ROW_TILE // block_c)
+
+
+def _row_sub(n: int, spatial: int, block_p: int) -> int:
+    sub = ROW_SUB
+    while sub > 1 and n * -(-spatial // (sub * block_p)) < ROW_MIN_PROGRAMS:
+        sub //= 2
+    return sub
 
 
 def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n):
@@ -471,13 +481,14 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     spatial = x[0, 0].numel()
     cpg = c // groups
     block_c, block_p = _row_blocks(c)
-    pixels = block_p * ROW_SUB  # a statistics program's pixels
+    sub = _row_sub(n, spatial, block_p)
+    pixels = block_p * sub  # a statistics program's pixels
     chunks = triton.cdiv(spatial, pixels)
     partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, (n * chunks, c), n * groups, weight,
                                                                           bias, pre_bias)
     with _launch_context(x):
         k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
-                                 HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=ROW_SUB,
+                                 HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
                                  num_warps=4)
         k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
                                          spatial, groups, cpg, chunks, pixels, eps, BLOCK_K=64,

@@ -208,6 +208,39 @@ def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
     assert not torch.allclose(before, after)
 
 
+def test_fused_upsample_paths(tiny_base, monkeypatch):
+    """The sub-pixel path also serves an output_size of exactly twice the input (the UNet passes one for latents
+    not a multiple of 8) and leaves autograd to diffusers' forward (the phase kernels carry no gradient)."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    vae, _ = _fused_copy(tiny_base.vae)
+    up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
+    calls = []
+    original = fused_blocks.nearest2x_conv3x3
+    monkeypatch.setattr(fused_blocks, "nearest2x_conv3x3", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        sized = up(x, output_size=(10, 12))
+        other = up(x, output_size=(11, 12))  # not twice: diffusers' interpolation
+    assert len(calls) == 1 and sized.shape[-2:] == (10, 12) and other.shape[-2:] == (11, 12)
+    up.conv.weight.requires_grad_(True)
+    up(x).sum().backward()
+    assert len(calls) == 1 and up.conv.weight.grad is not None
+
+
+def test_fused_transformer_keeps_diffusers_dtype_under_autocast(tiny_base, monkeypatch):
+    """Under autocast the projection comes out in bf16 and the residual stays float32: the sum is float32, as
+    diffusers' is (an in-place add would have made it bf16)."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    unet, _ = _fused_copy(tiny_base.unet)
+    fused = next(m for m in unet.modules() if isinstance(m, fused_blocks.FusedTransformer2DModel))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, fused.config.in_channels, 4, 4, generator=g)
+    text = torch.randn(1, 77, fused.config.cross_attention_dim, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x, encoder_hidden_states=text, return_dict=False)[0]
+    assert out.dtype == torch.float32
+
+
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
     """Where a call cannot be captured (here: no CUDA at all), it runs eagerly, with one warning per shape."""
     from hypir.cuda_graphs import GraphedCalls
