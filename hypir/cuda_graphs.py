@@ -35,8 +35,11 @@ class _Graph:
 
 
 def weights_signature(module: torch.nn.Module) -> tuple:
-    """Where the module's weights live: changes when any of them is moved or replaced."""
-    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+    """Where the module's weights live, and their in-place versions: changes when any of them is moved, replaced
+    or written in place (a graph would replay kernels made from the old values, such as the sub-pixel phase
+    weights of an upsampler)."""
+    return (tuple((p.data_ptr(), p._version) for p in module.parameters())
+            + tuple((b.data_ptr(), b._version) for b in module.buffers()))
 
 
 class GraphedCalls:

@@ -8,7 +8,15 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
   becomes one `FusedGroupNorm` with `silu=True`, the SiLU module an identity;
 - every `nn.Conv2d` becomes `FusedConv2d`: its bias added in one vectorised pass;
 - `ResnetBlock2D` becomes `FusedResnetBlock2D`: norm1+SiLU; conv1's bias, the time embedding, norm2 and SiLU;
-  conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1.
+  conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1;
+- `Transformer2DModel` (linear projections, as in SD2.1) becomes `FusedTransformer2DModel`: its output keeps
+  the channels_last layout the convolutions run in, where diffusers makes an NCHW copy that the next
+  convolution and skip connection convert back;
+- `Upsample2D` (nearest 2x, then a 3x3 convolution) becomes `FusedUpsample2D`: one 2x2 convolution of the small
+  input per output phase (a sub-pixel convolution), 16 multiply-adds a channel pair and input pixel instead of
+  36, and no upsampled copy of the input. Exact in float64; in bf16 the summed taps are rounded once more
+  (relative error 2.4e-3 against 1.7e-3 on random weights), and the phase kernels take 16/9 of the 3x3 weights'
+  memory.
 
 Off CUDA, under a caller's torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own
 forward.
@@ -21,6 +29,8 @@ import contextvars
 import torch
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .kernels import add_channel_bias_, group_norm_silu, switched
@@ -93,6 +103,92 @@ class FusedResnetBlock2D(ResnetBlock2D):
         return hidden if self.output_scale_factor == 1 else hidden.div_(self.output_scale_factor)
 
 
+CHANNELS_LAST_TRANSFORMER_OUTPUT = True  # benchmarks/levers.py switches it off to measure what it saves
+
+
+class FusedTransformer2DModel(Transformer2DModel):
+    """diffusers' Transformer2DModel whose output is a channels_last view plus the residual, added in place:
+    diffusers ends with `.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()`, an NCHW copy of every
+    transformer's output. Same values; only the layout differs."""
+
+    def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
+        if not (CHANNELS_LAST_TRANSFORMER_OUTPUT and self.use_linear_projection and _fast(hidden_states)):
+            return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width,
+                                                             inner_dim)
+        out = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        # In place when the sum keeps out's dtype; under autocast (bf16 out, fp32 residual) diffusers' sum is fp32.
+        return out.add_(residual) if torch.result_type(out, residual) == out.dtype else out + residual
+
+
+SUBPIXEL_UPSAMPLE = True  # benchmarks/levers.py switches it off to measure what it saves
+# Rows (and columns) of the 3x3 kernel that each 2x2 tap of a phase sums: output row 2h+i of nearest-2x-then-
+# conv3x3 reads input rows h-1+i and h+i, the first with kernel rows ROWS[i][0], the second with ROWS[i][1].
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(4 * out, in, 2, 2) from a 3x3 kernel: the four output phases (i, j) of nearest 2x then the convolution,
+    stacked phase-major."""
+    phases = []
+    for rows in _PHASE_TAPS:
+        for cols in _PHASE_TAPS:
+            taps = [[weight[:, :, list(r)][:, :, :, list(c)].sum(dim=(2, 3)) for c in cols] for r in rows]
+            phases.append(torch.stack([torch.stack(row, dim=-1) for row in taps], dim=-2))
+    return torch.cat(phases, dim=0)
+
+
+def nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      phase_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """conv3x3(nearest_2x(x)) with padding 1, as one 2x2 convolution of x (padding 1) into four phases, then
+    interleaved: phase (i, j) of the output is rows i:i+H and columns j:j+W of that convolution's phase block."""
+    n, _, h, w = x.shape
+    out_channels = weight.shape[0]
+    phase_weight = subpixel_weights(weight) if phase_weight is None else phase_weight
+    phases = F.conv2d(x, phase_weight, bias.repeat(4) if bias is not None else None, padding=1)
+    y = torch.empty(n, out_channels, 2 * h, 2 * w, device=x.device, dtype=x.dtype, memory_format=_layout(x))
+    for index in range(4):
+        i, j = divmod(index, 2)
+        y[:, :, i::2, j::2] = phases[:, index * out_channels:(index + 1) * out_channels, i:i + h, j:j + w]
+    return y
+
+
+class FusedUpsample2D(Upsample2D):
+    """diffusers' Upsample2D (nearest 2x, 3x3 convolution, no norm) as a sub-pixel convolution. The phase kernels
+    are made from the 3x3 weights on first use and again whenever those weights change."""
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        h, w = hidden_states.shape[-2:]
+        conv = self.conv
+        if not (SUBPIXEL_UPSAMPLE and output_size in (None, (2 * h, 2 * w), [2 * h, 2 * w])
+                and _fast(hidden_states) and not (torch.is_grad_enabled() and conv.weight.requires_grad)):
+            return super().forward(hidden_states, output_size, *args, **kwargs)
+        key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.dtype, conv.weight.device)
+        cached = getattr(self, "_phase_weight", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                phase = subpixel_weights(conv.weight.float()).to(conv.weight.dtype).contiguous(
+                    memory_format=_layout(conv.weight))
+            # The source storage is kept with its phases: its address cannot be reused for other weights
+            # while the cache names it.
+            cached = (key, phase, conv.weight.detach())
+            self._phase_weight = cached
+        return nearest2x_conv3x3(hidden_states, conv.weight, conv.bias, cached[1])
+
+
+def fusable_upsample(module: nn.Module) -> bool:
+    conv = getattr(module, "conv", None)
+    return (type(module) is Upsample2D and module.use_conv and not module.use_conv_transpose and module.interpolate
+            and module.norm is None and module.name == "conv" and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def fusable_transformer(module: nn.Module) -> bool:
+    # The method overridden is diffusers' own (0.39 and later); where it is gone, diffusers' forward runs.
+    return (type(module) is Transformer2DModel and getattr(module, "is_input_continuous", False)
+            and module.use_linear_projection and hasattr(Transformer2DModel, "_get_output_for_continuous_inputs"))
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
@@ -107,11 +203,17 @@ def fusable_resnet(block: nn.Module) -> bool:
 
 def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     """Switch a diffusers model's blocks to the fused classes, in place. Returns counts per kind."""
-    counts = {"resnet": 0, "norm_silu": 0, "norm": 0, "conv": 0}
+    counts = {"resnet": 0, "transformer": 0, "upsample": 0, "norm_silu": 0, "norm": 0, "conv": 0}
     for module in list(model.modules()):
         if fusable_resnet(module):
             module.__class__ = FusedResnetBlock2D
             counts["resnet"] += 1
+        if fusable_transformer(module):
+            module.__class__ = FusedTransformer2DModel
+            counts["transformer"] += 1
+        if fusable_upsample(module):
+            module.__class__ = FusedUpsample2D
+            counts["upsample"] += 1
         norm_out, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
             norm_out.__class__ = FusedGroupNorm
@@ -128,4 +230,6 @@ def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-__all__ = ["FusedConv2d", "FusedGroupNorm", "FusedResnetBlock2D", "install_fused_blocks", "fused_kernels", "fusable_resnet"]
+__all__ = ["FusedConv2d", "FusedGroupNorm", "FusedResnetBlock2D", "FusedTransformer2DModel", "FusedUpsample2D",
+           "install_fused_blocks", "fused_kernels", "fusable_resnet", "fusable_transformer", "fusable_upsample",
+           "nearest2x_conv3x3"]

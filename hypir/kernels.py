@@ -251,9 +251,104 @@ def _kernels():
             w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
             y = y * w[:, None] + b[:, None]
+        y = tl.where(mask, y, 0.0)  # padding lanes: 0 (their (0 - mean) * rstd can overflow exp)
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + n64 * o_n + c64 * o_c + s64 * o_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def row_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, CHUNKS, s_n, HAS_PRE: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr):
+        # channels_last: each pixel's C channels are contiguous, so a program reads whole pixels (every group at
+        # once, full memory sectors) and keeps per-channel (mean, M2) over SUB blocks of BLOCK_P pixels.
+        chunk = tl.program_id(0)
+        n = tl.program_id(1)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        base = x_ptr + n.to(tl.int64) * s_n
+        if HAS_PRE:
+            pre = tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        count = 0.0
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for sub in tl.static_range(SUB):
+            p = (chunk * SUB + sub) * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = p < S
+            mask = pmask[:, None] & cmask[None, :]
+            v = tl.load(base + p[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_PRE:
+                v = tl.where(mask, v + pre[None, :], 0.0)
+            k = tl.sum(pmask.to(tl.float32), axis=0)
+            block_mean = tl.sum(v, axis=0) / tl.maximum(k, 1.0)
+            d = tl.where(mask, v - block_mean[None, :], 0.0)
+            block_m2 = tl.sum(d * d, axis=0)
+            total = count + k  # Chan et al.: merge this block into the running (count, mean, M2)
+            delta = block_mean - mean
+            mean = mean + delta * (k / tl.maximum(total, 1.0))
+            m2 = m2 + block_m2 + delta * delta * (count * k / tl.maximum(total, 1.0))
+            count = total
+        out = (n * CHUNKS + chunk).to(tl.int64) * C + c
+        tl.store(mean_ptr + out, mean, mask=cmask)
+        tl.store(m2_ptr + out, m2, mask=cmask)
+
+    @triton.jit
+    def row_merge_stats(mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, C, S, GROUPS, CPG, CHUNKS, PIXELS, eps,
+                        BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+        # One (sample, group): its CPG channels' partials of every chunk; chunk k holds min(S - k*PIXELS, PIXELS)
+        # pixels a channel.
+        group_id = tl.program_id(0)
+        n = group_id // GROUPS
+        g = group_id % GROUPS
+        ci = tl.arange(0, BLOCK_CPG)
+        cmask = ci < CPG
+        total = tl.cast(S, tl.float32) * CPG
+        acc = tl.zeros([BLOCK_K, BLOCK_CPG], dtype=tl.float32)
+        for start in range(0, CHUNKS, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            valid = (k < CHUNKS)[:, None] & cmask[None, :]
+            counts = tl.minimum(S - k * PIXELS, PIXELS).to(tl.float32)[:, None]
+            offsets = (n * CHUNKS + k)[:, None].to(tl.int64) * C + (g * CPG + ci)[None, :]
+            acc += tl.where(valid, counts * tl.load(mean_ptr + offsets, mask=valid, other=0.0), 0.0)
+        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+        acc = tl.zeros([BLOCK_K, BLOCK_CPG], dtype=tl.float32)
+        for start in range(0, CHUNKS, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            valid = (k < CHUNKS)[:, None] & cmask[None, :]
+            counts = tl.minimum(S - k * PIXELS, PIXELS).to(tl.float32)[:, None]
+            offsets = (n * CHUNKS + k)[:, None].to(tl.int64) * C + (g * CPG + ci)[None, :]
+            means = tl.load(mean_ptr + offsets, mask=valid, other=0.0)
+            m2s = tl.load(m2_ptr + offsets, mask=valid, other=0.0)
+            acc += tl.where(valid, m2s + counts * (means - mean) * (means - mean), 0.0)
+        var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+        tl.store(out_mean_ptr + group_id, mean)
+        tl.store(out_rstd_ptr + group_id, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def row_normalize(x_ptr, y_ptr, pre_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, S, GROUPS, CPG, s_n, o_n,
+                      HAS_PRE: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        # Whole pixels again: per channel, y = v * scale + shift with the group's statistics folded in.
+        block = tl.program_id(0)
+        n = tl.program_id(1)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        stat = n * GROUPS + c // CPG
+        scale = tl.load(rstd_ptr + stat, mask=cmask, other=0.0)
+        shift = -tl.load(mean_ptr + stat, mask=cmask, other=0.0) * scale
+        if HAS_PRE:
+            shift += tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32) * scale
+        if HAS_AFFINE:
+            w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)
+            shift = shift * w + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            scale = scale * w
+        p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (p < S)[:, None] & cmask[None, :]
+        offsets = p[:, None].to(tl.int64) * C + c[None, :]
+        v = tl.load(x_ptr + n.to(tl.int64) * s_n + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, v * scale[None, :] + shift[None, :], 0.0)  # padding lanes: 0, not shift (exp overflow)
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + n.to(tl.int64) * o_n + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def channel_bias_add(x_ptr, bias_ptr, res_ptr, numel, C, CHANNEL_STRIDE, HAS_BIAS: tl.constexpr,
@@ -290,6 +385,7 @@ def _kernels():
             tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
 
     return types.SimpleNamespace(partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
+                                 row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
                                  channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
 
 
@@ -341,16 +437,66 @@ def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
     return block_c, block_s
 
 
+# channels_last activations (the layout the pass runs in) take the whole-pixel kernels: a program reads rows
+# of all C channels, contiguous in memory, instead of one group's few channels of each pixel (4 of 128 in
+# the VAE: a quarter of every memory sector it fetched). Tiles of about ROW_TILE values; SUB tiles per
+# statistics program keep the partials (per chunk and channel) small, down to 1 where that would leave fewer
+# than ROW_MIN_PROGRAMS programs (small activations: enough programs to fill the GPU).
+ROW_TILE = 8192
+ROW_SUB = 8
+ROW_MIN_PROGRAMS = 512
+MAX_ROW_CHANNELS = 4096  # SD2.1's widest norm: 2560 (the UNet's up blocks normalise concatenated skips)
+
+
+def _row_blocks(c: int) -> tuple[int, int]:
+    block_c = 1 << (c - 1).bit_length()
+    return block_c, max(1, ROW_TILE // block_c)
+
+
+def _row_sub(n: int, spatial: int, block_p: int) -> int:
+    sub = ROW_SUB
+    while sub > 1 and n * -(-spatial // (sub * block_p)) < ROW_MIN_PROGRAMS:
+        sub //= 2
+    return sub
+
+
+def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n):
+    import triton
+
+    k = _kernels()
+    n, c = x.shape[:2]
+    spatial = x[0, 0].numel()
+    cpg = c // groups
+    block_c, block_p = _row_blocks(c)
+    sub = _row_sub(n, spatial, block_p)
+    pixels = block_p * sub  # a statistics program's pixels
+    chunks = triton.cdiv(spatial, pixels)
+    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, (n * chunks, c), n * groups, weight,
+                                                                          bias, pre_bias)
+    with _launch_context(x):
+        k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
+                                 HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
+                                 num_warps=4)
+        k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
+                                         spatial, groups, cpg, chunks, pixels, eps, BLOCK_K=64,
+                                         BLOCK_CPG=max(1, 1 << (cpg - 1).bit_length()), num_warps=4)
+        k.row_normalize[(triton.cdiv(spatial, block_p), n)](
+            x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, o_n, HAS_PRE=pre_bias is not None,
+            HAS_AFFINE=weight is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    return y
+
+
 def _launch_context(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()  # CPU: Triton's interpreter
 
 
-def _statistics_buffers(x, rows, chunks, weight, bias, pre_bias):
-    """Float32 partial statistics (rows x chunks) and per-row mean and rstd; the optional pre-bias, weight and
-    bias, with a placeholder pointer (never read) for those that are None."""
-    partial_mean = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+def _statistics_buffers(x, partials: tuple[int, int], groups: int, weight, bias, pre_bias):
+    """Float32 partial statistics (mean and M2, of shape `partials`) and the mean and rstd of each of `groups`
+    (sample, group); the optional pre-bias, weight and bias, with a placeholder pointer (never read) for those
+    that are None."""
+    partial_mean = torch.empty(partials, device=x.device, dtype=torch.float32)
     partial_m2 = torch.empty_like(partial_mean)
-    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    mean = torch.empty(groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     pre = pre_bias.contiguous() if pre_bias is not None else mean
     w = weight if weight is not None else mean
@@ -370,10 +516,12 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
     y = torch.empty_like(x)  # same strides as x (dense tensors keep their layout)
     s_n, s_c, s_s = _flat_strides(x)
     o_n, o_c, o_s = _flat_strides(y)
+    if s_c == 1 and s_s == c and o_c == 1 and o_s == c and c <= MAX_ROW_CHANNELS:
+        return _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n)
     block_c, block_s = _block_sizes(cpg, spatial)
     chunks = triton.cdiv(spatial, block_s)
-    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, n * groups, chunks, weight, bias,
-                                                                          pre_bias)
+    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, (n * groups, chunks), n * groups,
+                                                                          weight, bias, pre_bias)
     grid = (n * groups, chunks)
     with _launch_context(x):
         k.partial_stats[grid](x, pre, partial_mean, partial_m2, c, spatial, groups, cpg, chunks, s_n, s_c, s_s,

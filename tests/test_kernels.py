@@ -37,6 +37,7 @@ def _rel(a, b):
     ((1, 40, 17, 5), 8, True, True, True),       # channels_last, 5 channels a group (padded block), time bias
     ((2, 32, 37), 32, False, False, False),      # (N, C, L): the VAE attention's norm
     ((1, 320, 8, 8), 32, True, True, True),      # the UNet's 10 channels a group
+    ((2, 96, 7, 9), 32, True, True, False),      # channels_last, two samples, each with its own time bias
 ])
 def test_group_norm_matches_pytorch(interpreted, shape, groups, channels_last, pre, silu):
     g = torch.Generator().manual_seed(0)
@@ -60,6 +61,24 @@ def test_group_norm_merges_many_chunks(interpreted, monkeypatch):
     y = kernels.group_norm_silu(x, None, None, 2, 1e-6, False)
     expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-6)
     assert _rel(y, expected) < 1e-5
+
+
+def test_group_norm_channels_last_reads_whole_pixels(interpreted, monkeypatch):
+    """channels_last takes the whole-pixel kernels; here with tiles of 2 pixels, 16 a statistics program, so
+    that 297 chunks a sample make the merge loop over its 64-wide block five times, on a mean 200x the spread."""
+    calls = []
+    rows = kernels._triton_group_norm_rows
+    monkeypatch.setattr(kernels, "_triton_group_norm_rows", lambda *a: calls.append(1) or rows(*a))
+    monkeypatch.setattr(kernels, "ROW_TILE", 16)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 8, 60, 79, generator=g) * 0.5 + 100.0).to(memory_format=torch.channels_last)
+    w, b, pre = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, generator=g)
+    y = kernels.group_norm_silu(x, w, b, 4, 1e-6, True, pre)
+    expected = kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 4, 1e-6, True, pre.double())
+    assert calls and y.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, expected) < 1e-5
+    nchw = kernels.group_norm_silu(x.contiguous(), w, b, 4, 1e-6, True, pre)  # the per-group kernels
+    assert len(calls) == 1 and _rel(nchw, expected) < 1e-5
 
 
 @pytest.mark.parametrize("cpg", [4, 8, 16, 40])
@@ -136,6 +155,90 @@ def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, mon
     assert _rel(got_z, want_z) < 1e-5
     assert _rel(got_x, want_x) < 1e-5
     assert _rel(got_eps, want_eps) < 1e-5
+
+
+def test_fused_transformer_keeps_channels_last(tiny_base, monkeypatch):
+    """A UNet transformer's output stays channels_last (diffusers' is an NCHW copy) with the same values."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
+    unet, counts = _fused_copy(tiny_base.unet)
+    assert counts["transformer"] == sum(type(m).__name__ == "Transformer2DModel" for m in tiny_base.unet.modules()) > 0
+    name, fused = next((n, m) for n, m in unet.named_modules() if isinstance(m, fused_blocks.FusedTransformer2DModel))
+    plain = dict(tiny_base.unet.named_modules())[name]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, fused.config.in_channels, 6, 5, generator=g).to(memory_format=torch.channels_last)
+    text = torch.randn(1, 77, fused.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        got = fused(x, encoder_hidden_states=text, return_dict=False)[0]
+        want = plain(x, encoder_hidden_states=text, return_dict=False)[0]
+    assert got.is_contiguous(memory_format=torch.channels_last) and want.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4, 6, 5, 7), (2, 3, 5, 1, 9), (1, 8, 8, 16, 9)])  # n, in, out, h, w
+def test_subpixel_upsample_is_nearest_then_conv(shape, channels_last):
+    """Nearest 2x then a 3x3 convolution (padding 1) equals the four 2x2 phase convolutions, borders included,
+    to float64 rounding."""
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(o, c, 3, 3, generator=g, dtype=torch.float64), torch.randn(o, generator=g, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), weight,
+                                      bias, padding=1)
+    got = fused_blocks.nearest2x_conv3x3(x, weight, bias)
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-12
+
+
+def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
+    """The phase kernels are remade when the 3x3 weights change (a LoRA merged later, a reload)."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    vae, counts = _fused_copy(tiny_base.vae)
+    assert counts["upsample"] == sum(type(m).__name__ == "Upsample2D" for m in tiny_base.vae.modules()) > 0
+    up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
+    x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = up(x)
+        up.conv.weight.mul_(0.5)
+        after = up(x)
+        want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                          up.conv.weight, up.conv.bias, padding=1)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_fused_upsample_paths(tiny_base, monkeypatch):
+    """The sub-pixel path also serves an output_size of exactly twice the input (the UNet passes one for latents
+    not a multiple of 8) and leaves autograd to diffusers' forward (the phase kernels carry no gradient)."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    vae, _ = _fused_copy(tiny_base.vae)
+    up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
+    calls = []
+    original = fused_blocks.nearest2x_conv3x3
+    monkeypatch.setattr(fused_blocks, "nearest2x_conv3x3", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        sized = up(x, output_size=(10, 12))
+        other = up(x, output_size=(11, 12))  # not twice: diffusers' interpolation
+    assert len(calls) == 1 and sized.shape[-2:] == (10, 12) and other.shape[-2:] == (11, 12)
+    up.conv.weight.requires_grad_(True)
+    up(x).sum().backward()
+    assert len(calls) == 1 and up.conv.weight.grad is not None
+
+
+def test_fused_transformer_keeps_diffusers_dtype_under_autocast(tiny_base, monkeypatch):
+    """Under autocast the projection comes out in bf16 and the residual stays float32: the sum is float32, as
+    diffusers' is (an in-place add would have made it bf16)."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    unet, _ = _fused_copy(tiny_base.unet)
+    fused = next(m for m in unet.modules() if isinstance(m, fused_blocks.FusedTransformer2DModel))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, fused.config.in_channels, 4, 4, generator=g)
+    text = torch.randn(1, 77, fused.config.cross_attention_dim, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x, encoder_hidden_states=text, return_dict=False)[0]
+    assert out.dtype == torch.float32
 
 
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):

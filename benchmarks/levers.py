@@ -1,0 +1,156 @@
+"""The speed levers of the pass, each against the pass without it, on one CUDA GPU, in one process:
+
+  rows         GroupNorm for channels_last reading whole pixels (kernels.MAX_ROW_CHANNELS) instead of one
+               group's channels of each pixel;
+  transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
+               instead of diffusers' NCHW copy;
+  upsample     nearest 2x + 3x3 convolution as a sub-pixel convolution (fused_blocks.SUBPIXEL_UPSAMPLE)
+               instead of diffusers' upsampled copy and 3x3 convolution;
+
+Measured and removed (benchmarks/results/2026-11-30-h200-levers): the graphed UNet's small activations on Triton
+too (0.5 ms at 1024, 11 ms at 2048, its GPU test failed), cuDNN's benchmark mode (-0.4 ms at 1024, +5.5 ms
+at 2048).
+
+Parts:
+  kernels  every GroupNorm shape of SD2.1 at a 1024 output that runs on Triton (bf16, channels_last, affine,
+           SiLU): GPU time of each kernel set and PyTorch's F.group_norm, effective bandwidth (one read for the
+           statistics, one read and one write for the output), relative error against float64;
+  pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with every lever on,
+           then with each one off: median of 10 calls, the PSNR of each against all-on, and the GPU time by
+           kind of kernel of the all-on pass at 1024.
+
+    python3 benchmarks/levers.py --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hypir import fused_blocks, kernels  # noqa: E402
+from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
+from hypir.pipeline import HYPIRPipeline  # noqa: E402
+from hypir.bench.speed import time_by_kind  # noqa: E402
+from hypir.runtime import runtime_of  # noqa: E402
+
+SHAPES = [  # (C, H, W) of SD2.1's GroupNorms at a 1024 output, at or above kernels.TRITON_MIN_ELEMENTS
+    (128, 1024, 1024), (256, 1024, 1024), (256, 512, 512), (512, 512, 512), (512, 256, 256), (320, 128, 128),
+]
+ROWS_ON = kernels.MAX_ROW_CHANNELS
+
+
+def gpu_ms(fn, repeats=50) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def rows(enabled: bool) -> None:
+    kernels.MAX_ROW_CHANNELS = ROWS_ON if enabled else 0
+
+
+def levers(off: str | None) -> None:
+    """Every lever on but `off`."""
+    rows(off != "rows")
+    fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
+    fused_blocks.SUBPIXEL_UPSAMPLE = off != "upsample"
+
+
+def part_kernels() -> list[dict]:
+    out = []
+    for c, h, w in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(c + h)
+        x = (torch.randn(1, c, h, w, device="cuda", generator=g) * 2 + 0.5).to(torch.bfloat16)
+        x = x.to(memory_format=torch.channels_last)
+        weight = torch.randn(c, device="cuda", generator=g).to(torch.bfloat16)
+        bias = torch.randn(c, device="cuda", generator=g).to(torch.bfloat16)
+        exact = kernels.group_norm_silu_reference(x.double(), weight.double(), bias.double(), 32, 1e-6, True)
+        row = {"shape": [c, h, w], "mib": x.numel() * 2 / 2**20}
+        for name, enabled in (("rows", True), ("groups", False)):
+            rows(enabled)
+            y = kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True)
+            row[f"{name}_rel_err"] = ((y.double() - exact).norm() / exact.norm()).item()
+            row[f"{name}_ms"] = gpu_ms(lambda: kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True))
+            row[f"{name}_gbps"] = 3 * x.numel() * 2 / row[f"{name}_ms"] / 1e6
+        rows(True)
+        row["pytorch_ms"] = gpu_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6)))
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def part_pass(save, smoke: bool = False) -> dict:
+    device = torch.device("cpu" if smoke else "cuda")
+    pipe = HYPIRPipeline(build_models("tiny" if smoke else "sd21", device,
+                                      torch.float32 if smoke else torch.bfloat16))
+    out = {"rows": []}
+    for side in ((16, 32) if smoke else (512, 1024)):
+        lq = random_images(side, device)
+        row = {"output": side * 2}
+        images = {}
+        for off in (None, "rows", "transformer", "upsample", None):
+            name = f"without_{off}" if off else "all_on"
+            levers(off)
+            runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
+            pipe(lq, upscale=2.0, latent="mode")
+            pipe(lq, upscale=2.0, latent="mode")  # captures this set's graph
+            times = []
+            for _ in range(10):
+                result = pipe(lq, upscale=2.0, latent="mode")
+                times.append(result.seconds * 1000)
+            row[f"{name}_ms"] = min(row.get(f"{name}_ms", float("inf")), statistics.median(times))  # all_on twice
+            images.setdefault(name, result.images)
+            db = psnr(result.images, images["all_on"])
+            row[f"{name}_psnr_vs_all_on_db"] = None if db == float("inf") else db  # None: identical
+        row["status"] = result.status_line()
+        out["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "status"}), flush=True)
+        save(out)
+    levers(None)
+    runtime_of(pipe.models).unet_graphs.clear()
+    if smoke:
+        return out
+    out["profile_1024_all_on"] = time_by_kind(pipe, random_images(512, torch.device("cuda")))
+    print(json.dumps({k: round(v["ms"], 2) for k, v in out["profile_1024_all_on"]["kinds"].items()}), flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--parts", default="kernels,pass")
+    parser.add_argument("--smoke", action="store_true", help="the pass part's flow on the CPU, tiny models")
+    args = parser.parse_args()
+    result = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save(part: dict | None = None) -> None:  # as it goes: a run cut short keeps what it measured
+        if part is not None:
+            result["pass"] = part
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+    try:
+        if "kernels" in args.parts and not args.smoke:
+            result["kernels"] = part_kernels()
+            save()
+        if "pass" in args.parts:
+            save(part_pass(save, args.smoke))
+    finally:
+        levers(None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
