@@ -4,6 +4,7 @@ conditions, the exact console and status lines, run-time fallback, and no global
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import threading
 import time
@@ -443,6 +444,47 @@ def test_each_shape_is_measured_once_across_routers(kernels):
     calls = {AttentionBackend.FLASH_ATTN: 1, AttentionBackend.SDPA_CUDNN: 2}
     assert {b: s.attempts - warm_ups[b] for b, s in kernels.items()} == {b: calls.get(b, 0) for b in kernels}
     assert len(autotune_table()) == 2
+
+
+def test_a_clear_loser_is_timed_by_one_call():
+    """A candidate whose first timed call is more than LOSING_FACTOR times the best so far stops there; the
+    others are timed in TIMED_ROUNDS groups of up to `iters` calls (about a millisecond of GPU work each)."""
+    asked = []
+
+    def group(ms):
+        def run(calls):
+            asked.append(calls)
+            return ms
+        return run
+
+    assert tuning_module.rounds(group(0.05), iters=8, beat=math.inf) == 0.05
+    assert asked == [1] + [8] * tuning_module.TIMED_ROUNDS
+    asked.clear()
+    assert tuning_module.rounds(group(0.5), iters=8, beat=0.3) == 0.5  # 1.7x the best: still timed fully
+    assert asked == [1] + [2] * tuning_module.TIMED_ROUNDS
+    asked.clear()
+    assert tuning_module.rounds(group(40.0), iters=8, beat=11.0) == 40.0  # 3.6x: one call
+    assert asked == [1]
+
+
+def test_each_candidate_is_timed_against_the_best_before_it(kernels, monkeypatch):
+    """measure() hands the built-in timer the fastest time so far, in the candidates' order."""
+    seen = []
+    times = {AttentionBackend.SDPA_CUDNN: 2.0, AttentionBackend.SDPA_FLASH: 1.0, AttentionBackend.SDPA_EFFICIENT: 5.0}
+
+    def timer(backend, fn, q, k, v, scale, beat):
+        seen.append((backend, beat))
+        return times[backend]
+
+    def failed(backend, exc):
+        raise AssertionError(f"{backend.value}: {exc}")
+
+    monkeypatch.setattr(tuning_module, "time_kernel", timer)
+    q, k, v = qkv(1, 8, 8, 1, 16, seed=1, dtype=torch.bfloat16)
+    timing = tuning_module.measure(AttentionShape.of(q, k), list(times), q, k, v, 0.25, None, on_error=failed)
+    assert seen == [(AttentionBackend.SDPA_CUDNN, math.inf), (AttentionBackend.SDPA_FLASH, 2.0),
+                    (AttentionBackend.SDPA_EFFICIENT, 1.0)]
+    assert timing.winner == AttentionBackend.SDPA_FLASH and timing.times == times
 
 
 def test_concurrent_first_calls_measure_once(kernels):

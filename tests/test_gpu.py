@@ -90,9 +90,9 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
     timed = []
     real_timer = tuning_module.time_kernel
 
-    def counting_timer(backend, fn, q, k, v, scale):
+    def counting_timer(backend, fn, q, k, v, scale, **options):
         timed.append((AttentionShape.of(q, k), backend))
-        return real_timer(backend, fn, q, k, v, scale)
+        return real_timer(backend, fn, q, k, v, scale, **options)
 
     monkeypatch.setattr(tuning_module, "time_kernel", counting_timer)
     clear_autotune_cache()

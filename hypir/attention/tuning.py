@@ -5,6 +5,7 @@ reuse it. A CUDA graph capture never times: the fixed order decides there."""
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
@@ -22,6 +23,7 @@ logger = logging.getLogger("hypir")
 
 TIMED_ITERS = 8  # calls queued back to back per timed group, after one warm-up call
 TIMED_ROUNDS = 3  # groups per candidate; the median counts
+LOSING_FACTOR = 2.0  # a candidate whose first timed call is this much slower than the best so far stops there
 SLEEP_CYCLES = 10_000_000  # GPU clock cycles the stream is held while the calls are queued (about 5 ms)
 MAX_TUNED_SHAPES = 256  # oldest entries go first beyond this
 
@@ -72,12 +74,13 @@ def clear_autotune_cache() -> None:
         _TUNED.clear()
 
 
-def time_kernel(backend: AttentionBackend, fn: Callable, q, k, v, scale: float, iters: int = TIMED_ITERS) -> float:
+def time_kernel(backend: AttentionBackend, fn: Callable, q, k, v, scale: float, iters: int = TIMED_ITERS,
+                beat: float = math.inf) -> float:
     """GPU milliseconds per call of ``fn(q, k, v, scale)``: what a pass replayed from a CUDA graph pays. A sleep
     kernel first holds q's stream while the CPU queues `iters` calls back to back, so the time between the two
     events is the kernels' own and not the Python wrapper's (flash-attn's wrapper costs more CPU time than SDPA's:
     timed call by call it lost at small shapes although its kernel is as fast). The caller made the warm-up call.
-    The median of TIMED_ROUNDS such groups is returned."""
+    `beat`: the best time so far for this shape (see :func:`rounds`)."""
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream()
 
@@ -91,9 +94,19 @@ def time_kernel(backend: AttentionBackend, fn: Callable, q, k, v, scale: float, 
             end.synchronize()
             return start.elapsed_time(end) / calls
 
-        # About a millisecond of GPU work a group: up to `iters` calls of a short kernel, one of a long one.
-        calls = max(1, min(iters, int(1.0 / max(group(1), 1e-3))))
-        return statistics.median(group(calls) for _ in range(TIMED_ROUNDS))
+        return rounds(group, iters, beat)
+
+
+def rounds(group: Callable[[int], float], iters: int, beat: float) -> float:
+    """One call timed first; a candidate already LOSING_FACTOR times slower than `beat` cannot win and is not
+    timed further (at a 2048 output the slow kernels' calls take tens of ms each, and the first image of a new
+    size waits for them). Otherwise the median of TIMED_ROUNDS groups of about a millisecond of GPU work: up to
+    `iters` calls of a short kernel, one of a long one. ``group(calls)`` returns ms per call."""
+    single = group(1)
+    if single > LOSING_FACTOR * beat:
+        return single
+    calls = max(1, min(iters, int(1.0 / max(single, 1e-3))))
+    return statistics.median(group(calls) for _ in range(TIMED_ROUNDS))
 
 
 def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, scale: float,
@@ -105,7 +118,6 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
         timing = _TUNED.get(shape)
         if timing is not None:  # another thread measured it meanwhile
             return timing
-        timer = timer or time_kernel
         started = time.perf_counter()
         times: dict[AttentionBackend, float] = {}
         errors: dict[AttentionBackend, str] = {}
@@ -114,7 +126,11 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
                 fn = REGISTRY[backend].fn
                 try:
                     fn(q, k, v, scale)  # warm-up (FA4 compiles here)
-                    times[backend] = float(timer(backend, fn, q, k, v, scale))
+                    if timer is None:
+                        ms = time_kernel(backend, fn, q, k, v, scale, beat=min(times.values(), default=math.inf))
+                    else:
+                        ms = timer(backend, fn, q, k, v, scale)
+                    times[backend] = float(ms)
                 except torch.cuda.OutOfMemoryError:  # needs more memory than is free now: not a defect
                     logger.warning("[HYPIR] %s ran out of GPU memory while timed on %s; not used for it",
                                    backend.value, shape.describe())
