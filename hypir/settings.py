@@ -159,25 +159,26 @@ def check_setting(key: str, value: Any) -> Any:
 class RestoreOptions:
     """Everything one restore pass needs besides the models and the images; checked when built."""
 
-    upscale: float | None = 2.0  # None with long_side
+    # Defaults from SETTINGS, the one place they are written.
+    upscale: float | None = DEFAULTS["upscale"]  # None with long_side
     long_side: int | None = None
-    prompt: str = ""
-    seed: int = 231
-    model_t: int = 200
-    coeff_t: int = 200
-    tile_size: int | None = None  # pixels of the processed image; None: auto
-    tile_stride: int = 256
-    latent: str = "sample"
-    color_fix: bool = True
+    prompt: str = DEFAULTS["prompt"]
+    seed: int = DEFAULTS["seed"]
+    model_t: int = DEFAULTS["model_t"]
+    coeff_t: int = DEFAULTS["coeff_t"]
+    tile_size: int | None = None  # pixels of the processed image; None: auto (the setting's "auto")
+    tile_stride: int = DEFAULTS["tile_stride"]
+    latent: str = DEFAULTS["latent"]
+    color_fix: bool = DEFAULTS["color_fix"]
     vram_budget_gb: float | None = None  # None: the device's free memory
     # attention
-    attention: str = "auto"
-    use_flash_attention: bool = True
-    attention_autotune: bool = True
+    attention: str = DEFAULTS["attention"]
+    use_flash_attention: bool = DEFAULTS["use_flash_attention"]
+    attention_autotune: bool = DEFAULTS["attention_autotune"]
     # speed
-    fused_kernels: bool = True
-    fused_softmax: bool = True
-    cuda_graphs: bool = True
+    fused_kernels: bool = DEFAULTS["fused_kernels"]
+    fused_softmax: bool = DEFAULTS["fused_softmax"]
+    cuda_graphs: bool = DEFAULTS["cuda_graphs"]
     # how the pass behaves
     oom_retry: bool = True  # out of GPU memory: retry with smaller tiles
     sync_stages: bool = False  # time each stage exactly (synchronises the GPU between stages; the bench)
