@@ -174,6 +174,13 @@ class FusedUpsample2D(Upsample2D):
             self._phase_weight = cached
         return nearest2x_conv3x3(hidden_states, conv.weight, conv.bias, cached[1])
 
+    def _apply(self, fn, recurse=True):
+        # A move (.to, .cpu, .half: ComfyUI offloading the model) drops the phase kernels and the weights they
+        # hold, which would otherwise keep their GPU memory while the model sits on the CPU; the next call makes
+        # them again from the moved weights.
+        self._phase_weight = None
+        return super()._apply(fn, recurse)
+
 
 def fusable_upsample(module: nn.Module) -> bool:
     conv = getattr(module, "conv", None)

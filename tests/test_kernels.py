@@ -208,6 +208,24 @@ def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
     assert not torch.allclose(before, after)
 
 
+def test_fused_upsample_holds_nothing_after_a_move(tiny_base, monkeypatch):
+    """Moving the model (ComfyUI's offload: .to(), .half()) drops the phase kernels and the weights they keep, so
+    no memory of the old device stays held; the next call remakes them from the moved weights."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
+    vae, _ = _fused_copy(tiny_base.vae)
+    up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
+    x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        before = up(x)
+        held = up._phase_weight[2]
+        assert held.data_ptr() == up.conv.weight.data_ptr()
+        vae.to(torch.float64)
+        assert up._phase_weight is None
+        after = up(x.double())
+    assert up._phase_weight[1].dtype == torch.float64
+    torch.testing.assert_close(after.float(), before, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_upsample_paths(tiny_base, monkeypatch):
     """The sub-pixel path also serves an output_size of exactly twice the input (the UNet passes one for latents
     not a multiple of 8) and leaves autograd to diffusers' forward (the phase kernels carry no gradient)."""
