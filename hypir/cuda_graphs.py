@@ -34,12 +34,18 @@ class _Graph:
     state: object  # what the capturing call recorded (the attention kernels it ran), replayed with the graph
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place write counter of `t`; 0 for an inference tensor, which has none (ComfyUI runs its nodes, model
+    loading included, under torch.inference_mode(), and reading `_version` there raises)."""
+    return 0 if t.is_inference() else t._version
+
+
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Where the module's weights live, and their in-place versions: changes when any of them is moved, replaced
     or written in place (a graph would replay kernels made from the old values, such as the sub-pixel phase
     weights of an upsampler)."""
-    return (tuple((p.data_ptr(), p._version) for p in module.parameters())
-            + tuple((b.data_ptr(), b._version) for b in module.buffers()))
+    return (tuple((p.data_ptr(), tensor_version(p)) for p in module.parameters())
+            + tuple((b.data_ptr(), tensor_version(b)) for b in module.buffers()))
 
 
 class GraphedCalls:

@@ -33,6 +33,7 @@ from diffusers.models.upsampling import Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from .cuda_graphs import tensor_version
 from .kernels import add_channel_bias_, group_norm_silu, switched
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fused_kernels", default=True)
@@ -162,7 +163,7 @@ class FusedUpsample2D(Upsample2D):
         if not (SUBPIXEL_UPSAMPLE and output_size in (None, (2 * h, 2 * w), [2 * h, 2 * w])
                 and _fast(hidden_states) and not (torch.is_grad_enabled() and conv.weight.requires_grad)):
             return super().forward(hidden_states, output_size, *args, **kwargs)
-        key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.dtype, conv.weight.device)
+        key = (conv.weight.data_ptr(), tensor_version(conv.weight), conv.weight.dtype, conv.weight.device)
         cached = getattr(self, "_phase_weight", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():

@@ -226,6 +226,35 @@ def test_fused_upsample_holds_nothing_after_a_move(tiny_base, monkeypatch):
     torch.testing.assert_close(after.float(), before, rtol=1e-5, atol=1e-5)
 
 
+def test_weights_made_under_inference_mode():
+    """ComfyUI runs its nodes, model loading included, under torch.inference_mode(): such weights have no
+    version counter (reading `_version` raises). The sub-pixel upsampler's cache key and the CUDA graphs' weights
+    signature still work, inside inference mode and outside it."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from hypir.cuda_graphs import weights_signature
+
+    with torch.inference_mode():
+        up = Upsample2D(8, use_conv=True)
+    assert up.conv.weight.is_inference()
+    assert fused_blocks.install_fused_blocks(up)["upsample"] == 1
+    x = torch.randn(1, 8, 5, 6, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                          up.conv.weight, up.conv.bias, padding=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_blocks, "_fast", lambda x: True)
+        with torch.inference_mode():
+            inside = up(x)
+            signature = weights_signature(up)
+        with torch.no_grad():
+            outside = up(x)
+    assert up._phase_weight is not None  # the sub-pixel path ran
+    torch.testing.assert_close(inside, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outside, want, rtol=1e-5, atol=1e-5)
+    assert signature == weights_signature(up) and len(signature) == 2
+
+
 def test_fused_upsample_paths(tiny_base, monkeypatch):
     """The sub-pixel path also serves an output_size of exactly twice the input (the UNet passes one for latents
     not a multiple of 8) and leaves autograd to diffusers' forward (the phase kernels carry no gradient)."""
