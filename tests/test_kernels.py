@@ -353,3 +353,14 @@ def test_scaled_softmax_switched_off_is_pytorch(interpreted, monkeypatch):
     with kernels.fused_softmax(False):
         assert torch.equal(kernels.scaled_softmax(scores.clone(), 0.5, torch.bfloat16), expected)
     assert kernels.fused_softmax_enabled()  # only for the calls inside
+
+
+def test_every_triton_kernel_has_a_kind_in_the_profile():
+    """The speed bench files each kernel of the profile by its name; every Triton kernel of the pack has its
+    kind (`row_stats` was counted as "other" once)."""
+    from hypir.bench.common import kernel_kind
+
+    names = vars(kernels._kernels())
+    assert {"row_stats", "row_merge_stats", "row_normalize", "partial_stats"} <= set(names)
+    assert {name: kernel_kind(name) for name in names if kernel_kind(name) == "other"} == {}
+    assert kernel_kind("row_stats") == kernel_kind("normalize") == "group norm (Triton)"

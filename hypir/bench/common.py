@@ -16,7 +16,7 @@ ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "sdpa", "mha"
 KERNEL_KINDS = (
     ("attention", ATTENTION_KERNEL_WORDS),
     ("convolution", ("conv", "fprop", "implicit_gemm", "xmma", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")),
-    ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize")),
+    ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize", "row_stats")),
     ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
     ("bias and skip add (Triton)", ("channel_bias_add",)),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
