@@ -33,6 +33,7 @@ def table(result: dict) -> str:
     for size, entry in result["sizes"].items():
         rows = entry["rows"]
         baseline = rows.get("stock standard")
+        baseline = baseline if baseline and not baseline.get("error") else None
         for name, row in rows.items():
             label = NAMES.get(name, name)
             if row.get("error"):

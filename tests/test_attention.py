@@ -447,8 +447,9 @@ def test_each_shape_is_measured_once_across_routers(kernels):
 
 
 def test_a_clear_loser_is_timed_by_one_call():
-    """A candidate whose first timed call is more than LOSING_FACTOR times the best so far stops there; the
-    others are timed in TIMED_ROUNDS groups of up to `iters` calls (about a millisecond of GPU work each)."""
+    """A candidate whose first timed call is more than LOSING_FACTOR times the best so far (and STOP_FLOOR_MS or
+    longer) stops there; the others are timed in TIMED_ROUNDS groups of up to `iters` calls (about a millisecond
+    of GPU work each)."""
     asked = []
 
     def group(ms):
@@ -465,6 +466,9 @@ def test_a_clear_loser_is_timed_by_one_call():
     asked.clear()
     assert tuning_module.rounds(group(40.0), iters=8, beat=11.0) == 40.0  # 3.6x: one call
     assert asked == [1]
+    asked.clear()
+    assert tuning_module.rounds(group(0.03), iters=8, beat=0.01) == 0.03  # 3x, but one call is too short to tell
+    assert asked == [1] + [8] * tuning_module.TIMED_ROUNDS
 
 
 def test_each_candidate_is_timed_against_the_best_before_it(kernels, monkeypatch):

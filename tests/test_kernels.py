@@ -19,13 +19,17 @@ triton = pytest.importorskip("triton", reason="the fused kernels need Triton (pi
 @pytest.fixture()
 def interpreted(monkeypatch):
     """The Triton kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 on machines without a
-    GPU), taken for CPU tensors."""
+    GPU), taken for CPU tensors. A kernel that raised would fall back to PyTorch's with nearly the same result:
+    the test fails if any did."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU machine: tests/test_gpu_kernels.py runs these kernels on the GPU")
     kernels._kernels.cache_clear()
     monkeypatch.setattr(kernels, "uses_triton", lambda x: True)
+    failures = []
+    monkeypatch.setattr(kernels, "_TRITON_FAILURE", failures)
     yield
     kernels._kernels.cache_clear()
+    assert not failures, f"a Triton kernel fell back to PyTorch: {failures}"
 
 
 def _rel(a, b):
@@ -200,10 +204,12 @@ def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
     x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         before = up(x)
+        key = up._phase_weight[0]
         up.conv.weight.mul_(0.5)
         after = up(x)
         want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
                                           up.conv.weight, up.conv.bias, padding=1)
+    assert up._phase_weight[0] != key  # the sub-pixel path ran again, with phases made from the new weights
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after)
 

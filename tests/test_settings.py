@@ -48,12 +48,10 @@ def test_every_setting_is_a_node_input_with_its_default():
 
 
 def test_restore_options_default_to_the_settings():
-    from dataclasses import fields
-
-    for f in fields(RestoreOptions):
-        if f.name in DEFAULTS:
-            default = None if DEFAULTS[f.name] == "auto" and f.name == "tile_size" else DEFAULTS[f.name]
-            assert f.default == default, f.name
+    """The options take their defaults from SETTINGS (tile_size's "auto" is None there)."""
+    options = RestoreOptions()
+    assert options.tile_size is None and DEFAULTS["tile_size"] == "auto"
+    assert options == RestoreOptions.from_settings(DEFAULTS)
 
 
 def test_options_check_what_they_are_given():

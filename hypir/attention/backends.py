@@ -141,7 +141,7 @@ def _standard(q, k, v, scale):
     """The textbook computation, softmax(Q K^T * scale) V, with queries in blocks of at most STANDARD_MAX_SCORES
     scores. Unblocked, a 2048 output's attention holds 2**32 or more of them (65536 tokens), where PyTorch's
     CUDA softmax returns wrong values (pytorch/pytorch#84144; measured on the H200: 14.4 dB against every other
-    backend), and it needed 44 GiB for them."""
+    backend), and the pass peaked at 43 GiB."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     b, h, n, _ = q.shape
     rows = max(1, STANDARD_MAX_SCORES // (b * h * k.shape[2]))

@@ -23,7 +23,8 @@ logger = logging.getLogger("hypir")
 
 TIMED_ITERS = 8  # calls queued back to back per timed group, after one warm-up call
 TIMED_ROUNDS = 3  # groups per candidate; the median counts
-LOSING_FACTOR = 2.0  # a candidate whose first timed call is this much slower than the best so far stops there
+LOSING_FACTOR = 2.0  # a candidate whose first timed call is this much slower than the best so far stops there,
+STOP_FLOOR_MS = 0.05  # if that call took this long: below it one call's time is too close to the events' own
 SLEEP_CYCLES = 10_000_000  # GPU clock cycles the stream is held while the calls are queued (about 5 ms)
 MAX_TUNED_SHAPES = 256  # oldest entries go first beyond this
 
@@ -103,7 +104,7 @@ def rounds(group: Callable[[int], float], iters: int, beat: float) -> float:
     size waits for them). Otherwise the median of TIMED_ROUNDS groups of about a millisecond of GPU work: up to
     `iters` calls of a short kernel, one of a long one. ``group(calls)`` returns ms per call."""
     single = group(1)
-    if single > LOSING_FACTOR * beat:
+    if single > max(LOSING_FACTOR * beat, STOP_FLOOR_MS):
         return single
     calls = max(1, min(iters, int(1.0 / max(single, 1e-3))))
     return statistics.median(group(calls) for _ in range(TIMED_ROUNDS))
