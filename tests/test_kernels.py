@@ -136,17 +136,21 @@ def test_fused_blocks_keep_parameters_and_cpu_results(tiny_base):
         assert torch.equal(vae.encode(x).latent_dist.mean, tiny_base.vae.encode(x).latent_dist.mean)
 
 
-def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, monkeypatch):
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, monkeypatch, mode):
     """The fused forward (norm+SiLU, conv biases folded into the next norm and the skip add, the time
-    embedding as a pre-norm bias) through the interpreted kernels equals diffusers' forward in float32."""
+    embedding as a pre-norm bias, the channels_last transformer output, the sub-pixel upsampler) through the
+    interpreted kernels equals diffusers' forward in float32; also with models made and run under
+    torch.inference_mode(), as ComfyUI loads and runs them."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
-    unet, _ = _fused_copy(tiny_base.unet)
-    vae, _ = _fused_copy(tiny_base.vae)
+    with mode():
+        unet, _ = _fused_copy(tiny_base.unet)
+        vae, _ = _fused_copy(tiny_base.vae)
     g = torch.Generator().manual_seed(4)
     image = torch.rand(1, 3, 32, 24, generator=g) * 2 - 1
     latent = torch.randn(1, 4, 8, 8, generator=g)
     text = torch.randn(1, 77, 32, generator=g)
-    with torch.no_grad():
+    with mode():
         got_z = vae.encode(image).latent_dist.mean
         got_x = vae.decode(latent).sample
         got_eps = unet(latent, torch.tensor([200]), encoder_hidden_states=text).sample
