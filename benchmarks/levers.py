@@ -16,8 +16,8 @@ Parts:
            SiLU): GPU time of each kernel set and PyTorch's F.group_norm, effective bandwidth (one read for the
            statistics, one read and one write for the output), relative error against float64;
   pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with every lever on,
-           then with each one off: median of 10 calls, the PSNR of each against all-on, and the GPU time by
-           kind of kernel of the all-on pass at 1024.
+           then with each one off: median of 10 calls, the PSNR of each against the same weights in float32
+           through diffusers' blocks, and the GPU time by kind of kernel of the all-on pass at 1024.
 
     python3 benchmarks/levers.py --json OUT.json
 """
@@ -94,27 +94,32 @@ def part_kernels() -> list[dict]:
 
 def part_pass(save, smoke: bool = False) -> dict:
     device = torch.device("cpu" if smoke else "cuda")
-    pipe = HYPIRPipeline(build_models("tiny" if smoke else "sd21", device,
-                                      torch.float32 if smoke else torch.bfloat16))
+    sides = (16, 32) if smoke else (512, 1024)
+    size = "tiny" if smoke else "sd21"
+    # The same weights in float32 through diffusers' own blocks: what each variant's PSNR is measured against.
+    fp32 = HYPIRPipeline(build_models(size, device, torch.float32))
+    references = {side: fp32(random_images(side, device), upscale=2.0, latent="mode", fused_kernels=False,
+                             cuda_graphs=False).images for side in sides}
+    del fp32
+    pipe = HYPIRPipeline(build_models(size, device, torch.bfloat16))
     out = {"rows": []}
-    for side in ((16, 32) if smoke else (512, 1024)):
+    for side in sides:
         lq = random_images(side, device)
         row = {"output": side * 2}
-        images = {}
-        for off in (None, "rows", "transformer", "upsample", None):
-            name = f"without_{off}" if off else "all_on"
+        # "fused_off": every fused block off (diffusers' blocks, the same graphs): the PSNR the pass had before them.
+        for off in (None, "rows", "transformer", "upsample", "fused", None):
+            name = "fused_off" if off == "fused" else f"without_{off}" if off else "all_on"
             levers(off)
+            options = dict(upscale=2.0, latent="mode", fused_kernels=off != "fused")
             runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
-            pipe(lq, upscale=2.0, latent="mode")
-            pipe(lq, upscale=2.0, latent="mode")  # captures this set's graph
+            pipe(lq, **options)
+            pipe(lq, **options)  # captures this set's graph
             times = []
             for _ in range(10):
-                result = pipe(lq, upscale=2.0, latent="mode")
+                result = pipe(lq, **options)
                 times.append(result.seconds * 1000)
             row[f"{name}_ms"] = min(row.get(f"{name}_ms", float("inf")), statistics.median(times))  # all_on twice
-            images.setdefault(name, result.images)
-            db = psnr(result.images, images["all_on"])
-            row[f"{name}_psnr_vs_all_on_db"] = None if db == float("inf") else db  # None: identical
+            row[f"{name}_psnr_vs_fp32_db"] = psnr(result.images, references[side])
         row["status"] = result.status_line()
         out["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "status"}), flush=True)
