@@ -123,7 +123,8 @@ class FusedTransformer2DModel(Transformer2DModel):
 
 SUBPIXEL_UPSAMPLE = True  # benchmarks/levers.py switches it off to measure what it saves
 # Rows (and columns) of the 3x3 kernel that each 2x2 tap of a phase sums: output row 2h+i of nearest-2x-then-
-# conv3x3 reads input rows h-1+i and h+i, the first with kernel rows ROWS[i][0], the second with ROWS[i][1].
+# conv3x3 reads input rows h-1+i and h+i, the first with kernel rows _PHASE_TAPS[i][0], the second with
+# _PHASE_TAPS[i][1].
 _PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
