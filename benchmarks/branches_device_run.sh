@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Levers on branches against main, in one GPU call: each branch's tree is carried as an ignored folder
+# (.levers/<branch>, made here with `git archive <branch> | tar -x -C .levers/<branch>`; .levers/ is in
+# .git/info/exclude) beside this checkout, and every tree runs the same commands on the same warm machine.
+#
+#   here:    for b in BRANCH...; do mkdir -p .levers/$b && git archive $b | tar -x -C .levers/$b; done
+#   device:  bash benchmarks/branches_device_run.sh      (carry .levers .wheels .comfy-small)
+#
+# Each branch not named *timing*: benchmarks/levers.py (kernels and the pass with each lever off, PSNR against
+# float32; a branch's levers.py times its lever against main's code in the same process). Then main and each
+# *timing* branch: benchmarks/first_image.py with one Triton cache of its own (a cold pass first, so the trees
+# compare on a warm cache). Results in $OUT/<tree>/; one archive comes back.
+set -uo pipefail
+OUT=${OUT:-device_out}
+LIMIT=${LIMIT:-590}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+shopt -s nullglob
+wheels=(.wheels/*.whl .comfy-small/*.whl)  # .comfy-small: for comfyui_device_run.sh current next
+[ ${#wheels[@]} -gt 0 ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+  "${wheels[@]}" 2>&1 | grep -v WARNING | tail -3
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+left() { local s=$(( LIMIT - 5 - SECONDS )); echo $(( s > 1 ? s : 1 )); }
+trees=(. .levers/*/)
+for tree in .levers/*/; do
+  name=$(basename "$tree")
+  [[ "$name" == *timing* ]] && continue
+  mkdir -p "$OUT/$name"
+  echo "== $name at $SECONDS s"
+  (cd "$tree" && TRITON_CACHE_DIR=/tmp/triton_levers PYTHONPATH=/tmp/site:$PWD timeout $(left) python3 benchmarks/levers.py \
+    --json "$OUT/$name/levers.json" ${LEVER_PARTS:+--parts $LEVER_PARTS}) > "$OUT/$name/levers.txt" 2>&1
+  grep '^{' "$OUT/$name/levers.txt" | cut -c1-500
+done
+for tree in "${trees[@]}"; do
+  name=$(basename "$(cd "$tree" && pwd)"); [ "$tree" = . ] && name=main
+  [ "$name" = main ] || [[ "$name" == *timing* ]] || continue
+  mkdir -p "$OUT/$name"
+  [ $(left) -gt 60 ] || { echo "no time left for first_image ($name)"; break; }
+  for pass in cold warm; do
+    [ "$pass" = cold ] && [ -d /tmp/triton_first ] && continue
+    (cd "$tree" && TRITON_CACHE_DIR=/tmp/triton_first PYTHONPATH=/tmp/site:$PWD timeout $(left) python3 benchmarks/first_image.py \
+      --json "$OUT/$name/first_$pass.json") > "$OUT/$name/first_$pass.txt" 2>&1
+    echo "== $name first_image $pass"; tail -4 "$OUT/$name/first_$pass.txt"
+  done
+done
+echo "done at $SECONDS s"
+tar -czf "$OUT/branches.tar.gz" -C "$OUT" --exclude branches.tar.gz . && find "$OUT" -mindepth 1 ! -name branches.tar.gz -delete
