@@ -260,36 +260,36 @@ def _kernels():
     def row_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, CHUNKS, s_n, HAS_PRE: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr):
         # channels_last: each pixel's C channels are contiguous, so a program reads whole pixels (every group at
-        # once, full memory sectors) and keeps per-channel (mean, M2) over SUB blocks of BLOCK_P pixels.
+        # once, full memory sectors): SUB blocks of BLOCK_P pixels in a loop the compiler pipelines, summing each
+        # value's distance to a pivot, and its square, in [BLOCK_P, BLOCK_C] accumulators reduced once at the end.
+        # The pivot, the chunk's first pixel, lies within the data, so the shifted sums do not cancel the way
+        # plain sums of squares do on a mean far from zero.
         chunk = tl.program_id(0)
         n = tl.program_id(1)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         base = x_ptr + n.to(tl.int64) * s_n
+        first = chunk * (SUB * BLOCK_P)
+        pivot = tl.load(base + first.to(tl.int64) * C + c, mask=cmask, other=0.0).to(tl.float32)
         if HAS_PRE:
             pre = tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
-        count = 0.0
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for sub in tl.static_range(SUB):
-            p = (chunk * SUB + sub) * BLOCK_P + tl.arange(0, BLOCK_P)
-            pmask = p < S
-            mask = pmask[:, None] & cmask[None, :]
+            pivot += pre
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for sub in range(SUB):
+            p = first + sub * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask = (p < S)[:, None] & cmask[None, :]
             v = tl.load(base + p[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_PRE:
-                v = tl.where(mask, v + pre[None, :], 0.0)
-            k = tl.sum(pmask.to(tl.float32), axis=0)
-            block_mean = tl.sum(v, axis=0) / tl.maximum(k, 1.0)
-            d = tl.where(mask, v - block_mean[None, :], 0.0)
-            block_m2 = tl.sum(d * d, axis=0)
-            total = count + k  # Chan et al.: merge this block into the running (count, mean, M2)
-            delta = block_mean - mean
-            mean = mean + delta * (k / tl.maximum(total, 1.0))
-            m2 = m2 + block_m2 + delta * delta * (count * k / tl.maximum(total, 1.0))
-            count = total
+                v += pre[None, :]
+            d = tl.where(mask, v - pivot[None, :], 0.0)
+            acc += d
+            acc2 += d * d
+        count = tl.minimum(S - first, SUB * BLOCK_P).to(tl.float32)
+        shift = tl.sum(acc, axis=0) / count
         out = (n * CHUNKS + chunk).to(tl.int64) * C + c
-        tl.store(mean_ptr + out, mean, mask=cmask)
-        tl.store(m2_ptr + out, m2, mask=cmask)
+        tl.store(mean_ptr + out, pivot + shift, mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(tl.sum(acc2, axis=0) - tl.sum(acc, axis=0) * shift, 0.0), mask=cmask)
 
     @triton.jit
     def row_merge_stats(mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, C, S, GROUPS, CPG, CHUNKS, PIXELS, eps,
@@ -476,7 +476,7 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     with _launch_context(x):
         k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
                                  HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
-                                 num_warps=4)
+                                 num_warps=8)
         k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
                                          spatial, groups, cpg, chunks, pixels, eps, BLOCK_K=64,
                                          BLOCK_CPG=max(1, 1 << (cpg - 1).bit_length()), num_warps=4)

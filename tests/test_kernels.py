@@ -85,6 +85,19 @@ def test_group_norm_channels_last_reads_whole_pixels(interpreted, monkeypatch):
     assert len(calls) == 1 and _rel(nchw, expected) < 1e-5
 
 
+def test_group_norm_rows_with_an_outlier_at_each_pivot(interpreted, monkeypatch):
+    """The whole-pixel statistics sum distances to each chunk's first pixel: where that pixel is an outlier
+    (1000 spreads from the mean), the variance still comes out right."""
+    monkeypatch.setattr(kernels, "ROW_TILE", 64)  # 8 channels: tiles of 8 pixels, 64 a statistics program
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 8, 40, 48, generator=g) + 3.0
+    x.view(1, 8, -1)[:, :, ::64] = 1000.0  # every chunk's first pixel
+    x = x.to(memory_format=torch.channels_last)
+    y = kernels.group_norm_silu(x, None, None, 2, 1e-6, False)
+    expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-6)
+    assert _rel(y, expected) < 1e-5
+
+
 @pytest.mark.parametrize("cpg", [4, 8, 16, 40])
 @pytest.mark.parametrize("side", [64, 2048, 16384, 65536])
 def test_group_norm_chunks_fit_the_grid(cpg, side):
