@@ -44,4 +44,4 @@ for tree in "${trees[@]}"; do
   done
 done
 echo "done at $SECONDS s"
-tar -czf "$OUT/branches.tar.gz" -C "$OUT" --exclude branches.tar.gz . && find "$OUT" -mindepth 1 ! -name branches.tar.gz -delete
+tar -czf /tmp/branches.tar.gz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/branches.tar.gz "$OUT/"

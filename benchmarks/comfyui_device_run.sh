@@ -62,8 +62,9 @@ failures() { grep -E "^(E  |FAILED|ERROR)" "$1" | head -${2:-12}; }
 LIMIT=${LIMIT:-590}
 left() { local s=$(( LIMIT - 5 - SECONDS )); echo $(( s > 1 ? s : 1 )); }  # timeout 0 would mean no limit
 pack() {  # at most 8 files come back from a call: all but the summary $1 go into one archive
-  tar -czf "$OUT/run_$PART.tar.gz" -C "$OUT" --exclude "run_$PART.tar.gz" --exclude "$1" . \
-    && find "$OUT" -type f ! -name "run_$PART.tar.gz" ! -name "$1" -delete
+  # written beside $OUT first: tar reading the folder it writes into stops with "file changed as we read it"
+  tar -czf "/tmp/run_$PART.tar.gz" -C "$OUT" --exclude "$1" . \
+    && find "$OUT" -type f ! -name "$1" -delete && mv "/tmp/run_$PART.tar.gz" "$OUT/"
 }
 
 if [ "$PART" = engine ]; then  # weights moved under CUDA graphs, cudaMallocAsync (ComfyUI's allocator) with
