@@ -17,7 +17,8 @@ Parts:
            statistics, one read and one write for the output), relative error against float64;
   pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with every lever on,
            then with each one off: median of 10 calls, the PSNR of each against the same weights in float32
-           through diffusers' blocks, and the GPU time by kind of kernel of the all-on pass at 1024.
+           through diffusers' blocks, the GPU time by kind of kernel of the all-on pass at 1024, and how busy
+           the GPU was per stage in the all-on (graphed) pass, with its largest idle gaps.
 
     python3 benchmarks/levers.py --json OUT.json
 """
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hypir import fused_blocks, kernels  # noqa: E402
 from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
-from hypir.bench.speed import time_by_kind  # noqa: E402
+from hypir.bench.speed import busy_line, gpu_busy, time_by_kind  # noqa: E402
 from hypir.runtime import runtime_of  # noqa: E402
 
 SHAPES = [  # (C, H, W) of SD2.1's GroupNorms at a 1024 output, at or above kernels.TRITON_MIN_ELEMENTS
@@ -121,6 +122,12 @@ def part_pass(save, smoke: bool = False) -> dict:
             row[f"{name}_ms"] = min(row.get(f"{name}_ms", float("inf")), statistics.median(times))  # all_on twice
             row[f"{name}_psnr_vs_fp32_db"] = psnr(result.images, references[side])
         row["status"] = result.status_line()
+        if not smoke:  # every lever on: where the GPU waits in the default (graphed) pass
+            levers(None)
+            runtime_of(pipe.models).unet_graphs.clear()
+            row["gpu_busy"] = gpu_busy(pipe, lq)
+            print(f"{side * 2}: {busy_line(row['gpu_busy'])}", flush=True)
+            print(json.dumps(row["gpu_busy"]["gaps"]), flush=True)
         out["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "status"}), flush=True)
         save(out)

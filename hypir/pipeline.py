@@ -141,54 +141,55 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
     fp32_vae: set[str] = set()
 
     # 1. Upscale; this is the colour reference and fixes the output size.
-    ref = resize_to_output(as_rgb(images).to(device=device, dtype=torch.float32), options.upscale, options.long_side)
-    h0, w0 = ref.shape[2:]
-    # 2. Short side up to the reference's patch size.
-    lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
-    # 3. [-1, 1], padded to a multiple of 8.
-    h1, w1 = lq.shape[2:]
-    x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
-    if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
-        raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
-    clock.lap("prepare")
+    with clock.stage("prepare"):
+        ref = resize_to_output(as_rgb(images).to(device=device, dtype=torch.float32), options.upscale,
+                               options.long_side)
+        h0, w0 = ref.shape[2:]
+        # 2. Short side up to the reference's patch size.
+        lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
+        # 3. [-1, 1], padded to a multiple of 8.
+        h1, w1 = lq.shape[2:]
+        x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
+        if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
+            raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
 
     with use_router(router), fused_kernels(options.fused_kernels), fused_softmax(options.fused_softmax):
         # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does after
         #    torch.manual_seed(seed).
-        generator = torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample" else None
-        encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae)
-        z = tiles.run("encode", encode, x, 1 / VAE_SCALE, 4,
-                      per_tile=lambda moments, index: _latent(moments, generator, dtype))
-        require_finite(z, "the VAE encoder's latent", dtype)
-        clock.lap("encode")
+        with clock.stage("encode"):
+            generator = (torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample"
+                         else None)
+            encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae)
+            z = tiles.run("encode", encode, x, 1 / VAE_SCALE, 4,
+                          per_tile=lambda moments, index: _latent(moments, generator, dtype))
+            require_finite(z, "the VAE encoder's latent", dtype)
 
         # 5. One UNet call at model_t on the scaled latent.
-        scaling = models.vae.config.scaling_factor
-        z_in = z * scaling
-        text = runtime.prompt_embedding(models, options.prompt, text_encoder_implementation(router)).to(dtype)
-        unet = _unet_call(models, runtime, router, options, text)
-        eps = require_finite(tiles.run("unet", unet, z_in, 1, 4, latent=True), "the UNet's noise prediction", dtype)
-        clock.lap("unet")
+        with clock.stage("unet"):
+            scaling = models.vae.config.scaling_factor
+            z_in = z * scaling
+            text = runtime.prompt_embedding(models, options.prompt, text_encoder_implementation(router)).to(dtype)
+            unet = _unet_call(models, runtime, router, options, text)
+            eps = require_finite(tiles.run("unet", unet, z_in, 1, 4, latent=True), "the UNet's noise prediction",
+                                 dtype)
 
         # 6. x0 from the scheduler's alphas at coeff_t (blending eps then stepping equals stepping per tile then
-        #    blending: the step is linear).
-        abar = float(models.alphas_cumprod[options.coeff_t])
-        z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
+        #    blending: the step is linear). 7. VAE decode.
+        with clock.stage("decode"):
+            abar = float(models.alphas_cumprod[options.coeff_t])
+            z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
+            decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae)
+            out = tiles.run("decode", decode, z_out, VAE_SCALE, 3, latent=True)
+            require_finite(out, "the VAE decoder's image", dtype)
 
-        # 7. VAE decode.
-        decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae)
-        out = tiles.run("decode", decode, z_out, VAE_SCALE, 3, latent=True)
-        require_finite(out, "the VAE decoder's image", dtype)
-        clock.lap("decode")
-
-    # 7. (cont.) Crop the padding, back to [0, 1] at the output size.
-    out = F.interpolate((out[:, :, :h1, :w1] + 1) / 2, size=(h0, w0), mode="bicubic", antialias=True)
-    # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
-    if options.color_fix:
-        out = wavelet_color_fix(out, ref)
-    # 9. Clamp.
-    out = require_finite(out, "the restored image", dtype).clamp(0, 1)
-    clock.lap("finish")
+    with clock.stage("finish"):
+        # 7. (cont.) Crop the padding, back to [0, 1] at the output size.
+        out = F.interpolate((out[:, :, :h1, :w1] + 1) / 2, size=(h0, w0), mode="bicubic", antialias=True)
+        # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
+        if options.color_fix:
+            out = wavelet_color_fix(out, ref)
+        # 9. Clamp.
+        out = require_finite(out, "the restored image", dtype).clamp(0, 1)
     return out, clock.stages, fp32_vae
 
 
@@ -246,19 +247,22 @@ def memory_available(device: torch.device, vram_budget_gb: float | None = None) 
 
 
 class _StageClock:
-    """Seconds per stage; with a device, the GPU is synchronised at each lap so the times are exact."""
+    """Seconds per stage; with a device, the GPU is synchronised at the end of each stage so the times are
+    exact. Each stage is also a torch.profiler range, "hypir.<stage>" (benchmarks attribute GPU time and idle
+    gaps to stages by them; outside a profiler it costs microseconds)."""
 
     def __init__(self, sync_device: torch.device | None):
         self.sync = sync_device if sync_device is not None and sync_device.type == "cuda" else None
         self.stages: dict[str, float] = {}
-        self._last = time.perf_counter()
 
-    def lap(self, name: str) -> None:
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"hypir.{name}"):
+            yield
         if self.sync is not None:
             torch.cuda.synchronize(self.sync)
-        now = time.perf_counter()
-        self.stages[name] = now - self._last
-        self._last = now
+        self.stages[name] = time.perf_counter() - start
 
 
 class _Tiles:

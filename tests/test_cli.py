@@ -181,3 +181,32 @@ def test_speed_profile_sorts_kernels_by_kind():
     assert kinds["elementwise"]["ms"] == pytest.approx(2.0) and kinds["upsample"]["ms"] == pytest.approx(1.0)
     assert list(kinds)[0] == "convolution" and sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
     assert summary["longest"][0]["ms"] == 10.0 and len(summary["longest"]) == 10
+
+
+def test_gpu_idle_time_is_charged_to_the_stage_that_was_waited_for():
+    """busy_by_stage on a hand-made trace (the shape torch.profiler exports): times in microseconds."""
+    from hypir.bench.common import busy_by_stage
+
+    def x(cat, name, ts, dur, correlation=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                "args": {} if correlation is None else {"correlation": correlation}}
+
+    events = [
+        x("user_annotation", "hypir.encode", 0, 100), x("user_annotation", "hypir.decode", 100, 400),
+        x("user_annotation", "other range", 0, 1000),
+        x("cuda_runtime", "cudaLaunchKernel", 10, 5, 1), x("cuda_runtime", "cudaLaunchKernel", 20, 5, 2),
+        x("cuda_runtime", "cudaGraphLaunch", 150, 5, 3), x("cuda_runtime", "cudaLaunchKernel", 900, 5, 4),
+        x("kernel", "conv_a", 20, 100, 1),  # 20 us idle from the first range's start, charged to encode
+        x("kernel", "conv_b", 60, 100, 2),  # overlaps: busy only 120..160
+        x("kernel", "graph_k", 200, 50, 3),  # 40 us idle after 160: decode's
+        x("gpu_memcpy", "Memcpy DtoH", 950, 10, 4),  # launched outside every stage: 700 us idle, "outside"
+    ]
+    result = busy_by_stage(events)
+    assert result["stages"]["encode"] == pytest.approx({"busy_ms": 0.14, "idle_ms": 0.02, "activities": 2})
+    assert result["stages"]["decode"] == pytest.approx({"busy_ms": 0.05, "idle_ms": 0.04, "activities": 1})
+    assert result["stages"]["outside"] == pytest.approx({"busy_ms": 0.01, "idle_ms": 0.7, "activities": 1})
+    assert (result["window_ms"], result["busy_ms"]) == pytest.approx((0.96, 0.2))
+    assert result["busy_fraction"] == pytest.approx(0.2 / 0.96)
+    assert [(g["stage"], g["after"], g["before"]) for g in result["gaps"]] == [
+        ("outside", "graph_k", "Memcpy DtoH"), ("decode", "conv_b", "graph_k"), ("encode", "(pass start)", "conv_a")]
+    assert busy_by_stage([])["busy_fraction"] == 0.0

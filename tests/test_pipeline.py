@@ -286,3 +286,14 @@ def test_cuda_malloc_async_runs_the_unet_without_a_graph_and_says_why(monkeypatc
     assert pipeline._graphs_blocked(no_triton) is None
     assert pipeline._speedups(on_gpu, no_triton, replayed=True) == (
         "PyTorch norms (fused kernels off), UNet CUDA graph")
+
+
+def test_every_stage_is_a_profiler_range_in_order(pipe, image_factory):
+    """Benchmarks charge GPU time and idle gaps to the stages by these ranges (hypir.bench.common.gpu_timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = pipe(image_factory(1, 24, 20), upscale=2.0)
+    names = [e.name for e in sorted(prof.events(), key=lambda e: e.time_range.start) if e.name.startswith("hypir.")]
+    assert names == ["hypir.prepare", "hypir.encode", "hypir.unet", "hypir.decode", "hypir.finish"]
+    assert list(result.stage_seconds) == ["prepare", "encode", "unet", "decode", "finish"]

@@ -80,3 +80,67 @@ def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
     ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
     longest = [{"kernel": n[:160], "ms": ms, "calls": c} for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:30]]
     return {"gpu_ms": total, "kinds": ordered, "longest": longest}
+
+
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+
+
+def gpu_timeline(fn, prefix: str = "hypir.") -> dict:
+    """fn() under torch.profiler (CPU and CUDA activity, kernels inside CUDA graph replays included): how busy
+    the GPU was per pipeline stage (the "hypir.<stage>" ranges), from the trace (busy_by_stage)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    return busy_by_stage(events, prefix)
+
+
+def busy_by_stage(events: list[dict], prefix: str = "hypir.", largest: int = 12) -> dict:
+    """From Chrome-trace events (torch.profiler's export): each GPU activity (kernel, copy, fill) belongs to the
+    stage whose CPU range launched it (its launch call's correlation id), else "outside". Walking the
+    activities in time order, the idle time before one (after everything earlier ended) is charged to its stage:
+    the GPU waited for that stage's launch. Returns the pass's wall window (first stage start to last activity
+    end), busy and idle ms in it, per stage busy/idle ms and activity count, and the largest idle gaps with the
+    activities either side."""
+    ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][len(prefix):]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix))
+    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
+                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+
+    def stage_of(correlation) -> str:
+        ts = launches.get(correlation)
+        inside = [name for start, end, name in ranges if ts is not None and start <= ts <= end]
+        return inside[-1] if inside else "outside"
+
+    activities = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", ""), stage_of(e.get("args", {}).get(
+        "correlation"))) for e in events if e.get("ph") == "X" and e.get("cat") in GPU_ACTIVITY)
+    stages: dict[str, dict] = {name: {"busy_ms": 0.0, "idle_ms": 0.0, "activities": 0} for _, _, name in ranges}
+    if not activities:
+        return {"window_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "busy_fraction": 0.0, "stages": stages, "gaps": []}
+    start = min(([ranges[0][0]] if ranges else []) + [activities[0][0]])
+    frontier, previous, gaps = start, "(pass start)", []
+    for begin, end, name, stage in activities:
+        entry = stages.setdefault(stage, {"busy_ms": 0.0, "idle_ms": 0.0, "activities": 0})
+        entry["activities"] += 1
+        idle = max(0.0, begin - frontier)
+        entry["idle_ms"] += idle / 1000
+        entry["busy_ms"] += max(0.0, end - max(begin, frontier)) / 1000
+        if idle > 0:
+            gaps.append({"ms": idle / 1000, "stage": stage, "after": previous[:100], "before": name[:100]})
+        if end > frontier:
+            frontier, previous = end, name
+    window = (frontier - start) / 1000
+    busy = sum(entry["busy_ms"] for entry in stages.values())
+    return {"window_ms": window, "busy_ms": busy, "idle_ms": window - busy,
+            "busy_fraction": busy / window if window else 0.0, "stages": stages,
+            "gaps": sorted(gaps, key=lambda g: -g["ms"])[:largest]}

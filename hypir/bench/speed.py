@@ -19,7 +19,8 @@ from ..errors import one_line
 from ..kernels import kernel_fallbacks, triton_available
 from ..loading import HYPIRModels, resolve_device, resolve_dtype
 from ..pipeline import HYPIRPipeline
-from .common import attention_kernel_names, build_models, cuda_kernels, psnr, random_images, summarize_kernels
+from .common import (attention_kernel_names, build_models, cuda_kernels, gpu_timeline, psnr, random_images,
+                     summarize_kernels)
 
 @dataclass(frozen=True)
 class SpeedMode:
@@ -127,7 +128,9 @@ def run_speed(model: str = "sd21", sizes: tuple[int, ...] = (1024, 2048), modes:
             rows[mode] = _measure(pipe, images, repeats, reference, description=speed_mode.description,
                                   oom_retry=False, **speed_mode.options)
             log(_row_line(size, mode, rows[mode]))
-        result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows}
+        busy = gpu_busy(pipe, images)
+        log(f"{size}: {busy_line(busy)}")
+        result["sizes"][str(size)] = {"input": side, "psnr_reference": reference_name, "rows": rows, "gpu_busy": busy}
         reference = None
         torch.cuda.empty_cache()
         _write(result, json_path)  # as it goes: a run cut short keeps what it measured
@@ -193,6 +196,20 @@ def time_by_kind(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SP
     pipe(images, upscale=2, **options)
     torch.cuda.synchronize()
     return summarize_kernels(cuda_kernels(lambda: pipe(images, upscale=2, **options)))
+
+
+def gpu_busy(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_MODES["eager+graphs"]) -> dict:
+    """One warm call of a mode (its CUDA graph captured first) under torch.profiler: how busy the GPU was in
+    each stage and the largest idle gaps (common.busy_by_stage)."""
+    for _ in range(2):
+        pipe(images, upscale=2, **mode.options)
+    return gpu_timeline(lambda: pipe(images, upscale=2, **mode.options))
+
+
+def busy_line(busy: dict) -> str:
+    stages = ", ".join(f"{name} {entry['busy_ms']:.1f}/{entry['busy_ms'] + entry['idle_ms']:.1f} ms"
+                       for name, entry in busy["stages"].items())
+    return f"GPU busy {busy['busy_fraction']:.0%} of {busy['window_ms']:.1f} ms (busy/with idle: {stages})"
 
 
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
