@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 LEVELS = 5
 
 
+@functools.lru_cache(maxsize=16)
+def _blur_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Made once per dtype and device: a tensor made from Python numbers on a GPU is a copy from the host, which
+    PyTorch waits for, so the GPU would idle while the rest of the pass is launched."""
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=dtype) / 16
+    return kernel.to(device)
+
+
 def _blur(image: torch.Tensor, dilation: int) -> torch.Tensor:
-    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=image.dtype,
-                          device=image.device) / 16
     channels = image.shape[1]
-    kernel = kernel.expand(channels, 1, 3, 3)
+    kernel = _blur_kernel(image.dtype, image.device).expand(channels, 1, 3, 3)
     padded = F.pad(image, (dilation,) * 4, mode="replicate")
     return F.conv2d(padded, kernel, groups=channels, dilation=dilation)
 

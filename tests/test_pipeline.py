@@ -297,3 +297,16 @@ def test_every_stage_is_a_profiler_range_in_order(pipe, image_factory):
     names = [e.name for e in sorted(prof.events(), key=lambda e: e.time_range.start) if e.name.startswith("hypir.")]
     assert names == ["hypir.prepare", "hypir.encode", "hypir.unet", "hypir.decode", "hypir.finish"]
     assert list(result.stage_seconds) == ["prepare", "encode", "unet", "decode", "finish"]
+
+
+def test_finite_checks_of_cpu_tensors_are_at_once():
+    """FiniteChecks on the CPU: a CPU tensor is checked when it is added (the GPU's deferred counts:
+    tests/test_gpu.py)."""
+    from hypir.pipeline import FiniteChecks, NonFiniteError, input_not_finite, require_finite
+
+    checks = FiniteChecks()
+    with pytest.raises(ValueError, match="the input holds 2 NaN or infinite values \\(of 6\\)"):
+        checks.add(torch.tensor([[1.0, float("nan"), float("inf"), 0, 0, 0]]), input_not_finite)
+    same = torch.ones(3)
+    assert require_finite(checks, same, "a stage", torch.float32) is same
+    checks.raise_first()  # nothing pending: CPU tensors were checked at once
