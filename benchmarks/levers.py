@@ -21,6 +21,7 @@ Parts:
            the GPU was per stage in the all-on (graphed) pass, with its largest idle gaps.
 
     python3 benchmarks/levers.py --json OUT.json
+    python3 benchmarks/levers.py --json OUT.json --parts pass --off ""   # all on only: one tree against another
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def part_kernels() -> list[dict]:
     return out
 
 
-def part_pass(save, smoke: bool = False) -> dict:
+LEVERS_OFF = ("rows", "transformer", "upsample", "fused")  # "fused": every fused block off
+
+
+def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF) -> dict:
     device = torch.device("cpu" if smoke else "cuda")
     sides = (16, 32) if smoke else (512, 1024)
     size = "tiny" if smoke else "sd21"
@@ -108,7 +112,7 @@ def part_pass(save, smoke: bool = False) -> dict:
         lq = random_images(side, device)
         row = {"output": side * 2}
         # "fused_off": every fused block off (diffusers' blocks, the same graphs): the PSNR the pass had before them.
-        for off in (None, "rows", "transformer", "upsample", "fused", None):
+        for off in (None, *off_names, None) if off_names else (None,):
             name = "fused_off" if off == "fused" else f"without_{off}" if off else "all_on"
             levers(off)
             options = dict(upscale=2.0, latent="mode", fused_kernels=off != "fused")
@@ -145,6 +149,9 @@ def main() -> int:
     parser.add_argument("--json", required=True)
     parser.add_argument("--parts", default="kernels,pass")
     parser.add_argument("--smoke", action="store_true", help="the pass part's flow on the CPU, tiny models")
+    parser.add_argument("--off", default=",".join(LEVERS_OFF),
+                        help="the levers the pass part switches off one at a time; empty: all on only (a quick "
+                             "comparison of two trees)")
     args = parser.parse_args()
     result = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__}
 
@@ -158,7 +165,7 @@ def main() -> int:
             result["kernels"] = part_kernels()
             save()
         if "pass" in args.parts:
-            save(part_pass(save, args.smoke))
+            save(part_pass(save, args.smoke, tuple(name for name in args.off.split(",") if name)))
     finally:
         levers(None)
     return 0
