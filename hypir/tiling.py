@@ -40,7 +40,9 @@ def gaussian_weights(height: int, width: int, device=None) -> torch.Tensor:
         mid = (n - 1) / 2
         return torch.exp(-((x - mid) ** 2) / (n * n) / (2 * 0.01))
 
-    return torch.outer(axis(height), axis(width)).to(device=device, dtype=torch.float32)
+    # Made on the CPU (float64, which some GPUs lack) and sent without waiting: a blocking copy to a GPU waits
+    # for all the work queued before it, and the GPU then idles while the rest of the pass is launched.
+    return torch.outer(axis(height), axis(width)).to(dtype=torch.float32).to(device=device, non_blocking=True)
 
 
 def run_tiled(
@@ -64,6 +66,13 @@ def run_tiled(
     """
     b, _, h, w = x.shape
     tiles = tile_grid(h, w, tile, stride)
+    if len(tiles) == 1:  # the whole image: nothing to blend
+        result = fn(x)
+        if per_tile is not None:
+            result = per_tile(result, 0)
+        if on_tile is not None:
+            on_tile(1)
+        return result.float()
     oh, ow = _scaled(h, scale), _scaled(w, scale)
     out = torch.zeros(b, out_channels, oh, ow, dtype=torch.float32, device=x.device)
     weight_sum = torch.zeros(1, 1, oh, ow, dtype=torch.float32, device=x.device)

@@ -48,3 +48,20 @@ def test_tile_callbacks_in_grid_order():
     run_tiled(lambda t: t, x, 64, 32, 1, 1, tiles_per_batch=2,
               per_tile=lambda out, i: seen.append(i) or out, on_tile=done.append)
     assert seen == list(range(9)) and sum(done) == 9 and done == [2, 2, 2, 2, 1]
+
+
+def test_one_tile_is_the_stage_itself_without_blending():
+    """A pass that fits runs each stage on the whole image: the stage's output exactly, as float32, with the
+    per-tile step and one progress report."""
+    x = torch.randn(2, 3, 40, 24, dtype=torch.bfloat16)
+    reports, seen = [], []
+
+    def per_tile(out, index):
+        seen.append(index)
+        return out * 2
+
+    out = run_tiled(lambda t: t[:, :2].repeat_interleave(8, 2).repeat_interleave(8, 3), x, 64, 48, 8, 2,
+                    on_tile=reports.append, per_tile=per_tile)
+    assert out.dtype == torch.float32 and out.shape == (2, 2, 320, 192)
+    assert torch.equal(out, (x[:, :2].repeat_interleave(8, 2).repeat_interleave(8, 3) * 2).float())
+    assert (reports, seen) == ([1], [0])
