@@ -43,9 +43,28 @@ def tensor_version(t: torch.Tensor) -> int:
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Where the module's weights live, and their in-place versions: changes when any of them is moved, replaced
     or written in place (a graph would replay kernels made from the old values, such as the sub-pixel phase
-    weights of an upsampler)."""
-    return (tuple((p.data_ptr(), tensor_version(p)) for p in module.parameters())
-            + tuple((b.data_ptr(), tensor_version(b)) for b in module.buffers()))
+    weights of an upsampler). Every parameter and buffer once, as module.parameters() and module.buffers() give
+    them, walked without their names: it is taken before every graphed UNet call, and building the names took
+    most of its time (2.3-2.8 against 0.8-0.9 ms of CPU for the SD2.1 UNet's 686 tensors on a 2-core
+    machine)."""
+    parameters: list = []
+    buffers: list = []
+    seen_modules: set[int] = set()
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen_modules:
+            continue
+        seen_modules.add(id(current))
+        parameters.extend(current._parameters.values())
+        buffers.extend(current._buffers.values())
+        stack.extend(reversed(current._modules.values()))
+    signature, seen_tensors = [], set()
+    for tensor in (*parameters, *buffers):
+        if tensor is not None and id(tensor) not in seen_tensors:
+            seen_tensors.add(id(tensor))
+            signature.append((tensor.data_ptr(), tensor_version(tensor)))
+    return tuple(signature)
 
 
 class GraphedCalls:

@@ -278,6 +278,32 @@ def test_weights_made_under_inference_mode():
     assert signature == weights_signature(up) and len(signature) == 2
 
 
+def test_weights_signature_is_every_parameter_and_buffer_once(tiny_base):
+    """The name-free walk takes the same tensors as module.parameters() and module.buffers() (shared ones once,
+    None ones not at all), in their order, and changes when a weight is written in place or replaced."""
+    import copy
+
+    from hypir.cuda_graphs import tensor_version, weights_signature
+
+    unet = copy.deepcopy(tiny_base.unet)
+    unet.register_buffer("scale", torch.ones(3))
+    unet.register_buffer("absent", None)
+    unet.conv_out.register_parameter("extra", None)
+    unet.conv_in.alias = unet.conv_out  # a module reachable twice
+    unet.tied = unet.conv_in.weight  # a parameter held twice
+    listed = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
+    old = tuple((t.data_ptr(), tensor_version(t)) for t in listed.values())
+    signature = weights_signature(unet)
+    assert signature == old and len(signature) == len(listed)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(1.0)
+    written = weights_signature(unet)
+    assert written != signature and len(written) == len(signature)
+    unet.conv_out.weight = torch.nn.Parameter(unet.conv_out.weight.detach().clone())
+    replaced = weights_signature(unet)
+    assert replaced != written and len(replaced) == len(signature)
+
+
 def test_fused_upsample_paths(tiny_base, monkeypatch):
     """The sub-pixel path also serves an output_size of exactly twice the input (the UNet passes one for latents
     not a multiple of 8) and leaves autograd to diffusers' forward (the phase kernels carry no gradient)."""
