@@ -209,4 +209,9 @@ def test_gpu_idle_time_is_charged_to_the_stage_that_was_waited_for():
     assert result["busy_fraction"] == pytest.approx(0.2 / 0.96)
     assert [(g["stage"], g["after"], g["before"]) for g in result["gaps"]] == [
         ("outside", "graph_k", "Memcpy DtoH"), ("decode", "conv_b", "graph_k"), ("encode", "(pass start)", "conv_a")]
+    assert result["cpu"]["encode"]["cpu_ms"] == pytest.approx(0.1)
+    assert [c["name"] for c in result["cpu"]["encode"]["longest"]] == ["cudaLaunchKernel"] * 2
+    assert [c["ms"] for c in result["cpu"]["encode"]["longest"]] == pytest.approx([0.005] * 2)
+    assert result["cpu"]["decode"]["cpu_ms"] == pytest.approx(0.4)
+    assert [c["name"] for c in result["cpu"]["decode"]["longest"]] == ["cudaGraphLaunch"]
     assert busy_by_stage([])["busy_fraction"] == 0.0

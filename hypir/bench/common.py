@@ -143,4 +143,19 @@ def busy_by_stage(events: list[dict], prefix: str = "hypir.", largest: int = 12)
     busy = sum(entry["busy_ms"] for entry in stages.values())
     return {"window_ms": window, "busy_ms": busy, "idle_ms": window - busy,
             "busy_fraction": busy / window if window else 0.0, "stages": stages,
-            "gaps": sorted(gaps, key=lambda g: -g["ms"])[:largest]}
+            "gaps": sorted(gaps, key=lambda g: -g["ms"])[:largest], "cpu": cpu_by_stage(events, ranges)}
+
+
+def cpu_by_stage(events: list[dict], ranges: list[tuple], longest: int = 6) -> dict:
+    """Per stage range: its CPU wall time, and the longest CPU operations and CUDA runtime calls inside it
+    (inclusive times: an operation's time includes the ones it called). A stage whose GPU waited while its CPU
+    ms exceed its GPU busy ms was launch-bound; these say where the CPU went."""
+    calls = [(e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "")) for e in events
+             if e.get("ph") == "X" and e.get("cat") in ("cpu_op", *LAUNCH_CATEGORIES)]
+    out = {}
+    for start, end, name in ranges:
+        inside = sorted(((c_end - c_start) / 1000, c_name) for c_start, c_end, c_name in calls
+                        if start <= c_start and c_end <= end)
+        out[name] = {"cpu_ms": (end - start) / 1000,
+                     "longest": [{"ms": ms, "name": op[:100]} for ms, op in inside[::-1][:longest]]}
+    return out

@@ -207,9 +207,12 @@ def gpu_busy(pipe: HYPIRPipeline, images: torch.Tensor, mode: SpeedMode = SPEED_
 
 
 def busy_line(busy: dict) -> str:
-    stages = ", ".join(f"{name} {entry['busy_ms']:.1f}/{entry['busy_ms'] + entry['idle_ms']:.1f} ms"
+    cpu = busy.get("cpu", {})
+    stages = ", ".join(f"{name} {entry['busy_ms']:.1f}/{entry['busy_ms'] + entry['idle_ms']:.1f}"
+                       + (f"/{cpu[name]['cpu_ms']:.1f}" if name in cpu else "") + " ms"
                        for name, entry in busy["stages"].items())
-    return f"GPU busy {busy['busy_fraction']:.0%} of {busy['window_ms']:.1f} ms (busy/with idle: {stages})"
+    return (f"GPU busy {busy['busy_fraction']:.0%} of {busy['window_ms']:.1f} ms (per stage, GPU busy/with its idle "
+            f"time/CPU time: {stages})")
 
 
 def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
