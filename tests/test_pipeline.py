@@ -309,4 +309,7 @@ def test_finite_checks_of_cpu_tensors_are_at_once():
         checks.add(torch.tensor([[1.0, float("nan"), float("inf"), 0, 0, 0]]), input_not_finite)
     same = torch.ones(3)
     assert require_finite(checks, same, "a stage", torch.float32) is same
+    with pytest.raises(NonFiniteError, match="the UNet's noise prediction holds 1 NaN or infinite values \\(of 2\\) "
+                                             "in float32: nothing was restored. Try the fp32 dtype"):
+        require_finite(checks, torch.tensor([0.0, float("inf")]), "the UNet's noise prediction", torch.float32)
     checks.raise_first()  # nothing pending: CPU tensors were checked at once
