@@ -8,12 +8,13 @@
 #
 # Each branch not named *timing*: benchmarks/levers.py (kernels and the pass with each lever off, PSNR against
 # float32; a branch's levers.py times its lever against main's code in the same process). Then main and each
-# *timing* branch: benchmarks/first_image.py with one Triton cache of its own (a cold pass first, so the trees
-# compare on a warm cache). Results in $OUT/<tree>/; one archive comes back.
+# *timing* or *special* branch: benchmarks/first_image.py, each with a Triton cache of its own, cold and then warm (a branch
+# that changes the kernels compiles in its cold pass, not in the warm one). Results in $OUT/<tree>/; one
+# archive comes back.
 set -uo pipefail
 OUT=${OUT:-device_out}
 LIMIT=${LIMIT:-590}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the trees run from their own folders
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 shopt -s nullglob
 wheels=(.wheels/*.whl .comfy-small/*.whl)  # .comfy-small: for comfyui_device_run.sh current next
@@ -33,12 +34,12 @@ for tree in .levers/*/; do
 done
 for tree in "${trees[@]}"; do
   name=$(basename "$(cd "$tree" && pwd)"); [ "$tree" = . ] && name=main
-  [ "$name" = main ] || [[ "$name" == *timing* ]] || continue
+  [ "$name" = main ] || [[ "$name" == *timing* ]] || [[ "$name" == *special* ]] || continue
   mkdir -p "$OUT/$name"
   [ $(left) -gt 60 ] || { echo "no time left for first_image ($name)"; break; }
   for pass in cold warm; do
-    [ "$pass" = cold ] && [ -d /tmp/triton_first ] && continue
-    (cd "$tree" && TRITON_CACHE_DIR=/tmp/triton_first PYTHONPATH=/tmp/site:$PWD timeout $(left) python3 benchmarks/first_image.py \
+    [ "$pass" = cold ] && rm -rf /tmp/triton_first_$name
+    (cd "$tree" && TRITON_CACHE_DIR=/tmp/triton_first_$name PYTHONPATH=/tmp/site:$PWD timeout $(left) python3 benchmarks/first_image.py \
       --json "$OUT/$name/first_$pass.json") > "$OUT/$name/first_$pass.txt" 2>&1
     echo "== $name first_image $pass"; tail -4 "$OUT/$name/first_$pass.txt"
   done

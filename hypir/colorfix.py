@@ -14,8 +14,9 @@ LEVELS = 5
 def _blur_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Made once per dtype and device: a tensor made from Python numbers on a GPU is a copy from the host, which
     PyTorch waits for, so the GPU would idle while the rest of the pass is launched."""
-    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=dtype) / 16
-    return kernel.to(device)
+    with torch.inference_mode(False), torch.no_grad():  # kept beyond the call that made it: a normal tensor
+        kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=dtype) / 16
+        return kernel.to(device)
 
 
 def _blur(image: torch.Tensor, dilation: int) -> torch.Tensor:

@@ -161,7 +161,7 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         with clock.stage("encode"):
             generator = (torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample"
                          else None)
-            encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae)
+            encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae, checks=checks)
             z = tiles.run("encode", encode, x, 1 / VAE_SCALE, 4,
                           per_tile=lambda moments, index: _latent(moments, generator, dtype))
             require_finite(checks, z, "the VAE encoder's latent", dtype)
@@ -180,7 +180,7 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         with clock.stage("decode"):
             abar = float(models.alphas_cumprod[options.coeff_t])
             z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
-            decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae)
+            decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae, checks=checks)
             out = tiles.run("decode", decode, z_out, VAE_SCALE, 3, latent=True)
             require_finite(checks, out, "the VAE decoder's image", dtype)
 
@@ -338,13 +338,16 @@ def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Ten
 
 
 def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor,
-              fp32_stages: set[str] | None = None) -> torch.Tensor:
+              fp32_stages: set[str] | None = None, checks: FiniteChecks | None = None) -> torch.Tensor:
     """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
     (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning, and
-    the stage is added to `fp32_stages`."""
+    the stage is added to `fp32_stages`. Before that, the pass's pending checks are read (`checks`): a
+    non-finite input or UNet output is that error, not an overflow of this stage."""
     vae = models.vae
     out = _vae_forward(vae, stage, x.to(models.dtype))
     if models.dtype == torch.float16 and not torch.isfinite(out).all():
+        if checks is not None:
+            checks.raise_first()  # this read waits for nothing more: the one above already did
         logger.warning("[HYPIR] VAE %s overflowed in fp16; recomputing it in fp32", stage)
         out = _vae_forward(runtime.vae_fp32(vae), stage, x.float())
         if fp32_stages is not None:

@@ -40,9 +40,11 @@ def gaussian_weights(height: int, width: int, device=None) -> torch.Tensor:
         mid = (n - 1) / 2
         return torch.exp(-((x - mid) ** 2) / (n * n) / (2 * 0.01))
 
-    # Made on the CPU (float64, which some GPUs lack) and sent without waiting: a blocking copy to a GPU waits
-    # for all the work queued before it, and the GPU then idles while the rest of the pass is launched.
-    return torch.outer(axis(height), axis(width)).to(dtype=torch.float32).to(device=device, non_blocking=True)
+    # Made on the CPU (float64, which some GPUs lack) and sent to a CUDA GPU without waiting: a blocking copy
+    # waits for all the work queued before it, and the GPU then idles while the rest of the pass is launched.
+    # (CUDA stages a pageable source before the call returns; MPS may read it after it is freed: pytorch#139550.)
+    weights = torch.outer(axis(height), axis(width)).to(dtype=torch.float32)
+    return weights.to(device=device, non_blocking=torch.device(device or "cpu").type == "cuda")
 
 
 def run_tiled(
@@ -66,14 +68,16 @@ def run_tiled(
     """
     b, _, h, w = x.shape
     tiles = tile_grid(h, w, tile, stride)
+    oh, ow = _scaled(h, scale), _scaled(w, scale)
     if len(tiles) == 1:  # the whole image: nothing to blend
         result = fn(x)
         if per_tile is not None:
             result = per_tile(result, 0)
+        if tuple(result.shape) != (b, out_channels, oh, ow):
+            raise RuntimeError(f"internal: a stage gave {tuple(result.shape)} for {(b, out_channels, oh, ow)}")
         if on_tile is not None:
             on_tile(1)
-        return result.float()
-    oh, ow = _scaled(h, scale), _scaled(w, scale)
+        return result.to(torch.float32, memory_format=torch.contiguous_format)  # as the blended result is
     out = torch.zeros(b, out_channels, oh, ow, dtype=torch.float32, device=x.device)
     weight_sum = torch.zeros(1, 1, oh, ow, dtype=torch.float32, device=x.device)
     t0 = tiles[0]

@@ -245,6 +245,26 @@ def test_fp16_vae_overflow_recomputed_in_fp32(tiny_files, caplog):
     assert models.vae.decoder.conv_out.weight.dtype == torch.float16  # the shared model stays fp16
 
 
+def test_a_broken_input_in_fp16_is_its_error_not_a_vae_overflow(tiny_files, caplog, monkeypatch):
+    """On a GPU the NaN checks are read at the end of the pass, but an fp16 VAE stage that went non-finite reads
+    them first: a NaN input is the input's error, with no fp32 VAE recompute (a warning that misleads and a
+    float32 copy of the VAE kept). The GPU's deferred checks are simulated on the CPU."""
+    from hypir import pipeline
+    from hypir.runtime import load_models, runtime_of
+
+    def deferred_add(self, tensor, error):
+        self._pending.append((torch.isfinite(tensor).logical_not_().sum(), tensor.numel(), error))
+        return tensor
+
+    monkeypatch.setattr(pipeline.FiniteChecks, "add", deferred_add)
+    models = load_models(*tiny_files, device="cpu", dtype="fp16")
+    images = torch.rand(1, 3, 16, 16)
+    images[0, 0, 3, 3] = float("nan")
+    with caplog.at_level("WARNING", logger="hypir"), pytest.raises(ValueError, match="the input holds 1 NaN"):
+        pipeline.HYPIRPipeline(models)(images, upscale=2.0, latent="mode")
+    assert "overflowed" not in caplog.text and runtime_of(models)._vae_fp32 is None
+
+
 def test_a_small_budget_tiles_the_pass(pipe, image_factory):
     """The pass follows the planner (tests/test_planning.py covers its arithmetic): a budget below one pass's
     estimate gives tiles, and the result keeps the full size."""
@@ -313,3 +333,17 @@ def test_finite_checks_of_cpu_tensors_are_at_once():
                                              "in float32: nothing was restored. Try the fp32 dtype"):
         require_finite(checks, torch.tensor([0.0, float("inf")]), "the UNet's noise prediction", torch.float32)
     checks.raise_first()  # nothing pending: CPU tensors were checked at once
+
+
+def test_the_colour_fix_kernel_made_under_inference_mode_is_a_normal_tensor():
+    """ComfyUI runs nodes under torch.inference_mode(): the blur kernel the colour fix keeps must not be an
+    inference tensor, which autograd-recorded uses outside that mode refuse."""
+    from hypir import colorfix
+
+    colorfix._blur_kernel.cache_clear()
+    with torch.inference_mode():
+        kernel = colorfix._blur_kernel(torch.float32, torch.device("cpu"))
+    assert not kernel.is_inference() and kernel.sum().item() == pytest.approx(1.0)
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    colorfix.low_frequency(x).sum().backward()
+    assert x.grad is not None

@@ -65,3 +65,7 @@ def test_one_tile_is_the_stage_itself_without_blending():
     assert out.dtype == torch.float32 and out.shape == (2, 2, 320, 192)
     assert torch.equal(out, (x[:, :2].repeat_interleave(8, 2).repeat_interleave(8, 3) * 2).float())
     assert (reports, seen) == ([1], [0])
+    channels_last = run_tiled(lambda t: t.float().contiguous(memory_format=torch.channels_last) * 3, x, 64, 48, 1, 3)
+    assert channels_last.is_contiguous() and torch.equal(channels_last, x.float() * 3)  # as a blended result is
+    with pytest.raises(RuntimeError, match=r"internal: a stage gave \(2, 3, 40, 24\) for \(2, 4, 40, 24\)"):
+        run_tiled(lambda t: t, x, 64, 48, 1, 4)

@@ -156,6 +156,8 @@ def cpu_by_stage(events: list[dict], ranges: list[tuple], longest: int = 6) -> d
     for start, end, name in ranges:
         inside = sorted(((c_end - c_start) / 1000, c_name) for c_start, c_end, c_name in calls
                         if start <= c_start and c_end <= end)
-        out[name] = {"cpu_ms": (end - start) / 1000,
-                     "longest": [{"ms": ms, "name": op[:100]} for ms, op in inside[::-1][:longest]]}
+        entry = out.setdefault(name, {"cpu_ms": 0.0, "longest": []})  # a stage run again (a retry) adds up
+        entry["cpu_ms"] += (end - start) / 1000
+        entry["longest"] = sorted(entry["longest"] + [{"ms": ms, "name": op[:100]} for ms, op in inside[::-1]],
+                                  key=lambda c: -c["ms"])[:longest]
     return out
