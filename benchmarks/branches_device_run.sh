@@ -10,7 +10,8 @@
 # float32; a branch's levers.py times its lever against main's code in the same process). Then main and each
 # *timing* or *special* branch: benchmarks/first_image.py, each with a Triton cache of its own, cold and then warm (a branch
 # that changes the kernels compiles in its cold pass, not in the warm one). Results in $OUT/<tree>/; one
-# archive comes back.
+# archive comes back. A tree's own levers.py arguments can be written into its LEVERS_ARGS file (for example
+# `--parts pass --off ""` for a tree compared with another on the pass alone); else LEVER_PARTS applies.
 set -uo pipefail
 OUT=${OUT:-device_out}
 LIMIT=${LIMIT:-590}
@@ -28,8 +29,10 @@ for tree in .levers/*/; do
   [[ "$name" == *timing* ]] && continue
   mkdir -p "$OUT/$name"
   echo "== $name at $SECONDS s"
+  args=(${LEVER_PARTS:+--parts $LEVER_PARTS})
+  [ -f "$tree/LEVERS_ARGS" ] && eval "args=($(cat "$tree/LEVERS_ARGS"))"
   (cd "$tree" && TRITON_CACHE_DIR=/tmp/triton_levers PYTHONPATH=/tmp/site:$PWD timeout $(left) python3 benchmarks/levers.py \
-    --json "$OUT/$name/levers.json" ${LEVER_PARTS:+--parts $LEVER_PARTS}) > "$OUT/$name/levers.txt" 2>&1
+    --json "$OUT/$name/levers.json" "${args[@]}") > "$OUT/$name/levers.txt" 2>&1
   grep '^{' "$OUT/$name/levers.txt" | cut -c1-500
 done
 for tree in "${trees[@]}"; do

@@ -4,7 +4,7 @@
                group's channels of each pixel;
   transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
                instead of diffusers' NCHW copy;
-  upsample     nearest 2x + 3x3 convolution as a sub-pixel convolution (fused_blocks.SUBPIXEL_UPSAMPLE)
+  upsample     nearest 2x + 3x3 convolution as one transposed convolution (fused_blocks.TRANSPOSED_UPSAMPLE)
                instead of diffusers' upsampled copy and 3x3 convolution;
 
 Measured and removed (benchmarks/results/2026-11-30-h200-levers): the graphed UNet's small activations on Triton
@@ -12,6 +12,8 @@ too (0.5 ms at 1024, 11 ms at 2048, its GPU test failed), cuDNN's benchmark mode
 at 2048).
 
 Parts:
+  upsample the nearest-2x upsamplers' convolution (diffusers', sub-pixel, transposed) at each SD2.1 shape of a
+           1024 and a 2048 output: GPU time and relative error against float64;
   kernels  every GroupNorm shape of SD2.1 at a 1024 output that runs on Triton (bf16, channels_last, affine,
            SiLU): GPU time of each kernel set and PyTorch's F.group_norm, effective bandwidth (one read for the
            statistics, one read and one write for the output), relative error against float64;
@@ -68,7 +70,7 @@ def levers(off: str | None) -> None:
     """Every lever on but `off`."""
     rows(off != "rows")
     fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
-    fused_blocks.SUBPIXEL_UPSAMPLE = off != "upsample"
+    fused_blocks.TRANSPOSED_UPSAMPLE = off != "upsample"
 
 
 def part_kernels() -> list[dict]:
@@ -89,6 +91,74 @@ def part_kernels() -> list[dict]:
             row[f"{name}_gbps"] = 3 * x.numel() * 2 / row[f"{name}_ms"] / 1e6
         rows(True)
         row["pytorch_ms"] = gpu_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6)))
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+UPSAMPLE_SHAPES = [  # (C, H, W) of SD2.1's nearest-2x + 3x3 upsamplers' inputs at a 1024 output: VAE decoder, UNet
+    (512, 128, 128), (512, 256, 256), (256, 512, 512), (1280, 16, 16), (1280, 32, 32), (640, 64, 64),
+]
+
+
+# Rows (and columns) of the 3x3 kernel that each 2x2 tap of a sub-pixel phase sums: output row 2h+i of
+# nearest-2x-then-conv3x3 reads input rows h-1+i and h+i, the first with rows _PHASE_TAPS[i][0], the second
+# with _PHASE_TAPS[i][1].
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(4 * out, in, 2, 2) from a 3x3 kernel: the four output phases (i, j), stacked phase-major."""
+    phases = []
+    for rows in _PHASE_TAPS:
+        for cols in _PHASE_TAPS:
+            taps = [[weight[:, :, list(r)][:, :, :, list(c)].sum(dim=(2, 3)) for c in cols] for r in rows]
+            phases.append(torch.stack([torch.stack(row, dim=-1) for row in taps], dim=-2))
+    return torch.cat(phases, dim=0)
+
+
+def subpixel_conv(x: torch.Tensor, phase_weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The four phases as one 2x2 convolution (padding 1), interleaved into the output by strided copies."""
+    n, _, h, w = x.shape
+    out_channels = phase_weight.shape[0] // 4
+    phases = F.conv2d(x, phase_weight, bias.repeat(4), padding=1)
+    y = torch.empty(n, out_channels, 2 * h, 2 * w, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    for index in range(4):
+        i, j = divmod(index, 2)
+        y[:, :, i::2, j::2] = phases[:, index * out_channels:(index + 1) * out_channels, i:i + h, j:j + w]
+    return y
+
+
+def part_upsample(scale: int = 1) -> list[dict]:
+    """Nearest 2x then a 3x3 convolution (bf16, channels_last, bias) three ways: diffusers' (an upsampled copy,
+    then the convolution), the sub-pixel convolution (four 2x2 phases, interleaved by strided copies: the pack's
+    path until the transposed one measured faster) and one transposed convolution (stride 2, 4x4, the
+    interleaving done by cuDNN: the pack's path): GPU time and relative error against float64. `scale` 2: the shapes at a 2048 output."""
+    from hypir.fused_blocks import transposed_weights
+
+    out = []
+    for c, h, w in UPSAMPLE_SHAPES:
+        h, w = h * scale, w * scale
+        g = torch.Generator(device="cuda").manual_seed(c + h)
+        x = torch.randn(1, c, h, w, device="cuda", generator=g).to(torch.bfloat16, memory_format=torch.channels_last)
+        weight = (torch.randn(c, c, 3, 3, device="cuda", generator=g) / (3 * c ** 0.5)).to(torch.bfloat16)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(c, device="cuda", generator=g).to(torch.bfloat16)
+        exact = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), weight.double(), bias.double(),
+                         padding=1)
+        phase = subpixel_weights(weight.float()).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        transposed = transposed_weights(weight.float()).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        variants = {
+            "diffusers": lambda: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1),
+            "subpixel": lambda: subpixel_conv(x, phase, bias),
+            "transposed": lambda: F.conv_transpose2d(x, transposed, bias, stride=2, padding=1),
+        }
+        row = {"shape": [c, h, w]}
+        for name, fn in variants.items():
+            y = fn()
+            row[f"{name}_rel_err"] = ((y.double() - exact).norm() / exact.norm()).item()
+            row[f"{name}_channels_last"] = y.is_contiguous(memory_format=torch.channels_last)
+            row[f"{name}_ms"] = gpu_ms(fn, repeats=20)
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -163,6 +233,9 @@ def main() -> int:
     try:
         if "kernels" in args.parts and not args.smoke:
             result["kernels"] = part_kernels()
+            save()
+        if "upsample" in args.parts and not args.smoke:
+            result["upsample"] = part_upsample() + part_upsample(scale=2)
             save()
         if "pass" in args.parts:
             save(part_pass(save, args.smoke, tuple(name for name in args.off.split(",") if name)))

@@ -12,11 +12,11 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
 - `Transformer2DModel` (linear projections, as in SD2.1) becomes `FusedTransformer2DModel`: its output keeps
   the channels_last layout the convolutions run in, where diffusers makes an NCHW copy that the next
   convolution and skip connection convert back;
-- `Upsample2D` (nearest 2x, then a 3x3 convolution) becomes `FusedUpsample2D`: one 2x2 convolution of the small
-  input per output phase (a sub-pixel convolution), 16 multiply-adds a channel pair and input pixel instead of
-  36, and no upsampled copy of the input. Exact in float64; in bf16 the summed taps are rounded once more
-  (relative error 2.4e-3 against 1.7e-3 on random weights), and the phase kernels take 16/9 of the 3x3 weights'
-  memory.
+- `Upsample2D` (nearest 2x, then a 3x3 convolution) becomes `FusedUpsample2D`: one transposed convolution of
+  the small input (stride 2, 4x4 taps summed from the 3x3 ones), 16 multiply-adds a channel pair and input pixel
+  instead of 36, no upsampled copy of the input, the interleaved output written by cuDNN. Exact in float64; in
+  bf16 the summed taps are rounded once more (relative error 2.4e-3 against 1.7e-3 on random weights), and the
+  4x4 kernels take 16/9 of the 3x3 weights' memory.
 
 Off CUDA, under a caller's torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own
 forward.
@@ -121,66 +121,58 @@ class FusedTransformer2DModel(Transformer2DModel):
         return out.add_(residual) if torch.result_type(out, residual) == out.dtype else out + residual
 
 
-SUBPIXEL_UPSAMPLE = True  # benchmarks/levers.py switches it off to measure what it saves
-# Rows (and columns) of the 3x3 kernel that each 2x2 tap of a phase sums: output row 2h+i of nearest-2x-then-
-# conv3x3 reads input rows h-1+i and h+i, the first with kernel rows _PHASE_TAPS[i][0], the second with
-# _PHASE_TAPS[i][1].
-_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+TRANSPOSED_UPSAMPLE = True  # benchmarks/levers.py switches it off to measure what it saves
+# Along each axis the transposed kernel's 4 taps are sums of the 3x3 kernel's: (w2, w1 + w2, w0 + w1, w0).
+_TRANSPOSED_TAPS = ((2,), (1, 2), (0, 1), (0,))
 
 
-def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
-    """(4 * out, in, 2, 2) from a 3x3 kernel: the four output phases (i, j) of nearest 2x then the convolution,
-    stacked phase-major."""
-    phases = []
-    for rows in _PHASE_TAPS:
-        for cols in _PHASE_TAPS:
-            taps = [[weight[:, :, list(r)][:, :, :, list(c)].sum(dim=(2, 3)) for c in cols] for r in rows]
-            phases.append(torch.stack([torch.stack(row, dim=-1) for row in taps], dim=-2))
-    return torch.cat(phases, dim=0)
+def transposed_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(in, out, 4, 4) from a 3x3 kernel (out, in, 3, 3): conv_transpose2d(x, ., stride=2, padding=1) is
+    conv3x3(nearest_2x(x)) with padding 1. Output row o = 2h + k - 1 reads input row h with tap k, so row 2h
+    reads rows h (tap 1: w1 + w2) and h - 1 (tap 3: w0), and row 2h + 1 reads rows h (tap 2: w0 + w1) and h + 1
+    (tap 0: w2), as the upsampled image's rows 2h - 1 .. 2h + 2 are x[h - 1], x[h], x[h], x[h + 1]."""
+    select = weight.new_zeros(4, 3)
+    for tap, rows in enumerate(_TRANSPOSED_TAPS):
+        select[tap, list(rows)] = 1
+    return torch.einsum("ak,bl,oikl->ioab", select, select, weight)
 
 
 def nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      phase_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """conv3x3(nearest_2x(x)) with padding 1, as one 2x2 convolution of x (padding 1) into four phases, then
-    interleaved: phase (i, j) of the output is rows i:i+H and columns j:j+W of that convolution's phase block."""
-    n, _, h, w = x.shape
-    out_channels = weight.shape[0]
-    phase_weight = subpixel_weights(weight) if phase_weight is None else phase_weight
-    phases = F.conv2d(x, phase_weight, bias.repeat(4) if bias is not None else None, padding=1)
-    y = torch.empty(n, out_channels, 2 * h, 2 * w, device=x.device, dtype=x.dtype, memory_format=_layout(x))
-    for index in range(4):
-        i, j = divmod(index, 2)
-        y[:, :, i::2, j::2] = phases[:, index * out_channels:(index + 1) * out_channels, i:i + h, j:j + w]
-    return y
+                      transposed_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """conv3x3(nearest_2x(x)) with padding 1 as one transposed convolution of x (stride 2, 4x4 taps of which
+    each output pixel reads 2x2): no upsampled copy of x, 16 multiply-adds per channel pair and input pixel
+    instead of 36, and the output written interleaved by cuDNN."""
+    transposed_weight = transposed_weights(weight) if transposed_weight is None else transposed_weight
+    return F.conv_transpose2d(x, transposed_weight, bias, stride=2, padding=1)
 
 
 class FusedUpsample2D(Upsample2D):
-    """diffusers' Upsample2D (nearest 2x, 3x3 convolution, no norm) as a sub-pixel convolution. The phase kernels
-    are made from the 3x3 weights on first use and again whenever those weights change."""
+    """diffusers' Upsample2D (nearest 2x, 3x3 convolution, no norm) as one transposed convolution. Its 4x4
+    kernels are made from the 3x3 weights on first use and again whenever those weights change."""
 
     def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         h, w = hidden_states.shape[-2:]
         conv = self.conv
-        if not (SUBPIXEL_UPSAMPLE and output_size in (None, (2 * h, 2 * w), [2 * h, 2 * w])
+        if not (TRANSPOSED_UPSAMPLE and output_size in (None, (2 * h, 2 * w), [2 * h, 2 * w])
                 and _fast(hidden_states) and not (torch.is_grad_enabled() and conv.weight.requires_grad)):
             return super().forward(hidden_states, output_size, *args, **kwargs)
         key = (conv.weight.data_ptr(), tensor_version(conv.weight), conv.weight.dtype, conv.weight.device)
-        cached = getattr(self, "_phase_weight", None)
+        cached = getattr(self, "_transposed_weight", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                phase = subpixel_weights(conv.weight.float()).to(conv.weight.dtype).contiguous(
+                transposed = transposed_weights(conv.weight.float()).to(conv.weight.dtype).contiguous(
                     memory_format=_layout(conv.weight))
-            # The source storage is kept with its phases: its address cannot be reused for other weights
+            # The source storage is kept with its 4x4 kernels: its address cannot be reused for other weights
             # while the cache names it.
-            cached = (key, phase, conv.weight.detach())
-            self._phase_weight = cached
+            cached = (key, transposed, conv.weight.detach())
+            self._transposed_weight = cached
         return nearest2x_conv3x3(hidden_states, conv.weight, conv.bias, cached[1])
 
     def _apply(self, fn, recurse=True):
-        # A move (.to, .cpu, .half: ComfyUI offloading the model) drops the phase kernels and the weights they
+        # A move (.to, .cpu, .half: ComfyUI offloading the model) drops the 4x4 kernels and the weights they
         # hold, which would otherwise keep their GPU memory while the model sits on the CPU; the next call makes
         # them again from the moved weights.
-        self._phase_weight = None
+        self._transposed_weight = None
         return super()._apply(fn, recurse)
 
 

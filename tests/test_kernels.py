@@ -152,7 +152,7 @@ def test_fused_blocks_keep_parameters_and_cpu_results(tiny_base):
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, monkeypatch, mode):
     """The fused forward (norm+SiLU, conv biases folded into the next norm and the skip add, the time
-    embedding as a pre-norm bias, the channels_last transformer output, the sub-pixel upsampler) through the
+    embedding as a pre-norm bias, the channels_last transformer output, the transposed-convolution upsampler) through the
     interpreted kernels equals diffusers' forward in float32; also with models made and run under
     torch.inference_mode(), as ComfyUI loads and runs them."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
@@ -197,9 +197,9 @@ def test_fused_transformer_keeps_channels_last(tiny_base, monkeypatch):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(1, 4, 6, 5, 7), (2, 3, 5, 1, 9), (1, 8, 8, 16, 9)])  # n, in, out, h, w
-def test_subpixel_upsample_is_nearest_then_conv(shape, channels_last):
-    """Nearest 2x then a 3x3 convolution (padding 1) equals the four 2x2 phase convolutions, borders included,
-    to float64 rounding."""
+def test_transposed_upsample_is_nearest_then_conv(shape, channels_last):
+    """Nearest 2x then a 3x3 convolution (padding 1) equals the transposed convolution with the summed 4x4 taps,
+    borders included, to float64 rounding."""
     n, c, o, h, w = shape
     g = torch.Generator().manual_seed(6)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
@@ -213,7 +213,7 @@ def test_subpixel_upsample_is_nearest_then_conv(shape, channels_last):
 
 
 def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
-    """The phase kernels are remade when the 3x3 weights change (a LoRA merged later, a reload)."""
+    """The 4x4 kernels are remade when the 3x3 weights change (a LoRA merged later, a reload)."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
     vae, counts = _fused_copy(tiny_base.vae)
     assert counts["upsample"] == sum(type(m).__name__ == "Upsample2D" for m in tiny_base.vae.modules()) > 0
@@ -221,18 +221,18 @@ def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
     x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         before = up(x)
-        key = up._phase_weight[0]
+        key = up._transposed_weight[0]
         up.conv.weight.mul_(0.5)
         after = up(x)
         want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
                                           up.conv.weight, up.conv.bias, padding=1)
-    assert up._phase_weight[0] != key  # the sub-pixel path ran again, with phases made from the new weights
+    assert up._transposed_weight[0] != key  # the transposed path ran again, with kernels made from the new weights
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after)
 
 
 def test_fused_upsample_holds_nothing_after_a_move(tiny_base, monkeypatch):
-    """Moving the model (ComfyUI's offload: .to(), .half()) drops the phase kernels and the weights they keep, so
+    """Moving the model (ComfyUI's offload: .to(), .half()) drops the 4x4 kernels and the weights they keep, so
     no memory of the old device stays held; the next call remakes them from the moved weights."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
     vae, _ = _fused_copy(tiny_base.vae)
@@ -240,18 +240,18 @@ def test_fused_upsample_holds_nothing_after_a_move(tiny_base, monkeypatch):
     x = torch.randn(1, up.channels, 5, 6, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         before = up(x)
-        held = up._phase_weight[2]
+        held = up._transposed_weight[2]
         assert held.data_ptr() == up.conv.weight.data_ptr()
         vae.to(torch.float64)
-        assert up._phase_weight is None
+        assert up._transposed_weight is None
         after = up(x.double())
-    assert up._phase_weight[1].dtype == torch.float64
+    assert up._transposed_weight[1].dtype == torch.float64
     torch.testing.assert_close(after.float(), before, rtol=1e-5, atol=1e-5)
 
 
 def test_weights_made_under_inference_mode():
     """ComfyUI runs its nodes, model loading included, under torch.inference_mode(): such weights have no
-    version counter (reading `_version` raises). The sub-pixel upsampler's cache key and the CUDA graphs' weights
+    version counter (reading `_version` raises). The upsampler's cache key and the CUDA graphs' weights
     signature still work, inside inference mode and outside it."""
     from diffusers.models.upsampling import Upsample2D
 
@@ -272,7 +272,7 @@ def test_weights_made_under_inference_mode():
             signature = weights_signature(up)
         with torch.no_grad():
             outside = up(x)
-    assert up._phase_weight is not None  # the sub-pixel path ran
+    assert up._transposed_weight is not None  # the transposed path ran
     torch.testing.assert_close(inside, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outside, want, rtol=1e-5, atol=1e-5)
     assert signature == weights_signature(up) and len(signature) == 2
@@ -305,8 +305,8 @@ def test_weights_signature_is_every_parameter_and_buffer_once(tiny_base):
 
 
 def test_fused_upsample_paths(tiny_base, monkeypatch):
-    """The sub-pixel path also serves an output_size of exactly twice the input (the UNet passes one for latents
-    not a multiple of 8) and leaves autograd to diffusers' forward (the phase kernels carry no gradient)."""
+    """The transposed path also serves an output_size of exactly twice the input (the UNet passes one for latents
+    not a multiple of 8) and leaves autograd to diffusers' forward (the 4x4 kernels carry no gradient)."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
     vae, _ = _fused_copy(tiny_base.vae)
     up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
@@ -415,8 +415,8 @@ def test_every_triton_kernel_has_a_kind_in_the_profile():
     assert kernel_kind("row_stats") == kernel_kind("normalize") == "group norm (Triton)"
 
 
-def test_subpixel_upsample_rounding_in_bf16():
-    """In bf16 the sub-pixel path rounds its phase weights (sums of up to four 3x3 taps) once more than diffusers'
+def test_transposed_upsample_rounding_in_bf16():
+    """In bf16 the transposed path rounds its 4x4 weights (sums of up to four 3x3 taps) once more than diffusers'
     upsampled copy and 3x3 convolution do: its error against exact arithmetic on the same bf16 weights and
     input is larger, by a bounded factor (2.3e-3 against 1.7e-3 here)."""
     g = torch.Generator().manual_seed(12)
@@ -428,10 +428,10 @@ def test_subpixel_upsample_rounding_in_bf16():
     exact = torch.nn.functional.conv2d(up(x.double(), scale_factor=2.0, mode="nearest"), weight.double(),
                                        bias.double(), padding=1)
     plain = torch.nn.functional.conv2d(up(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-    phases = fused_blocks.subpixel_weights(weight.float()).bfloat16()
-    subpixel = fused_blocks.nearest2x_conv3x3(x, weight, bias, phases)
-    plain_error, subpixel_error = _rel(plain, exact), _rel(subpixel, exact)
-    print(f"bf16 relative error: diffusers' path {plain_error:.2e}, sub-pixel {subpixel_error:.2e}")
-    assert plain_error < subpixel_error < 1.6 * plain_error
+    taps = fused_blocks.transposed_weights(weight.float()).bfloat16()
+    transposed = fused_blocks.nearest2x_conv3x3(x, weight, bias, taps)
+    plain_error, transposed_error = _rel(plain, exact), _rel(transposed, exact)
+    print(f"bf16 relative error: diffusers' path {plain_error:.2e}, transposed {transposed_error:.2e}")
+    assert plain_error < transposed_error < 1.6 * plain_error
     # In float64 the two paths agree to rounding: the difference is the weights' bf16 rounding alone.
     assert _rel(fused_blocks.nearest2x_conv3x3(x.double(), weight.double(), bias.double()), exact) < 1e-12
