@@ -1,6 +1,8 @@
 """Many image files through one pipeline with the GPU kept busy: the next files are read and decoded in a
 thread ahead of the GPU, and finished ones are encoded and written by a few threads behind it, while the
-calling thread only restores. Decoding and encoding (Pillow, zlib, libjpeg) release the GIL, so they overlap
+calling thread only restores. A photo's pass is queued on the GPU before the one before it is read back
+(HYPIRPipeline.launch_frame), so the GPU does not wait while the CPU reads an output and prepares the next pass;
+an animation's frames run one after another. Decoding and encoding (Pillow, zlib, libjpeg) release the GIL, so they overlap
 with the GPU work. Used by the command line, the per-GPU worker processes and the Ray actors.
 
 Outputs are the same as restoring the files one by one: the same pipeline call per file, in the same order.
@@ -109,30 +111,59 @@ def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, qu
     stop = threading.Event()
     reader = threading.Thread(target=_read_ahead, args=(tasks, ready, stop), name="hypir-read", daemon=True)
     pending: collections.deque[tuple[FileOutcome, Future | None]] = collections.deque()
+    in_flight: list = []  # at most one (outcome, picture, FrameInFlight): queued on the GPU, not collected
+
+    def finish_in_flight() -> None:
+        while in_flight:
+            outcome, picture, launched = in_flight.pop()
+            pending.append((outcome, _collect_and_write(pool, outcome, picture, launched, quality)))
+            if on_restored is not None:
+                on_restored(outcome.key)
+
     reader.start()
     try:
         with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="hypir-write") as pool:
             while True:
                 try:  # while an output is being written, look in on it now and then: it is reported when done
-                    item = ready.get(timeout=0.02 if pending else None)
-                except queue.Empty:
+                    item = ready.get(timeout=0.02 if pending or in_flight else None)
+                except queue.Empty:  # no next file yet: collect the pass on the GPU (its outcome may be awaited)
+                    finish_in_flight()
                     while pending and (pending[0][1] is None or pending[0][1].done()):
                         yield _written(*pending.popleft())
                     continue
                 if item is _END:
+                    finish_in_flight()
                     break
                 if item[0] is _BROKEN:
+                    finish_in_flight()
                     raise item[1]
                 key, source, target, picture, error = item
                 outcome = FileOutcome(key, source, target)
-                future = None
                 if error is not None:
                     outcome.error, outcome.stage = error, "read"
-                else:
+                    finish_in_flight()
+                    pending.append((outcome, None))
+                elif len(picture.frames) == 1 and hasattr(pipe, "launch_frame"):
+                    # Queue this file's pass, then collect the one before it: the GPU runs this pass while
+                    # the CPU reads the last one back and hands it to a writer.
+                    try:
+                        launched = _launch(pipe, outcome, picture, options, callbacks)
+                    except BaseException:  # an interrupt: the pass before this one is done; write it too
+                        finish_in_flight()
+                        raise
+                    finish_in_flight()
+                    if launched is None:
+                        pending.append((outcome, None))
+                        if on_restored is not None:
+                            on_restored(key)
+                    else:
+                        in_flight.append((outcome, picture, launched))
+                else:  # an animation's frames, one after another
+                    finish_in_flight()
                     future = _restore_and_write(pipe, pool, outcome, picture, options, quality, callbacks)
                     if on_restored is not None:
                         on_restored(key)
-                pending.append((outcome, future))
+                    pending.append((outcome, future))
                 # Yield what is written; keep at most two files per writer, and HELD_BYTES, waiting to be written.
                 while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers
                                    or sum(o.held_bytes for o, _ in pending) > HELD_BYTES):
@@ -141,6 +172,26 @@ def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, qu
                 yield _written(*pending.popleft())
     finally:
         stop.set()
+
+
+def _launch(pipe, outcome: FileOutcome, picture: Picture, options, callbacks):
+    try:
+        return pipe.launch_frame(picture.frames[0], options, callbacks)
+    except Exception as exc:  # noqa: BLE001 - this file's outcome
+        outcome.error, outcome.stage = exc, "restore"
+        return None
+
+
+def _collect_and_write(pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, launched,
+                       quality: int) -> Future | None:
+    try:
+        frame, result = launched.collect()
+    except Exception as exc:  # noqa: BLE001 - this file's outcome (a non-finite pass)
+        outcome.error, outcome.stage = exc, "restore"
+        return None
+    outcome.status, outcome.frames, outcome.notes = result.status_line(), 1, picture.notes
+    outcome.held_bytes = frame.nbytes
+    return pool.submit(write_output, outcome.target, [frame], picture, quality)
 
 
 def _restore_and_write(pipe, pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, options,
