@@ -254,8 +254,9 @@ class FiniteChecks:
             return lambda: None
         device = pending[0][0].device
         counts = torch.stack([bad.to(device) for bad, _, _ in pending])
-        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=device.type == "cuda")
-        host.copy_(counts, non_blocking=True)
+        cuda = device.type == "cuda"  # MPS needs a synchronisation before a non-blocking copy is read
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=cuda)
+        host.copy_(counts, non_blocking=cuda)
 
         def raise_first() -> None:
             for count, (_, total, error) in zip(host.tolist(), pending):
@@ -474,8 +475,8 @@ def restore_channels(source: torch.Tensor, restored: torch.Tensor) -> torch.Tens
     """Give the restored RGB the source's channels: grey back to luma (ITU-R BT.601), alpha resized beside."""
     channels = source.shape[1]
     if channels <= 2:
-        weights = torch.tensor([0.299, 0.587, 0.114], device=restored.device).view(1, 3, 1, 1)
-        restored = (restored * weights).sum(dim=1, keepdim=True)
+        # Without a tensor made from Python numbers on the GPU: that copy would wait for the queued pass.
+        restored = restored[:, :1] * 0.299 + restored[:, 1:2] * 0.587 + restored[:, 2:3] * 0.114
     if channels in (2, 4):
         alpha = source[:, -1:].to(device=restored.device, dtype=torch.float32)
         alpha = F.interpolate(alpha, size=restored.shape[2:], mode="bicubic", antialias=True).clamp(0, 1)
@@ -522,24 +523,25 @@ class HYPIRPipeline:
     def launch_frame(self, frame, options: RestoreOptions, callbacks: Callbacks | None = None) -> "FrameInFlight":
         """Queue the restoration of one (C, H, W) float32 numpy frame and its copy back to the host without
         waiting for the GPU: a caller that launches the next frame before collecting this one keeps the GPU
-        busy while the CPU prepares the next pass (streaming.restore_stream does)."""
+        busy while the CPU prepares the next pass (streaming.restore_stream does). On a CUDA GPU only; on other
+        devices the frame is restored at once (its FrameInFlight is already done)."""
         start = time.perf_counter()
-        images = torch.from_numpy(frame)[None]
-        if self.models.device.type == "cuda":  # a blocking copy would wait for the pass queued before this one
-            images = images.pin_memory().to(self.models.device, non_blocking=True)
-        else:
-            images = images.to(self.models.device)
-        result = restore(self.models, images, options, callbacks, self.device_info, wait=False)
-        self._log_report(result.report)
-        out = result.images[0]
-        if out.device.type != "cuda":
-            result.pending()
-            return FrameInFlight(out.float().numpy(), None, lambda: None, result, start)
-        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return FrameInFlight(host.numpy(), done, result.pending, result, start)
+        device = self.models.device
+        if device.type != "cuda":
+            restored, result = self.restore_frames([frame], options, callbacks)
+            return FrameInFlight(restored[0], None, lambda: None, result, start)
+        with on_device(device):  # the copies and the event on the models' GPU's stream, whatever GPU is current
+            # From pinned memory, without waiting: a blocking copy would wait for the pass queued before this one.
+            images = torch.from_numpy(frame)[None].pin_memory().to(device, non_blocking=True)
+            result = restore(self.models, images, options, callbacks, self.device_info, wait=False)
+            self._log_report(result.report)
+            host = torch.empty(result.images.shape[1:], dtype=torch.float32, pin_memory=True)
+            host.copy_(result.images[0], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+        # The GPU output is not held while the next pass is planned (the planner counts allocated memory): its
+        # block is reused only by work queued after the copy.
+        return FrameInFlight(host, done, result.pending, replace(result, images=host[None], pending=None), start)
 
     def restore_frames(self, frames: list, options: RestoreOptions, callbacks: Callbacks | None = None
                        ) -> tuple[list, RestoreResult]:
@@ -565,17 +567,24 @@ class FrameInFlight:
     """A frame queued by HYPIRPipeline.launch_frame: `collect` waits for the GPU, raises a non-finite stage's
     error, and returns the restored (C, H, W) float32 numpy frame and the result (its `seconds` from launch to
     done, which includes waiting behind the pass queued before it)."""
-    frame: object  # numpy array, filled once `done` has passed
+    frame: object  # a numpy array, or a pinned CPU tensor filled once `done` has passed
     done: torch.cuda.Event | None
     pending: Callable[[], None]
     result: RestoreResult
     start: float
 
+    def ready(self) -> bool:
+        """Whether collect would return without waiting."""
+        return self.done is None or self.done.query()
+
     def collect(self) -> tuple[object, RestoreResult]:
         if self.done is not None:
             self.done.synchronize()
         self.pending()
-        return self.frame, replace(self.result, seconds=time.perf_counter() - self.start, pending=None)
+        frame = self.frame
+        if isinstance(frame, torch.Tensor):  # out of pinned memory: the host allocator keeps every pinned block
+            frame = frame.numpy().copy()  # for reuse, and outputs wait in the writers' queue
+        return frame, replace(self.result, seconds=time.perf_counter() - self.start)
 
 
 def restore_files(images: torch.Tensor, base: str, weights: str, device="auto", dtype="auto", **options

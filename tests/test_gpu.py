@@ -482,6 +482,10 @@ def test_a_queued_pass_does_not_wait_for_the_one_before(small_models_bf16):
         torch.cuda.set_sync_debug_mode(0)
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
     assert syncs == []
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued first: the launch must not wait for it
+    behind = pipe.launch_frame(frames[0], options)
+    assert not behind.ready()
+    assert np.array_equal(behind.collect()[0], want[0])
     for flight, expected in zip(launched, want):
         frame, result = flight.collect()
         assert np.array_equal(frame, expected) and "UNet CUDA graph" in result.status_line()

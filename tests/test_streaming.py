@@ -121,6 +121,43 @@ def test_an_interrupt_keeps_every_finished_output_and_leaves_nothing_partial(tmp
         assert Image.open(path).size == Image.open(sources[int(path.stem[1:])]).size
 
 
+@pytest.mark.parametrize("where", ["consumer", "collect"])
+def test_an_interrupt_outside_a_launch_writes_the_pass_already_queued(tmp_path, pipe, monkeypatch, where):
+    """A pass is queued before the one before it is collected: an interrupt while the consumer handles an outcome,
+    or while a pass is collected, still writes every pass that was queued (it finished or will), and nothing
+    partial."""
+    from hypir import pipeline as pipeline_module
+
+    sources = photos(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    launched = []
+    real_launch, real_collect = pipe.launch_frame, pipeline_module.FrameInFlight.collect
+    collects = []
+
+    def launch_frame(frame, options, callbacks=None):
+        launched.append(len(launched))
+        return real_launch(frame, options, callbacks)
+
+    def collect(self):
+        collects.append(1)
+        if where == "collect" and len(collects) == 2:
+            raise KeyboardInterrupt
+        return real_collect(self)
+
+    monkeypatch.setattr(pipe, "launch_frame", launch_frame)
+    monkeypatch.setattr(pipeline_module.FrameInFlight, "collect", collect)
+    tasks = [(i, s, out / f"p{i}.png") for i, s in enumerate(sources)]
+    with pytest.raises(KeyboardInterrupt):
+        for outcome in streaming.restore_stream(pipe, tasks, OPTIONS, writers=1):
+            if where == "consumer":
+                raise KeyboardInterrupt
+    written = sorted(int(p.stem[1:]) for p in out.iterdir())
+    assert written == list(range(len(launched))), (written, launched)  # every queued pass is written
+    for path in out.iterdir():
+        assert Image.open(path).size == Image.open(sources[int(path.stem[1:])]).size
+
+
 def test_a_failed_restore_is_yielded_and_the_next_files_go_on(tmp_path, pipe):
     sources = photos(tmp_path / "in", 3)
 
