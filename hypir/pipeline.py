@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -67,6 +67,7 @@ class RestoreResult:
     processed_size: tuple[int, int]  # (h1, w1), the size the VAE and UNet saw
     speedups: str = ""  # what else ran on the GPU: "Triton norms, UNet CUDA graph"
     fp32_vae: tuple[str, ...] = ()  # VAE stages recomputed in float32 after an fp16 overflow ("encode", "decode")
+    pending: Callable[[], None] | None = None  # restore(wait=False): raises a non-finite stage's error when done
 
     def status_line(self) -> str:
         b, _, h, w = self.images.shape
@@ -84,8 +85,11 @@ class RestoreResult:
 
 @torch.no_grad()
 def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions = RestoreOptions(),
-            callbacks: Callbacks | None = None, device_info: DeviceInfo | None = None) -> RestoreResult:
-    """Restore a (B, C, H, W) batch in [0, 1] (C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) with loaded models."""
+            callbacks: Callbacks | None = None, device_info: DeviceInfo | None = None,
+            wait: bool = True) -> RestoreResult:
+    """Restore a (B, C, H, W) batch in [0, 1] (C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) with loaded models.
+    wait=False returns once the pass is queued on the GPU: the result's `pending` raises the first non-finite
+    stage's error once the GPU is done (HYPIRPipeline.launch_frame), and its `seconds` is not known yet (NaN)."""
     check_images(images)
     callbacks = callbacks or Callbacks()
     runtime = runtime_of(models)
@@ -97,7 +101,8 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     for attempt in range(MAX_OOM_RETRIES + 1):
         try:
             with on_device(models.device):
-                out, stages, fp32_vae = _one_pass(models, runtime, images, plan, options, router, callbacks)
+                out, stages, fp32_vae, checks = _one_pass(models, runtime, images, plan, options, router,
+                                                          callbacks)
             break
         except torch.cuda.OutOfMemoryError as exc:
             current = plan.tile or max(plan.padded_size)
@@ -115,13 +120,18 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
         torch.cuda.empty_cache()
         logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
     out = restore_channels(images, out)
-    if models.device.type == "cuda":
-        torch.cuda.synchronize(models.device)
-    seconds = time.perf_counter() - start
+    pending = None
+    if wait:
+        checks.raise_first()
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+        seconds = time.perf_counter() - start
+    else:
+        pending, seconds = checks.deferred(), float("nan")
     report = build_report(router, text_encoder_implementation(router))
     speedups = _speedups(models, options, runtime.unet_graphs.replays > replays_before)
     return RestoreResult(out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size, speedups,
-                         tuple(stage for stage in ("encode", "decode") if stage in fp32_vae))
+                         tuple(stage for stage in ("encode", "decode") if stage in fp32_vae), pending)
 
 
 def on_device(device: torch.device):
@@ -132,9 +142,10 @@ def on_device(device: torch.device):
 
 
 def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan: PassPlan, options: RestoreOptions,
-              router: AttentionRouter, callbacks: Callbacks) -> tuple[torch.Tensor, dict[str, float], set[str]]:
+              router: AttentionRouter, callbacks: Callbacks
+              ) -> tuple[torch.Tensor, dict[str, float], set[str], FiniteChecks]:
     """The method's steps, in the order of the reference implementation (XPixelGroup/HYPIR's enhancer); also
-    returns the VAE stages recomputed in fp32."""
+    returns the VAE stages recomputed in fp32 and the stages' NaN/infinity checks, not read yet."""
     device, dtype = models.device, models.dtype
     clock = _StageClock(device if options.sync_stages else None)
     tiles = _Tiles(plan, callbacks)
@@ -192,8 +203,7 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
             out = wavelet_color_fix(out, ref)
         # 9. Clamp.
         out = require_finite(checks, out, "the restored image", dtype).clamp(0, 1)
-        checks.raise_first()
-    return out, clock.stages, fp32_vae
+    return out, clock.stages, fp32_vae, checks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +245,24 @@ class FiniteChecks:
         else:
             self._pending.append((bad, tensor.numel(), error))
         return tensor
+
+    def deferred(self) -> Callable[[], None]:
+        """Queue the counts' copy to the host without waiting; the returned call raises the first error once the
+        GPU has done the copy (wait for an event recorded after this first)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return lambda: None
+        device = pending[0][0].device
+        counts = torch.stack([bad.to(device) for bad, _, _ in pending])
+        cuda = device.type == "cuda"  # MPS needs a synchronisation before a non-blocking copy is read
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=cuda)
+        host.copy_(counts, non_blocking=cuda)
+
+        def raise_first() -> None:
+            for count, (_, total, error) in zip(host.tolist(), pending):
+                if count:
+                    raise error(count, total)
+        return raise_first
 
     def raise_first(self) -> None:
         pending, self._pending = self._pending, []
@@ -447,8 +475,8 @@ def restore_channels(source: torch.Tensor, restored: torch.Tensor) -> torch.Tens
     """Give the restored RGB the source's channels: grey back to luma (ITU-R BT.601), alpha resized beside."""
     channels = source.shape[1]
     if channels <= 2:
-        weights = torch.tensor([0.299, 0.587, 0.114], device=restored.device).view(1, 3, 1, 1)
-        restored = (restored * weights).sum(dim=1, keepdim=True)
+        # Without a tensor made from Python numbers on the GPU: that copy would wait for the queued pass.
+        restored = restored[:, :1] * 0.299 + restored[:, 1:2] * 0.587 + restored[:, 2:3] * 0.114
     if channels in (2, 4):
         alpha = source[:, -1:].to(device=restored.device, dtype=torch.float32)
         alpha = F.interpolate(alpha, size=restored.shape[2:], mode="bicubic", antialias=True).clamp(0, 1)
@@ -492,6 +520,29 @@ class HYPIRPipeline:
         self._log_report(result.report)
         return result
 
+    def launch_frame(self, frame, options: RestoreOptions, callbacks: Callbacks | None = None) -> "FrameInFlight":
+        """Queue the restoration of one (C, H, W) float32 numpy frame and its copy back to the host without
+        waiting for the GPU: a caller that launches the next frame before collecting this one keeps the GPU
+        busy while the CPU prepares the next pass (streaming.restore_stream does). On a CUDA GPU only; on other
+        devices the frame is restored at once (its FrameInFlight is already done)."""
+        start = time.perf_counter()
+        device = self.models.device
+        if device.type != "cuda":
+            restored, result = self.restore_frames([frame], options, callbacks)
+            return FrameInFlight(restored[0], None, lambda: None, result, start)
+        with on_device(device):  # the copies and the event on the models' GPU's stream, whatever GPU is current
+            # From pinned memory, without waiting: a blocking copy would wait for the pass queued before this one.
+            images = torch.from_numpy(frame)[None].pin_memory().to(device, non_blocking=True)
+            result = restore(self.models, images, options, callbacks, self.device_info, wait=False)
+            self._log_report(result.report)
+            host = torch.empty(result.images.shape[1:], dtype=torch.float32, pin_memory=True)
+            host.copy_(result.images[0], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+        # The GPU output is not held while the next pass is planned (the planner counts allocated memory): its
+        # block is reused only by work queued after the copy.
+        return FrameInFlight(host, done, result.pending, replace(result, images=host[None], pending=None), start)
+
     def restore_frames(self, frames: list, options: RestoreOptions, callbacks: Callbacks | None = None
                        ) -> tuple[list, RestoreResult]:
         """Restore each (C, H, W) float32 numpy frame of an image file (one, or an animation's); returns the
@@ -509,6 +560,31 @@ class HYPIRPipeline:
             self._last_console = key
             for line in report.console_lines():
                 logger.info("[HYPIR] %s", line)
+
+
+@dataclass
+class FrameInFlight:
+    """A frame queued by HYPIRPipeline.launch_frame: `collect` waits for the GPU, raises a non-finite stage's
+    error, and returns the restored (C, H, W) float32 numpy frame and the result (its `seconds` from launch to
+    done, which includes waiting behind the pass queued before it)."""
+    frame: object  # a numpy array, or a pinned CPU tensor filled once `done` has passed
+    done: torch.cuda.Event | None
+    pending: Callable[[], None]
+    result: RestoreResult
+    start: float
+
+    def ready(self) -> bool:
+        """Whether collect would return without waiting."""
+        return self.done is None or self.done.query()
+
+    def collect(self) -> tuple[object, RestoreResult]:
+        if self.done is not None:
+            self.done.synchronize()
+        self.pending()
+        frame = self.frame
+        if isinstance(frame, torch.Tensor):  # out of pinned memory: the host allocator keeps every pinned block
+            frame = frame.numpy().copy()  # for reuse, and outputs wait in the writers' queue
+        return frame, replace(self.result, seconds=time.perf_counter() - self.start)
 
 
 def restore_files(images: torch.Tensor, base: str, weights: str, device="auto", dtype="auto", **options

@@ -1,7 +1,9 @@
 """Many image files through one pipeline with the GPU kept busy: the next files are read and decoded in a
 thread ahead of the GPU, and finished ones are encoded and written by a few threads behind it, while the
-calling thread only restores. Decoding and encoding (Pillow, zlib, libjpeg) release the GIL, so they overlap
-with the GPU work. Used by the command line, the per-GPU worker processes and the Ray actors.
+calling thread only restores. A photo's pass is queued on the GPU before the one before it is read back
+(HYPIRPipeline.launch_frame), so the GPU does not wait while the CPU reads an output and prepares the next
+pass; an animation's frames run one after another. Decoding and encoding (Pillow, zlib, libjpeg) release the
+GIL, so they overlap with the GPU work. Used by the command line, the per-GPU worker processes and the Ray actors.
 
 Outputs are the same as restoring the files one by one: the same pipeline call per file, in the same order.
 Torch is imported only by spare_the_cpu.
@@ -109,38 +111,93 @@ def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, qu
     stop = threading.Event()
     reader = threading.Thread(target=_read_ahead, args=(tasks, ready, stop), name="hypir-read", daemon=True)
     pending: collections.deque[tuple[FileOutcome, Future | None]] = collections.deque()
+    in_flight: list = []  # (outcome, picture, FrameInFlight) queued on the GPU, not collected: one, two briefly
+
+    def finish_in_flight(keep: int = 0) -> None:
+        """Collect the queued passes but the last `keep`, in order, and submit their writes."""
+        while len(in_flight) > keep:  # taken off once its write is submitted: an interrupt here finishes it again
+            outcome, picture, launched = in_flight[0]
+            future = _collect_and_write(pool, outcome, picture, launched, quality)
+            in_flight.pop(0)
+            pending.append((outcome, future))
+            if on_restored is not None:
+                on_restored(outcome.key)
+
     reader.start()
     try:
         with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="hypir-write") as pool:
-            while True:
-                try:  # while an output is being written, look in on it now and then: it is reported when done
-                    item = ready.get(timeout=0.02 if pending else None)
-                except queue.Empty:
-                    while pending and (pending[0][1] is None or pending[0][1].done()):
+            try:  # an interrupt anywhere (a signal, the consumer closing the stream): the pass on the GPU is
+                # done or will be: it is written too, as a restore that finished before the interrupt would be
+                while True:
+                    try:  # while an output is being written, look in on it now and then: it is reported when done
+                        item = ready.get(timeout=0.02 if pending or in_flight else None)
+                    except queue.Empty:  # no next file yet: collect the pass on the GPU once it is done (a worker's
+                        if in_flight and in_flight[0][2].ready():  # inbox may wait for its outcome)
+                            finish_in_flight()
+                        while pending and (pending[0][1] is None or pending[0][1].done()):
+                            yield _written(*pending.popleft())
+                        continue
+                    if item is _END:
+                        finish_in_flight()
+                        break
+                    if item[0] is _BROKEN:
+                        finish_in_flight()
+                        raise item[1]
+                    key, source, target, picture, error = item
+                    outcome = FileOutcome(key, source, target)
+                    if error is not None:
+                        outcome.error, outcome.stage = error, "read"
+                        finish_in_flight()
+                        pending.append((outcome, None))
+                    elif len(picture.frames) == 1 and hasattr(pipe, "launch_frame"):
+                        # Queue this file's pass, then collect the one before it: the GPU runs this pass while
+                        # the CPU reads the last one back and hands it to a writer.
+                        launched = _launch(pipe, outcome, picture, options, callbacks)
+                        if launched is None:
+                            finish_in_flight()
+                            pending.append((outcome, None))
+                            if on_restored is not None:
+                                on_restored(key)
+                        else:
+                            in_flight.append((outcome, picture, launched))
+                            finish_in_flight(keep=1)
+                    else:  # an animation's frames, one after another
+                        finish_in_flight()
+                        future = _restore_and_write(pipe, pool, outcome, picture, options, quality, callbacks)
+                        if on_restored is not None:
+                            on_restored(key)
+                        pending.append((outcome, future))
+                    # Yield what is written; keep at most two files per writer, and HELD_BYTES, waiting to be written.
+                    while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers
+                                       or sum(o.held_bytes for o, _ in pending) > HELD_BYTES):
                         yield _written(*pending.popleft())
-                    continue
-                if item is _END:
-                    break
-                if item[0] is _BROKEN:
-                    raise item[1]
-                key, source, target, picture, error = item
-                outcome = FileOutcome(key, source, target)
-                future = None
-                if error is not None:
-                    outcome.error, outcome.stage = error, "read"
-                else:
-                    future = _restore_and_write(pipe, pool, outcome, picture, options, quality, callbacks)
-                    if on_restored is not None:
-                        on_restored(key)
-                pending.append((outcome, future))
-                # Yield what is written; keep at most two files per writer, and HELD_BYTES, waiting to be written.
-                while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers
-                                   or sum(o.held_bytes for o, _ in pending) > HELD_BYTES):
+                while pending:
                     yield _written(*pending.popleft())
-            while pending:
-                yield _written(*pending.popleft())
+            except BaseException:
+                finish_in_flight()
+                raise
     finally:
         stop.set()
+
+
+def _launch(pipe, outcome: FileOutcome, picture: Picture, options, callbacks):
+    try:
+        return pipe.launch_frame(picture.frames[0], options, callbacks)
+    except Exception as exc:  # noqa: BLE001 - this file's outcome
+        outcome.error, outcome.stage = exc, "restore"
+        return None
+
+
+def _collect_and_write(pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, launched,
+                       quality: int) -> Future | None:
+    try:
+        frame, result = launched.collect()
+    except Exception as exc:  # noqa: BLE001 - this file's outcome (a non-finite pass)
+        outcome.error, outcome.stage = exc, "restore"
+        return None
+    outcome.status, outcome.frames, outcome.notes = result.status_line(), 1, picture.notes
+    outcome.held_bytes = frame.nbytes
+    return pool.submit(write_output, outcome.target, [frame], picture, quality)
 
 
 def _restore_and_write(pipe, pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, options,

@@ -454,3 +454,38 @@ def test_the_first_non_finite_stage_is_the_error_read_at_the_end():
     with pytest.raises(NonFiniteError, match="the second stage holds 1 NaN or infinite values \\(of 2\\) in bfloat16"):
         checks.raise_first()
     checks.raise_first()  # read once
+
+
+def test_a_queued_pass_does_not_wait_for_the_one_before(small_models_bf16):
+    """The folder pipeline queues a photo's pass before reading the last one back: launching a warm pass
+    synchronises nothing (the input goes up from pinned memory, the output and the NaN/infinity counts come back
+    into pinned memory), and collecting gives restore_frames' output exactly."""
+    import warnings
+
+    import numpy as np
+
+    from hypir.pipeline import HYPIRPipeline
+    from hypir.settings import RestoreOptions
+
+    pipe = HYPIRPipeline(small_models_bf16)
+    frames = [np.random.default_rng(i).random((3, 128, 128), dtype=np.float32) for i in range(2)]
+    options = RestoreOptions(upscale=2.0)
+    for _ in range(3):  # timing, the graph's capture, warm
+        want, _ = pipe.restore_frames(frames, options)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            launched = [pipe.launch_frame(frame, options) for frame in frames]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+    assert syncs == []
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued first: the launch must not wait for it
+    behind = pipe.launch_frame(frames[0], options)
+    assert not behind.ready()
+    assert np.array_equal(behind.collect()[0], want[0])
+    for flight, expected in zip(launched, want):
+        frame, result = flight.collect()
+        assert np.array_equal(frame, expected) and "UNet CUDA graph" in result.status_line()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hypir.pipeline import Callbacks
+from hypir.settings import RestoreOptions
 from hypir.planning import output_size as target_size
 
 
@@ -347,3 +348,19 @@ def test_the_colour_fix_kernel_made_under_inference_mode_is_a_normal_tensor():
     x = torch.rand(1, 3, 8, 8, requires_grad=True)
     colorfix.low_frequency(x).sum().backward()
     assert x.grad is not None
+
+
+def test_a_launched_frame_collects_what_restore_frames_gives(pipe):
+    """HYPIRPipeline.launch_frame (the folder pipeline's queued pass) and FrameInFlight.collect: the same
+    output as restore_frames, the same status apart from the time."""
+    import numpy as np
+
+    frames = [np.random.default_rng(i).random((3, 20, 28), dtype=np.float32) for i in range(2)]
+    options = RestoreOptions(upscale=2.0, latent="mode")
+    want, result = pipe.restore_frames(frames, options)
+    launched = [pipe.launch_frame(frame, options) for frame in frames]
+    got = [flight.collect() for flight in launched]
+    for (frame, collected), expected in zip(got, want):
+        assert frame.dtype == np.float32 and np.array_equal(frame, expected)
+    assert got[-1][1].status_line().rsplit("|", 1)[0] == result.status_line().rsplit("|", 1)[0]
+    assert got[-1][1].seconds > 0 and got[-1][1].pending is None

@@ -40,6 +40,11 @@ class Watched:
         self.before(self.calls - 1)
         return self.pipe.restore_frames(frames, options, callbacks)
 
+    def launch_frame(self, frame, options, callbacks=None):
+        self.calls += 1
+        self.before(self.calls - 1)
+        return self.pipe.launch_frame(frame, options, callbacks)
+
 
 def test_outputs_equal_one_by_one_restores_in_order_with_failures_named(tmp_path, pipe):
     sources = photos(tmp_path / "in", 5)
@@ -88,8 +93,9 @@ def test_the_next_file_is_read_and_the_last_one_written_while_a_file_is_restored
     def before(index):
         if index + 1 < len(sources):  # read ahead: the next file was taken while this one waits for the GPU
             assert pulled[index + 1].wait(10), f"file {index + 1} was not read ahead of file {index}'s restore"
-        if index > 0:  # written behind: the previous output is being written while this one is restored
-            assert writing[index - 1].wait(10), f"file {index - 1} was not written during file {index}'s restore"
+        if index > 1:  # written behind: while this pass is queued, the one before it runs on the GPU and the
+            # one before that is being written
+            assert writing[index - 2].wait(10), f"file {index - 2} was not written during file {index}'s restore"
 
     outcomes = list(streaming.restore_stream(Watched(pipe, before), tasks(), OPTIONS, writers=2))
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
@@ -111,6 +117,43 @@ def test_an_interrupt_keeps_every_finished_output_and_leaves_nothing_partial(tmp
         for outcome in streaming.restore_stream(Watched(pipe, before), tasks, OPTIONS, writers=2):
             seen.append(outcome.key)
     assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png", "p2.png"]  # restored ones: written
+    for path in out.iterdir():
+        assert Image.open(path).size == Image.open(sources[int(path.stem[1:])]).size
+
+
+@pytest.mark.parametrize("where", ["consumer", "collect"])
+def test_an_interrupt_outside_a_launch_writes_the_pass_already_queued(tmp_path, pipe, monkeypatch, where):
+    """A pass is queued before the one before it is collected: an interrupt while the consumer handles an outcome,
+    or while a pass is collected, still writes every pass that was queued (it finished or will), and nothing
+    partial."""
+    from hypir import pipeline as pipeline_module
+
+    sources = photos(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    launched = []
+    real_launch, real_collect = pipe.launch_frame, pipeline_module.FrameInFlight.collect
+    collects = []
+
+    def launch_frame(frame, options, callbacks=None):
+        launched.append(len(launched))
+        return real_launch(frame, options, callbacks)
+
+    def collect(self):
+        collects.append(1)
+        if where == "collect" and len(collects) == 2:
+            raise KeyboardInterrupt
+        return real_collect(self)
+
+    monkeypatch.setattr(pipe, "launch_frame", launch_frame)
+    monkeypatch.setattr(pipeline_module.FrameInFlight, "collect", collect)
+    tasks = [(i, s, out / f"p{i}.png") for i, s in enumerate(sources)]
+    with pytest.raises(KeyboardInterrupt):
+        for outcome in streaming.restore_stream(pipe, tasks, OPTIONS, writers=1):
+            if where == "consumer":
+                raise KeyboardInterrupt
+    written = sorted(int(p.stem[1:]) for p in out.iterdir())
+    assert written == list(range(len(launched))), (written, launched)  # every queued pass is written
     for path in out.iterdir():
         assert Image.open(path).size == Image.open(sources[int(path.stem[1:])]).size
 
@@ -161,14 +204,15 @@ def test_each_output_is_reported_while_the_task_source_waits_for_more(tmp_path, 
 
 
 def test_restored_frames_held_for_writing_stay_within_the_byte_bound(tmp_path, pipe, monkeypatch):
-    """With room for no restored frames beyond one file, the next restore waits until the last one is written."""
+    """With room for no restored frames beyond one file, the next restore waits until the last one collected is
+    written (the one before the next is still on the GPU when the next is queued)."""
     monkeypatch.setattr(streaming, "HELD_BYTES", 1)
-    sources = photos(tmp_path / "in", 3)
+    sources = photos(tmp_path / "in", 4)
 
     def before(index):
-        if index > 0:
-            assert (tmp_path / f"p{index - 1}.png").exists(), f"file {index - 1} was still held when {index} began"
+        if index > 1:
+            assert (tmp_path / f"p{index - 2}.png").exists(), f"file {index - 2} was still held when {index} began"
 
     tasks = [(i, s, tmp_path / f"p{i}.png") for i, s in enumerate(sources)]
     outcomes = list(streaming.restore_stream(Watched(pipe, before), tasks, OPTIONS, writers=4))
-    assert [o.ok for o in outcomes] == [True, True, True], [o.error for o in outcomes]
+    assert [o.ok for o in outcomes] == [True] * 4, [o.error for o in outcomes]
