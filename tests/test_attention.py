@@ -447,48 +447,68 @@ def test_each_shape_is_measured_once_across_routers(kernels):
 
 
 def test_a_clear_loser_is_timed_by_one_call():
-    """A candidate whose first timed call is more than LOSING_FACTOR times the best so far (and STOP_FLOOR_MS or
-    longer) stops there; the others are timed in TIMED_ROUNDS groups of up to `iters` calls (about a millisecond
-    of GPU work each)."""
+    """Every candidate's first call is timed together; one more than LOSING_FACTOR times the best of them (and
+    STOP_FLOOR_MS or longer) stops there. The others are timed in TIMED_ROUNDS rounds of up to `iters` calls
+    each (about a millisecond of GPU work), all candidates in every round, in an order turned by one each
+    round; the median of each counts."""
+    a, b, c, d = AttentionBackend.SDPA_FLASH, AttentionBackend.SDPA_CUDNN, AttentionBackend.FLASH_ATTN, \
+        AttentionBackend.SDPA_EFFICIENT
+    per_call = {a: 0.5, b: 0.8, c: 40.0, d: 0.9}
+    noise = iter([1.0, 1.0, 1.2, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0])  # outliers in the first two rounds
     asked = []
 
-    def group(ms):
-        def run(calls):
-            asked.append(calls)
-            return ms
-        return run
+    def group(calls):
+        asked.append(dict(calls))
+        return {backend: per_call[backend] * (next(noise) if len(asked) > 1 else 1.0) for backend in calls}
 
-    assert tuning_module.rounds(group(0.05), iters=8, beat=math.inf) == 0.05
-    assert asked == [1] + [8] * tuning_module.TIMED_ROUNDS
+    times = tuning_module.rounds(group, [a, b, c, d], iters=8)
+    assert list(times) == [a, b, c, d]
+    assert times[c] == 40.0  # 80x the best single call: one call only
+    assert times == {a: 0.5, b: 0.8, c: 40.0, d: 0.9}  # the medians: the outliers drop out
+    assert asked[0] == {a: 1, b: 1, c: 1, d: 1}
+    assert asked[1:] == [{a: 2, b: 1, d: 1}] * 3  # about a millisecond of GPU work each
+    assert [list(r) for r in asked[1:]] == [[a, b, d], [b, d, a], [d, a, b]]
+    # A 3x loser whose one call is too short to tell (below STOP_FLOOR_MS) is timed fully.
     asked.clear()
-    assert tuning_module.rounds(group(0.5), iters=8, beat=0.3) == 0.5  # 1.7x the best: still timed fully
-    assert asked == [1] + [2] * tuning_module.TIMED_ROUNDS
-    asked.clear()
-    assert tuning_module.rounds(group(40.0), iters=8, beat=11.0) == 40.0  # 3.6x: one call
-    assert asked == [1]
-    asked.clear()
-    assert tuning_module.rounds(group(0.03), iters=8, beat=0.01) == 0.03  # 3x, but one call is too short to tell
-    assert asked == [1] + [8] * tuning_module.TIMED_ROUNDS
+    noise = iter([1.0] * 6)
+    short = {a: 0.01, b: 0.03}
+    per_call.update(short)
+    assert tuning_module.rounds(group, [a, b], iters=8) == short
+    assert asked[1:] == [{a: 8, b: 8}, {b: 8, a: 8}, {a: 8, b: 8}]
 
 
-def test_each_candidate_is_timed_against_the_best_before_it(kernels, monkeypatch):
-    """measure() hands the built-in timer the fastest time so far, in the candidates' order."""
-    seen = []
+def test_the_candidates_are_timed_together_and_one_failing_alone(kernels, monkeypatch):
+    """measure() warms every candidate up, then times them together with time_kernels; should that raise, it
+    times each alone, and only the one that fails is excluded (reported through on_error)."""
+    joint = []
     times = {AttentionBackend.SDPA_CUDNN: 2.0, AttentionBackend.SDPA_FLASH: 1.0, AttentionBackend.SDPA_EFFICIENT: 5.0}
 
-    def timer(backend, fn, q, k, v, scale, beat):
-        seen.append((backend, beat))
-        return times[backend]
+    def time_kernels(fns, q, k, v, scale):
+        joint.append(list(fns))
+        if len(fns) > 1 and AttentionBackend.SDPA_EFFICIENT in fns and fail:
+            raise RuntimeError("an illegal memory access")
+        if list(fns) == [AttentionBackend.SDPA_EFFICIENT] and fail:
+            raise RuntimeError("an illegal memory access")
+        return {b: times[b] for b in fns}
 
-    def failed(backend, exc):
-        raise AssertionError(f"{backend.value}: {exc}")
-
-    monkeypatch.setattr(tuning_module, "time_kernel", timer)
+    failed = []
+    monkeypatch.setattr(tuning_module, "time_kernels", time_kernels)
     q, k, v = qkv(1, 8, 8, 1, 16, seed=1, dtype=torch.bfloat16)
-    timing = tuning_module.measure(AttentionShape.of(q, k), list(times), q, k, v, 0.25, None, on_error=failed)
-    assert seen == [(AttentionBackend.SDPA_CUDNN, math.inf), (AttentionBackend.SDPA_FLASH, 2.0),
-                    (AttentionBackend.SDPA_EFFICIENT, 1.0)]
+    fail = False
+    timing = tuning_module.measure(AttentionShape.of(q, k), list(times), q, k, v, 0.25, None,
+                                   on_error=lambda b, exc: failed.append(b))
+    assert joint == [list(times)] and failed == []
     assert timing.winner == AttentionBackend.SDPA_FLASH and timing.times == times
+    clear_autotune_cache()
+    joint.clear()
+    fail = True
+    q, k, v = qkv(1, 8, 8, 1, 16, seed=2, dtype=torch.bfloat16)
+    timing = tuning_module.measure(AttentionShape.of(q, k), list(times), q, k, v, 0.25, None,
+                                   on_error=lambda b, exc: failed.append(b))
+    assert joint == [list(times), *([b] for b in times)]
+    assert failed == [AttentionBackend.SDPA_EFFICIENT]
+    assert timing.times == {b: t for b, t in times.items() if b != AttentionBackend.SDPA_EFFICIENT}
+    assert timing.errors == {AttentionBackend.SDPA_EFFICIENT: "RuntimeError: an illegal memory access"}
 
 
 def test_concurrent_first_calls_measure_once(kernels):

@@ -88,13 +88,13 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("FlashAttention needs sm80+")
     timed = []
-    real_timer = tuning_module.time_kernel
+    real_timer = tuning_module.time_kernels
 
-    def counting_timer(backend, fn, q, k, v, scale, **options):
-        timed.append((AttentionShape.of(q, k), backend))
-        return real_timer(backend, fn, q, k, v, scale, **options)
+    def counting_timer(fns, q, k, v, scale, **options):
+        timed.extend((AttentionShape.of(q, k), backend) for backend in fns)
+        return real_timer(fns, q, k, v, scale, **options)
 
-    monkeypatch.setattr(tuning_module, "time_kernel", counting_timer)
+    monkeypatch.setattr(tuning_module, "time_kernels", counting_timer)
     clear_autotune_cache()
     router = AttentionRouter(AttentionPolicy(), "cuda", dtype)
     outputs, data = {}, {name: inputs_and_reference(name, dtype) for name in SHAPES}
@@ -285,8 +285,13 @@ def test_kernel_timing_is_gpu_time_not_wrapper_time():
     q = torch.randn(1, 16384, 5, 64, device="cuda", dtype=torch.bfloat16, generator=g)
     kv = torch.randn(1, 77, 5, 64, device="cuda", dtype=torch.bfloat16, generator=g)
     fn(q, kv, kv, 0.125)
-    direct = tuning_module.time_kernel(AttentionBackend.SDPA_FLASH, fn, q, kv, kv, 0.125)
-    wrapped = tuning_module.time_kernel(AttentionBackend.SDPA_FLASH, slow_wrapper, q, kv, kv, 0.125)
+    direct, wrapped = (tuning_module.time_kernels({AttentionBackend.SDPA_FLASH: f}, q, kv, kv, 0.125)[
+        AttentionBackend.SDPA_FLASH] for f in (fn, slow_wrapper))
+    # Timed together (two candidates' calls behind one sleep), each keeps its own time.
+    together = tuning_module.time_kernels({AttentionBackend.SDPA_FLASH: fn, AttentionBackend.SDPA_CUDNN: slow_wrapper},
+                                          q, kv, kv, 0.125)
+    assert abs(together[AttentionBackend.SDPA_CUDNN] - direct) <= 0.2 * direct + 0.01
+    assert abs(together[AttentionBackend.SDPA_FLASH] - direct) <= 0.2 * direct + 0.01
     print(f"16384x77 cross-attention, sdpa_flash: {direct:.4f} ms direct, {wrapped:.4f} ms behind a 0.3 ms wrapper")
     assert direct < 0.3 and abs(wrapped - direct) <= 0.2 * direct + 0.01
 

@@ -15,7 +15,7 @@ from .backends import (ALL_DTYPES, CUDA_FALLBACK_ORDER, FLASH_ORDER, HALF_DTYPES
 from .processor import HYPIRAttnProcessor, install_processors
 from .report import AttentionReport, build_report, flash_off_reason, text_encoder_implementation
 from .router import AttentionPolicy, AttentionRouter, dispatch, use_router
-from .tuning import AttentionShape, ShapeTiming, autotune_table, clear_autotune_cache, time_kernel
+from .tuning import AttentionShape, ShapeTiming, autotune_table, clear_autotune_cache, time_kernels
 
 __all__ = [
     "AUTO", "AttentionBackend", "ALL_DTYPES", "CUDA_FALLBACK_ORDER", "FLASH_ORDER", "HALF_DTYPES",
@@ -23,5 +23,5 @@ __all__ = [
     "dtype_name", "package_version", "parse_backend", "register", "why_not", "HYPIRAttnProcessor",
     "install_processors", "AttentionReport", "build_report", "flash_off_reason", "text_encoder_implementation",
     "AttentionPolicy", "AttentionRouter", "dispatch", "use_router", "AttentionShape", "ShapeTiming",
-    "autotune_table", "clear_autotune_cache", "time_kernel",
+    "autotune_table", "clear_autotune_cache", "time_kernels",
 ]

@@ -46,7 +46,7 @@ class AttentionRouter:
     and records which backend each module really ran, and on which shape.
 
     ``timer(backend, fn, q, k, v, scale) -> ms`` times one candidate for the per-shape choice; None uses
-    :func:`time_kernel` (CUDA events, CUDA tensors only). A timer given here also lets the per-shape choice
+    :func:`time_kernels` (CUDA events, every candidate in the same rounds; CUDA tensors only). A timer given here also lets the per-shape choice
     run on tensors of other devices (tests time stand-in kernels with a fake one).
     """
 

@@ -5,7 +5,6 @@ reuse it. A CUDA graph capture never times: the fixed order decides there."""
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import threading
 import time
@@ -75,46 +74,62 @@ def clear_autotune_cache() -> None:
         _TUNED.clear()
 
 
-def time_kernel(backend: AttentionBackend, fn: Callable, q, k, v, scale: float, iters: int = TIMED_ITERS,
-                beat: float = math.inf) -> float:
-    """GPU milliseconds per call of ``fn(q, k, v, scale)``: what a pass replayed from a CUDA graph pays. A sleep
-    kernel first holds q's stream while the CPU queues `iters` calls back to back, so the time between the two
-    events is the kernels' own and not the Python wrapper's (flash-attn's wrapper costs more CPU time than SDPA's:
-    timed call by call it lost at small shapes although its kernel is as fast). The caller made the warm-up call.
-    `beat`: the best time so far for this shape (see :func:`rounds`)."""
+def time_kernels(fns: dict[AttentionBackend, Callable], q, k, v, scale: float, iters: int = TIMED_ITERS
+                 ) -> dict[AttentionBackend, float]:
+    """GPU milliseconds per call of each ``fn(q, k, v, scale)``: what a pass replayed from a CUDA graph pays. A
+    sleep kernel first holds q's stream while the CPU queues a round's calls back to back, every candidate's
+    between its own pair of events, so the time between two events is the kernels' own and not the Python
+    wrapper's (flash-attn's wrapper costs more CPU time than SDPA's: timed call by call it lost at small shapes
+    although its kernel is as fast). All candidates share each round's sleep: one sleep per round instead of
+    one per candidate and round (a sleep is about 5 ms, and a 1024 output times about ten shapes of three or
+    four candidates). The caller made the warm-up calls."""
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream()
 
-        def group(calls: int) -> float:
+        def group(calls: dict[AttentionBackend, int]) -> dict[AttentionBackend, float]:
             torch.cuda._sleep(SLEEP_CYCLES)  # a few ms: room for the CPU to queue every call behind it
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for _ in range(calls):
-                fn(q, k, v, scale)
-            end.record(stream)
+            events = {}
+            for backend, count in calls.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                for _ in range(count):
+                    fns[backend](q, k, v, scale)
+                end.record(stream)
+                events[backend] = (start, end, count)
             end.synchronize()
-            return start.elapsed_time(end) / calls
+            return {backend: start.elapsed_time(end) / count for backend, (start, end, count) in events.items()}
 
-        return rounds(group, iters, beat)
+        return rounds(group, list(fns), iters)
 
 
-def rounds(group: Callable[[int], float], iters: int, beat: float) -> float:
-    """One call timed first; a candidate already LOSING_FACTOR times slower than `beat` cannot win and is not
-    timed further (at a 2048 output the slow kernels' calls take tens of ms each, and the first image of a new
-    size waits for them). Otherwise the median of TIMED_ROUNDS groups of about a millisecond of GPU work: up to
-    `iters` calls of a short kernel, one of a long one. ``group(calls)`` returns ms per call."""
-    single = group(1)
-    if single > max(LOSING_FACTOR * beat, STOP_FLOOR_MS):
-        return single
-    calls = max(1, min(iters, int(1.0 / max(single, 1e-3))))
-    return statistics.median(group(calls) for _ in range(TIMED_ROUNDS))
+def rounds(group: Callable[[dict[AttentionBackend, int]], dict[AttentionBackend, float]],
+           backends: list[AttentionBackend], iters: int) -> dict[AttentionBackend, float]:
+    """One call of each candidate timed first; a candidate already LOSING_FACTOR times slower than the best of
+    them cannot win and is not timed further (at a 2048 output the slow kernels' calls take tens of ms each, and
+    the first image of a new size waits for them). The others: the median of TIMED_ROUNDS rounds, each
+    candidate with about a millisecond of GPU work (up to `iters` calls of a short kernel, one of a long one),
+    in an order turned by one each round. ``group({backend: calls})`` returns ms per call of each."""
+    single = group({backend: 1 for backend in backends})
+    best = min(single.values())
+    times = {b: single[b] for b in backends if single[b] > max(LOSING_FACTOR * best, STOP_FLOOR_MS)}
+    timed = [b for b in backends if b not in times]
+    calls = {b: max(1, min(iters, int(1.0 / max(single[b], 1e-3)))) for b in timed}
+    samples: dict[AttentionBackend, list[float]] = {b: [] for b in timed}
+    for turn in range(TIMED_ROUNDS):
+        order = timed[turn % len(timed):] + timed[:turn % len(timed)]
+        for backend, ms in group({b: calls[b] for b in order}).items():
+            samples[backend].append(ms)
+    times.update({b: statistics.median(samples[b]) for b in timed})
+    return {b: times[b] for b in backends}
 
 
 def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, scale: float,
             timer: Callable[..., float] | None, on_error: Callable[[AttentionBackend, BaseException], None]
             ) -> ShapeTiming:
-    """Time every candidate once on this call's q/k/v (one warm-up call, then the timer) and keep the result for
-    the shape; a kernel that raises is reported through `on_error` and excluded."""
+    """Time every candidate on this call's q/k/v (one warm-up call each, then all together with
+    :func:`time_kernels`, or one by one with an injected `timer`) and keep the result for the shape; a kernel
+    that raises is reported through `on_error` and excluded. Should the joint timing raise after every warm-up
+    passed, each candidate is timed alone, so that only the one that fails is excluded."""
     with _TUNE_LOCK:
         timing = _TUNED.get(shape)
         if timing is not None:  # another thread measured it meanwhile
@@ -122,22 +137,35 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
         started = time.perf_counter()
         times: dict[AttentionBackend, float] = {}
         errors: dict[AttentionBackend, str] = {}
+
+        def attempt(backend: AttentionBackend, run: Callable[[], object]) -> bool:
+            try:
+                run()
+                return True
+            except torch.cuda.OutOfMemoryError:  # needs more memory than is free now: not a defect
+                logger.warning("[HYPIR] %s ran out of GPU memory while timed on %s; not used for it",
+                               backend.value, shape.describe())
+            except Exception as exc:  # noqa: BLE001 - a kernel that raises is excluded, loudly, once
+                errors[backend] = one_line(exc)
+                on_error(backend, exc)
+            return False
+
+        def time_alone(backend: AttentionBackend) -> None:
+            fn = REGISTRY[backend].fn
+            ms = timer(backend, fn, q, k, v, scale) if timer is not None else time_kernels({backend: fn}, q, k, v, scale)[backend]
+            times[backend] = float(ms)
+
         with torch.no_grad():
-            for backend in candidates:
-                fn = REGISTRY[backend].fn
+            # warm-ups (FA4 compiles here)
+            ready = [b for b in candidates if attempt(b, lambda fn=REGISTRY[b].fn: fn(q, k, v, scale))]
+            if timer is None and ready:
                 try:
-                    fn(q, k, v, scale)  # warm-up (FA4 compiles here)
-                    if timer is None:
-                        ms = time_kernel(backend, fn, q, k, v, scale, beat=min(times.values(), default=math.inf))
-                    else:
-                        ms = timer(backend, fn, q, k, v, scale)
-                    times[backend] = float(ms)
-                except torch.cuda.OutOfMemoryError:  # needs more memory than is free now: not a defect
-                    logger.warning("[HYPIR] %s ran out of GPU memory while timed on %s; not used for it",
-                                   backend.value, shape.describe())
-                except Exception as exc:  # noqa: BLE001 - a kernel that raises is excluded, loudly, once
-                    errors[backend] = one_line(exc)
-                    on_error(backend, exc)
+                    times.update(time_kernels({b: REGISTRY[b].fn for b in ready}, q, k, v, scale))
+                except Exception:  # noqa: BLE001 - timed alone below: the failing kernel is named and excluded
+                    times.clear()
+            if not times:
+                for backend in ready:
+                    attempt(backend, lambda backend=backend: time_alone(backend))
         # min() keeps the first of equal times: ties go to the preference order
         timing = ShapeTiming(times, errors, min(times, key=times.__getitem__) if times else None,
                              time.perf_counter() - started)
