@@ -201,7 +201,7 @@ def _patcher_class():
 
         def _release(self, what: str) -> None:
             runtime = runtime_of(self.model.hypir_models)
-            graphs = len(runtime.unet_graphs)
+            graphs = len(runtime.unet_graphs) + len(runtime.vae_graphs)
             runtime.clear()
             logger.info("[HYPIR] %s; released %d CUDA graph(s) and the pass's caches", what, graphs)
 

@@ -187,6 +187,7 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
             levers(off)
             options = dict(upscale=2.0, latent="mode", fused_kernels=off != "fused")
             runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
+            runtime_of(pipe.models).vae_graphs.clear()
             pipe(lq, **options)
             pipe(lq, **options)  # captures this set's graph
             times = []
@@ -199,6 +200,7 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
         if not smoke:  # every lever on: where the GPU waits in the default (graphed) pass
             levers(None)
             runtime_of(pipe.models).unet_graphs.clear()
+            runtime_of(pipe.models).vae_graphs.clear()
             row["gpu_busy"] = gpu_busy(pipe, lq)
             print(f"{side * 2}: {busy_line(row['gpu_busy'])}", flush=True)
             print(json.dumps(row["gpu_busy"]["gaps"]), flush=True)
@@ -207,6 +209,7 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
         save(out)
     levers(None)
     runtime_of(pipe.models).unet_graphs.clear()
+    runtime_of(pipe.models).vae_graphs.clear()
     if smoke:
         return out
     out["profile_1024_all_on"] = time_by_kind(pipe, random_images(512, torch.device("cuda")))

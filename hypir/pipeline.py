@@ -96,7 +96,7 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     plan = plan_for(models, images, options)
     policy = AttentionPolicy(options.attention, options.use_flash_attention, per_shape=options.attention_autotune)
     router = AttentionRouter(policy, models.device, models.dtype, device_info)
-    replays_before = runtime.unet_graphs.replays
+    replays_before = runtime.unet_graphs.replays, runtime.vae_graphs.replays
     start = time.perf_counter()
     for attempt in range(MAX_OOM_RETRIES + 1):
         try:
@@ -129,7 +129,8 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     else:
         pending, seconds = checks.deferred(), float("nan")
     report = build_report(router, text_encoder_implementation(router))
-    speedups = _speedups(models, options, runtime.unet_graphs.replays > replays_before)
+    speedups = _speedups(models, options, runtime.unet_graphs.replays > replays_before[0],
+                         runtime.vae_graphs.replays > replays_before[1])
     return RestoreResult(out, report, seconds, stages, plan.tile, plan.stride, plan.processed_size, speedups,
                          tuple(stage for stage in ("encode", "decode") if stage in fp32_vae), pending)
 
@@ -166,13 +167,15 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
             raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
 
+    vae_graph = _vae_graph(models, runtime, router, options, plan)
     with use_router(router), fused_kernels(options.fused_kernels), fused_softmax(options.fused_softmax):
         # 4. VAE encode; the sample's noise is drawn per tile in grid order, as the reference does after
         #    torch.manual_seed(seed).
         with clock.stage("encode"):
             generator = (torch.Generator(device=device).manual_seed(options.seed) if options.latent == "sample"
                          else None)
-            encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae, checks=checks)
+            encode = functools.partial(vae_stage, models, runtime, "encode", fp32_stages=fp32_vae, checks=checks,
+                                       graph=vae_graph)
             z = tiles.run("encode", encode, x, 1 / VAE_SCALE, 4,
                           per_tile=lambda moments, index: _latent(moments, generator, dtype))
             require_finite(checks, z, "the VAE encoder's latent", dtype)
@@ -191,7 +194,8 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         with clock.stage("decode"):
             abar = float(models.alphas_cumprod[options.coeff_t])
             z_out = (z_in - math.sqrt(1 - abar) * eps) / math.sqrt(abar) / scaling
-            decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae, checks=checks)
+            decode = functools.partial(vae_stage, models, runtime, "decode", fp32_stages=fp32_vae, checks=checks,
+                                       graph=vae_graph)
             out = tiles.run("decode", decode, z_out, VAE_SCALE, 3, latent=True)
             require_finite(checks, out, "the VAE decoder's image", dtype)
 
@@ -366,13 +370,17 @@ def _vae_forward(vae: torch.nn.Module, stage: str, x: torch.Tensor) -> torch.Ten
 
 
 def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor,
-              fp32_stages: set[str] | None = None, checks: FiniteChecks | None = None) -> torch.Tensor:
-    """VAE encode (moments: mean and std) or decode in the model dtype. In fp16 the SD VAE can overflow
-    (older GPUs, Apple): a non-finite result is recomputed with a float32 copy of the VAE, with a warning, and
-    the stage is added to `fp32_stages`. Before that, the pass's pending checks are read (`checks`): a
-    non-finite input or UNet output is that error, not an overflow of this stage."""
+              fp32_stages: set[str] | None = None, checks: FiniteChecks | None = None,
+              graph: Callable[[str, Callable, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """VAE encode (moments: mean and std) or decode in the model dtype, eagerly or through `graph` (see
+    _vae_graph). In fp16 the SD VAE can overflow (older GPUs, Apple): a non-finite result is recomputed with a
+    float32 copy of the VAE, with a warning, and the stage is added to `fp32_stages`. Before that, the pass's
+    pending checks are read (`checks`): a non-finite input or UNet output is that error, not an overflow of this
+    stage."""
     vae = models.vae
-    out = _vae_forward(vae, stage, x.to(models.dtype))
+    forward = functools.partial(_vae_forward, vae, stage)
+    x = x.to(models.dtype)
+    out = graph(stage, forward, x) if graph is not None else forward(x)
     if models.dtype == torch.float16 and not torch.isfinite(out).all():
         if checks is not None:
             checks.raise_first()  # this read waits for nothing more: the one above already did
@@ -381,6 +389,34 @@ def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor
         if fp32_stages is not None:
             fp32_stages.add(stage)
     return out
+
+
+# The VAE stages are replayed from CUDA graphs up to this many pixels per call: there its ~180 (encoder) and
+# ~280 (decoder) kernels are short enough that launching them kept the GPU waiting (the encoder: 8.2 of 19.7
+# ms idle at a 1024 output on an H200, benchmarks/levers.py's per-stage account); at 2048 they are not (under
+# 1 %), and a graph would only hold memory.
+VAE_GRAPH_MAX_PIXELS = 1024 * 1024
+
+
+def _vae_graph(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
+               plan: PassPlan) -> Callable[[str, Callable, torch.Tensor], torch.Tensor] | None:
+    """A VAE stage replayed from a CUDA graph when its shape repeats, for passes whose VAE calls are at most
+    VAE_GRAPH_MAX_PIXELS (None: eager)."""
+    h, w = (plan.tile, plan.tile) if plan.tile else plan.padded_size
+    if not (_graphed(models, options) and plan.batch * plan.tiles_per_batch * h * w <= VAE_GRAPH_MAX_PIXELS):
+        return None
+    key = (repr(router.policy), options.fused_kernels, options.fused_softmax)
+    weights = weights_signature(models.vae)
+
+    def call(stage: str, forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        prefix = {"encode": "vae.encoder.", "decode": "vae.decoder."}[stage]  # its attention modules' names
+        return runtime.vae_graphs((stage, key), forward, [x], weights=weights,
+                                  snapshot=lambda: router.snapshot(prefix), restore=router.restore)
+    return call
+
+
+def _graphed(models: HYPIRModels, options: RestoreOptions) -> bool:
+    return options.cuda_graphs and models.device.type == "cuda" and not _graphs_blocked(options)
 
 
 def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
@@ -392,7 +428,7 @@ def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
         return unet(sample, timestep, encoder_hidden_states=text).sample
 
     timestep = torch.full((1,), options.model_t, device=models.device)  # a fill: no copy from the host to wait for
-    graphed = options.cuda_graphs and models.device.type == "cuda" and not _graphs_blocked(options)
+    graphed = _graphed(models, options)
     key = (repr(router.policy), options.fused_kernels, options.fused_softmax)
     weights = weights_signature(unet) if graphed else ()
 
@@ -416,7 +452,7 @@ def _graphs_blocked(options: RestoreOptions) -> str | None:
     return None
 
 
-def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> str:
+def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool, vae_replayed: bool = False) -> str:
     """The status line's account of the fused kernels and CUDA graphs (GPU only)."""
     if models.device.type != "cuda":
         return ""
@@ -434,6 +470,8 @@ def _speedups(models: HYPIRModels, options: RestoreOptions, replayed: bool) -> s
         parts.append(f"no UNet CUDA graph ({blocked} cannot hold Triton kernels; ComfyUI: --disable-cuda-malloc)")
     elif options.cuda_graphs:
         parts.append("UNet CUDA graph" if replayed else "UNet CUDA graph from the next run of this size")
+        if vae_replayed:
+            parts.append("VAE CUDA graphs")
     return ", ".join(parts)
 
 

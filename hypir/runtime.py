@@ -1,5 +1,5 @@
 """What a loaded model gathers while it runs, apart from its weights (loading.py): the prompt embeddings,
-a float32 copy of the VAE for fp16 overflows, and the UNet's CUDA graphs, each behind its own lock. Also where
+a float32 copy of the VAE for fp16 overflows, and the UNet's and VAE's CUDA graphs, each behind its own lock. Also where
 the fast paths are put on the weights (`prepare`), and the process-wide cache of ready models that the command
 line, the nodes and the Python API share.
 """
@@ -18,7 +18,7 @@ import torch
 
 from .attention import install_processors
 from .checkpoints import BUNDLED_SD21_CONFIG
-from .cuda_graphs import GraphedCalls
+from .cuda_graphs import GraphedCalls, SharedPool
 from .fused_blocks import install_fused_blocks
 from .kernels import triton_available
 from .loading import HYPIRModels, load_weights, resolve_device, resolve_dtype
@@ -36,7 +36,10 @@ class Runtime:
         self._prompt_lock = threading.Lock()
         self._vae_fp32: torch.nn.Module | None = None
         self._vae_lock = threading.Lock()
-        self.unet_graphs = GraphedCalls()  # locks itself
+        # The VAE encoder, UNet and VAE decoder of a pass run one after another: their graphs share a pool.
+        pool = SharedPool()
+        self.unet_graphs = GraphedCalls(pool=pool)  # locks itself (the pool's lock)
+        self.vae_graphs = GraphedCalls(max_graphs=4, pool=pool)  # encode and decode of the last two sizes
 
     def prompt_embedding(self, models: HYPIRModels, prompt: str, implementation: str) -> torch.Tensor:
         """(1, 77, hidden) text embedding, computed once per prompt and attention implementation."""
@@ -58,6 +61,7 @@ class Runtime:
     def clear(self) -> None:
         """Give back what this runtime holds on the device (ComfyUI's unload)."""
         self.unet_graphs.clear()
+        self.vae_graphs.clear()
         with self._vae_lock:
             self._vae_fp32 = None
         with self._prompt_lock:

@@ -127,8 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
             "GPUs with Triton)", "restore"),
     Setting("fused_softmax", True, boolean, "the VAE attention's fused Triton scale+softmax kernel (NVIDIA GPUs "
             "with Triton)", "restore"),
-    Setting("cuda_graphs", True, boolean, "replay the UNet as one CUDA graph when an image size repeats (keeps the "
-            "UNet's working memory for the last two sizes)", "restore"),
+    Setting("cuda_graphs", True, boolean, "replay the UNet, and the VAE up to 1024x1024, as CUDA graphs when an image "
+            "size repeats (keeps their working memory for the last two sizes)", "restore"),
     # Loading
     Setting("dtype", "auto", one_of("auto", "bf16", "fp16", "fp32"), "'auto': bf16 on Ampere and newer, fp16 on "
             "older GPUs and Apple, fp32 on CPU", "load"),

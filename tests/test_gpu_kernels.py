@@ -76,28 +76,32 @@ def tiny_models_cuda(tiny_files):
 
 
 def test_cuda_graph_replay_equals_eager(cuda_pipe):
-    """The UNet replayed from a CUDA graph gives the eager result, reports what the capture ran, and a UNet
-    moved off and back gets a new graph (never a replay of freed weights)."""
+    """The UNet and the VAE stages replayed from CUDA graphs (sharing one memory pool) give the eager result,
+    report what the capture ran, and a model moved off and back gets new graphs (never a replay of freed
+    weights)."""
     from hypir.runtime import runtime_of
 
     images = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(0)).cuda()
-    graphs = runtime_of(cuda_pipe.models).unet_graphs
+    runtime = runtime_of(cuda_pipe.models)
+    graphs, vae_graphs = runtime.unet_graphs, runtime.vae_graphs
     eager = cuda_pipe(images, upscale=2, cuda_graphs=False)
     first = cuda_pipe(images, upscale=2, cuda_graphs=True)   # eager, shape seen
     second = cuda_pipe(images, upscale=2, cuda_graphs=True)  # captured and replayed
     third = cuda_pipe(images, upscale=2, cuda_graphs=True)   # replayed
     assert graphs.captures >= 1 and graphs.replays >= 2
+    assert vae_graphs.captures >= 2 and vae_graphs.replays >= 4  # the encoder and the decoder
+    assert "VAE CUDA graphs" in third.speedups and "VAE" not in first.speedups, (first.speedups, third.speedups)
     for result in (first, second, third):
         assert torch.equal(result.images, eager.images)
         assert result.report.backends_by_role() == eager.report.backends_by_role()
-    captures = graphs.captures
-    unet = cuda_pipe.models.unet
-    unet.to("cpu")
-    unet.to("cuda")
+    captures, vae_captures = graphs.captures, vae_graphs.captures
+    for model in (cuda_pipe.models.unet, cuda_pipe.models.vae):
+        model.to("cpu")
+        model.to("cuda")
     for _ in range(3):
         moved = cuda_pipe(images, upscale=2, cuda_graphs=True)
         assert torch.equal(moved.images, eager.images)
-    assert graphs.captures == captures + 1
+    assert graphs.captures == captures + 1 and vae_graphs.captures == vae_captures + 2
 
 
 @pytest.mark.parametrize("rows,width", [(65536, 77), (256, 16384), (64, 65536)])  # 65536: a 2048 output's VAE

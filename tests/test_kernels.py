@@ -337,6 +337,33 @@ def test_fused_transformer_keeps_diffusers_dtype_under_autocast(tiny_base, monke
     assert out.dtype == torch.float32
 
 
+def test_vae_graphs_up_to_a_1024_pass_sharing_the_unets_pool():
+    """The VAE stages are graphed (on CUDA, graphs on) for calls of at most VAE_GRAPH_MAX_PIXELS: a 1024x1024
+    output, not a 2048 one, nor two 1024 images sent together; their graphs share the UNet's pool and lock."""
+    import types
+
+    from hypir import pipeline
+    from hypir.planning import plan_pass
+    from hypir.runtime import Runtime
+    from hypir.settings import RestoreOptions
+
+    runtime = Runtime()
+    assert runtime.vae_graphs.pool is runtime.unet_graphs.pool is not None
+    assert runtime.vae_graphs._lock is runtime.unet_graphs._lock
+    vae = torch.nn.Conv2d(3, 3, 1)
+    cuda = types.SimpleNamespace(device=torch.device("cuda"), vae=vae)
+    router = types.SimpleNamespace(policy="auto")
+    plan = lambda side, batch=1: plan_pass(side, side, batch, upscale=2.0, long_side=None, element_bytes=2,  # noqa: E731
+                                           available_bytes=None)
+    options = RestoreOptions()
+    assert callable(pipeline._vae_graph(cuda, runtime, router, options, plan(512)))
+    assert pipeline._vae_graph(cuda, runtime, router, options, plan(1024)) is None
+    assert pipeline._vae_graph(cuda, runtime, router, options, plan(512, batch=2)) is None
+    assert pipeline._vae_graph(cuda, runtime, router, options.replace(cuda_graphs=False), plan(512)) is None
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), vae=vae)
+    assert pipeline._vae_graph(cpu, runtime, router, options, plan(512)) is None
+
+
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
     """Where a call cannot be captured (here: no CUDA at all), it runs eagerly, with one warning per shape."""
     from hypir.cuda_graphs import GraphedCalls
