@@ -4,6 +4,7 @@
                group's channels of each pixel;
   transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
                instead of diffusers' NCHW copy;
+  vae_graphs   the VAE stages replayed from CUDA graphs up to 1024x1024 (pipeline.VAE_GRAPH_MAX_PIXELS);
   upsample     nearest 2x + 3x3 convolution as one transposed convolution (fused_blocks.TRANSPOSED_UPSAMPLE)
                instead of diffusers' upsampled copy and 3x3 convolution;
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hypir import fused_blocks, kernels  # noqa: E402
+from hypir import fused_blocks, kernels, pipeline  # noqa: E402
 from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 from hypir.bench.speed import busy_line, gpu_busy, time_by_kind  # noqa: E402
@@ -66,9 +67,13 @@ def rows(enabled: bool) -> None:
     kernels.MAX_ROW_CHANNELS = ROWS_ON if enabled else 0
 
 
+VAE_GRAPH_MAX_PIXELS = pipeline.VAE_GRAPH_MAX_PIXELS
+
+
 def levers(off: str | None) -> None:
     """Every lever on but `off`."""
     rows(off != "rows")
+    pipeline.VAE_GRAPH_MAX_PIXELS = 0 if off == "vae_graphs" else VAE_GRAPH_MAX_PIXELS
     fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
     fused_blocks.TRANSPOSED_UPSAMPLE = off != "upsample"
 
@@ -164,7 +169,7 @@ def part_upsample(scale: int = 1) -> list[dict]:
     return out
 
 
-LEVERS_OFF = ("rows", "transformer", "upsample", "fused")  # "fused": every fused block off
+LEVERS_OFF = ("rows", "transformer", "upsample", "vae_graphs", "fused")  # "fused": every fused block off
 
 
 def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF) -> dict:
