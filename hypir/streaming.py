@@ -39,10 +39,15 @@ def spare_the_cpu(device) -> None:
         torch.set_num_threads(1)
 
 
+MAX_WRITERS = 8
+
+
 def default_writers(workers: int = 1) -> int:
-    """Encoder threads for one of `workers` pipelines on this machine: a 1024x1024 PNG takes about 60 ms to
-    compress, so a fast GPU needs several; at most 4, and never more than this worker's share of the cores."""
-    return max(1, min(4, (os.cpu_count() or 2) // (2 * max(1, workers))))
+    """Encoder threads for one of `workers` pipelines on this machine: half of this worker's share of the
+    cores, at most MAX_WRITERS. A 1024x1024 PNG took 180 ms to encode on one core of an H200 machine and 38.5
+    ms a picture with 8 threads (benchmarks/results/2026-11-30-h200x2-folders/call2_png_encode.txt): with 4
+    threads the encoders, not the GPU (53 ms a picture), set a folder's pace."""
+    return max(1, min(MAX_WRITERS, (os.cpu_count() or 2) // (2 * max(1, workers))))
 
 
 @dataclass
