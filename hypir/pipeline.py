@@ -29,7 +29,7 @@ from .kernels import fused_softmax, triton_available, triton_failure, why_graphs
 from .loading import HYPIRModels
 from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
     short_side_size
-from .runtime import MODEL_CACHE, Runtime, runtime_of
+from .runtime import MODEL_CACHE, Runtime, release_graphs_on, runtime_of
 from .settings import RestoreOptions
 from .tiling import run_tiled
 
@@ -113,11 +113,13 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
                     f"out of GPU memory even with tiles of {current} px, one at a time (a {plan.describe()}). Free "
                     f"VRAM (close other programs, unload other models), restore a smaller batch, or use fp16/bf16"
                 ) from exc
-        # Out of the except block, the failed pass's tensors (held by the traceback) are free.
+        # Out of the except block, the failed pass's tensors (held by the traceback) are free. The CUDA graphs of
+        # the models on this GPU go too: their pools' memory stays reserved, and no eager allocation can use it.
+        release_graphs_on(models.device)
+        torch.cuda.empty_cache()
         tile = round_to(current // 2, 64)
         plan = plan_for(models, images, options.replace(tile_size=tile, tile_stride=round_to(tile * 3 // 4, 64),
                                                         vram_budget_gb=None), max_group=1)
-        torch.cuda.empty_cache()
         logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
     out = restore_channels(images, out)
     pending = None

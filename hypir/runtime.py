@@ -58,10 +58,14 @@ class Runtime:
                 self._vae_fp32 = copy.deepcopy(vae).float()
             return self._vae_fp32
 
-    def clear(self) -> None:
-        """Give back what this runtime holds on the device (ComfyUI's unload)."""
+    def release_graphs(self) -> None:
+        """Drop every CUDA graph; their shared pool's memory goes back once the last one is gone."""
         self.unet_graphs.clear()
         self.vae_graphs.clear()
+
+    def clear(self) -> None:
+        """Give back what this runtime holds on the device (ComfyUI's unload)."""
+        self.release_graphs()
         with self._vae_lock:
             self._vae_fp32 = None
         with self._prompt_lock:
@@ -79,6 +83,15 @@ def runtime_of(models: HYPIRModels) -> Runtime:
         if runtime is None:
             runtime = _RUNTIMES[models] = Runtime()
         return runtime
+
+
+def release_graphs_on(device: torch.device) -> None:
+    """Drop the CUDA graphs of every loaded model on this device: what their pools keep reserved no eager
+    allocation can use (a pass that ran out of memory retries without them)."""
+    with _RUNTIMES_LOCK:
+        runtimes = [runtime for models, runtime in _RUNTIMES.items() if models.device == device]
+    for runtime in runtimes:
+        runtime.release_graphs()
 
 
 @torch.no_grad()

@@ -94,11 +94,18 @@ def _oom_during(stage_to_fail: str, times: int):
     return progress
 
 
-def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_factory, caplog):
+def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_factory, caplog, monkeypatch):
+    """The retry runs in tiles, after dropping the CUDA graphs (their pool's memory is no use to it)."""
+    from hypir.runtime import runtime_of
+
+    released = []
+    runtime = runtime_of(pipe.models)
+    monkeypatch.setattr(runtime, "release_graphs", lambda: released.append(len(runtime.unet_graphs)))
     lq = image_factory(1, 64, 128, seed=31)
     with caplog.at_level("WARNING", logger="hypir"):
         result = pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("decode", 1)))
     assert "out of GPU memory; retrying with tiles of 512 px" in caplog.text
+    assert released == [0]
     assert (result.tile_size, result.tile_stride) == (512, 384)
     assert result.images.shape == (1, 3, 512, 1024)
 
