@@ -88,8 +88,11 @@ def runtime_of(models: HYPIRModels) -> Runtime:
 def release_graphs_on(device: torch.device) -> None:
     """Drop the CUDA graphs of every loaded model on this device: what their pools keep reserved no eager
     allocation can use (a pass that ran out of memory retries without them)."""
+    def gpu(d: torch.device) -> tuple[str, int | None]:  # "cuda" and "cuda:0" are the same GPU
+        return d.type, (d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device())
+
     with _RUNTIMES_LOCK:
-        runtimes = [runtime for models, runtime in _RUNTIMES.items() if models.device == device]
+        runtimes = [runtime for models, runtime in _RUNTIMES.items() if gpu(models.device) == gpu(device)]
     for runtime in runtimes:
         runtime.release_graphs()
 

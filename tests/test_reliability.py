@@ -112,3 +112,25 @@ def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_f
     with pytest.raises(torch.cuda.OutOfMemoryError, match="out of GPU memory even with tiles of 256 px, one at a "
                                                           "time .* Free VRAM"):
         pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("encode", 10)))
+
+
+def test_out_of_memory_drops_the_graphs_of_every_model_on_that_gpu(monkeypatch):
+    """release_graphs_on drops the CUDA graphs of each loaded model on the device that ran out ("cuda" and
+    "cuda:0" naming the same GPU), and no others."""
+    from hypir import runtime as runtime_module
+
+    class Models:  # weak-referenceable stand-ins for loaded models
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    models = [Models("cuda"), Models("cuda:0"), Models("cuda:1"), Models("cpu")]
+    released = []
+    for m in models:
+        runtime = runtime_module.runtime_of(m)
+        monkeypatch.setattr(runtime, "release_graphs", lambda m=m: released.append(str(m.device)))
+    runtime_module.release_graphs_on(torch.device("cuda:0"))
+    assert sorted(released) == ["cuda", "cuda:0"]
+    released.clear()
+    runtime_module.release_graphs_on(torch.device("cuda:1"))
+    assert released == ["cuda:1"]
