@@ -33,8 +33,8 @@ HYPIR_CONFIG = {
     "color_fix": True,
     # Speed (NVIDIA GPUs; each is switched off by itself where it cannot run, and none changes results beyond
     # bf16/fp16 rounding). fused_kernels: Triton GroupNorm+SiLU and bias kernels for the VAE and UNet.
-    # fused_softmax: the VAE attention's Triton softmax. cuda_graphs: replay the UNet as one CUDA graph when an
-    # image size repeats (keeps the UNet's working memory for the last two sizes).
+    # fused_softmax: the VAE attention's Triton softmax. cuda_graphs: replay the UNet, and the VAE up to
+    # 1024x1024, as CUDA graphs when an image size repeats (keeps their working memory for the last two sizes).
     "fused_kernels": True,
     "fused_softmax": True,
     "cuda_graphs": True,

@@ -138,7 +138,8 @@ def part_upsample(scale: int = 1) -> list[dict]:
     """Nearest 2x then a 3x3 convolution (bf16, channels_last, bias) three ways: diffusers' (an upsampled copy,
     then the convolution), the sub-pixel convolution (four 2x2 phases, interleaved by strided copies: the pack's
     path until the transposed one measured faster) and one transposed convolution (stride 2, 4x4, the
-    interleaving done by cuDNN: the pack's path): GPU time and relative error against float64. `scale` 2: the shapes at a 2048 output."""
+    interleaving done by cuDNN: the pack's path): GPU time and relative error against float64. `scale` 2: the
+    shapes at a 2048 output."""
     from hypir.fused_blocks import transposed_weights
 
     out = []

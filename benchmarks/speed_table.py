@@ -14,7 +14,7 @@ NAMES = {
     "stock standard": "diffusers stock modules, standard attention",
     "stock sdpa": "diffusers stock modules, SDPA",
     "eager": "this project, eager, no CUDA graphs",
-    "eager+graphs": "this project, default (UNet CUDA graph)",
+    "eager+graphs": "this project, default (CUDA graphs)",
     "pytorch-softmax": "default with PyTorch's softmax (`fused_softmax` off)",
 }
 

@@ -45,11 +45,11 @@ def tensor_version(t: torch.Tensor) -> int:
 
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Where the module's weights live, and their in-place versions: changes when any of them is moved, replaced
-    or written in place (a graph would replay kernels made from the old values, such as the sub-pixel phase
-    weights of an upsampler). Every parameter and buffer once, as module.parameters() and module.buffers() give
-    them, walked without their names: it is taken before every graphed UNet call, and building the names took
-    most of its time (2.3-2.8 against 0.8-0.9 ms of CPU for the SD2.1 UNet's 686 tensors on a 2-core
-    machine)."""
+    or written in place (a graph would replay kernels made from the old values, such as an upsampler's 4x4
+    weights made from its 3x3 ones). Every parameter and buffer once, as module.parameters() and
+    module.buffers() give them, walked without their names: it is taken before every graphed UNet and VAE call,
+    and building the names took most of its time (2.3-2.8 against 0.8-0.9 ms of CPU for the SD2.1 UNet's 686
+    tensors on a 2-core machine)."""
     parameters: list = []
     buffers: list = []
     seen_modules: set[int] = set()

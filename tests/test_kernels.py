@@ -152,8 +152,8 @@ def test_fused_blocks_keep_parameters_and_cpu_results(tiny_base):
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, monkeypatch, mode):
     """The fused forward (norm+SiLU, conv biases folded into the next norm and the skip add, the time
-    embedding as a pre-norm bias, the channels_last transformer output, the transposed-convolution upsampler) through the
-    interpreted kernels equals diffusers' forward in float32; also with models made and run under
+    embedding as a pre-norm bias, the channels_last transformer output, the transposed-convolution upsampler)
+    through the interpreted kernels equals diffusers' forward in float32; also with models made and run under
     torch.inference_mode(), as ComfyUI loads and runs them."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
     with mode():
@@ -353,8 +353,9 @@ def test_vae_graphs_up_to_a_1024_pass_sharing_the_unets_pool():
     vae = torch.nn.Conv2d(3, 3, 1)
     cuda = types.SimpleNamespace(device=torch.device("cuda"), vae=vae)
     router = types.SimpleNamespace(policy="auto")
-    plan = lambda side, batch=1: plan_pass(side, side, batch, upscale=2.0, long_side=None, element_bytes=2,  # noqa: E731
-                                           available_bytes=None)
+    def plan(side: int, batch: int = 1):
+        return plan_pass(side, side, batch, upscale=2.0, long_side=None, element_bytes=2, available_bytes=None)
+
     options = RestoreOptions()
     assert callable(pipeline._vae_graph(cuda, runtime, router, options, plan(512)))
     assert pipeline._vae_graph(cuda, runtime, router, options, plan(1024)) is None

@@ -46,8 +46,9 @@ class AttentionRouter:
     and records which backend each module really ran, and on which shape.
 
     ``timer(backend, fn, q, k, v, scale) -> ms`` times one candidate for the per-shape choice; None uses
-    :func:`time_kernels` (CUDA events, every candidate in the same rounds; CUDA tensors only). A timer given here also lets the per-shape choice
-    run on tensors of other devices (tests time stand-in kernels with a fake one).
+    :func:`time_kernels` (CUDA events, every candidate in the same rounds; CUDA tensors only). A timer given
+    here also lets the per-shape choice run on tensors of other devices (tests time stand-in kernels with a
+    fake one).
     """
 
     timer: Callable[..., float] | None = None

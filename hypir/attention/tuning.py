@@ -152,8 +152,10 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
 
         def time_alone(backend: AttentionBackend) -> None:
             fn = REGISTRY[backend].fn
-            ms = timer(backend, fn, q, k, v, scale) if timer is not None else time_kernels({backend: fn}, q, k, v, scale)[backend]
-            times[backend] = float(ms)
+            if timer is not None:
+                times[backend] = float(timer(backend, fn, q, k, v, scale))
+            else:
+                times[backend] = float(time_kernels({backend: fn}, q, k, v, scale)[backend])
 
         with torch.no_grad():
             # warm-ups (FA4 compiles here)

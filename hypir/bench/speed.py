@@ -30,7 +30,8 @@ class SpeedMode:
 
 SPEED_MODES = {
     "eager": SpeedMode(dict(cuda_graphs=False), "fused kernels, per-shape attention, no CUDA graphs"),
-    "eager+graphs": SpeedMode(dict(cuda_graphs=True), "the default: eager with the UNet as a CUDA graph"),
+    "eager+graphs": SpeedMode(dict(cuda_graphs=True), "the default: the UNet, and the VAE up to 1024x1024, as CUDA "
+                                                      "graphs"),
     "pytorch-softmax": SpeedMode(dict(cuda_graphs=True, fused_softmax=False),
                                  "the default with PyTorch's softmax in the VAE attention instead of the fused one")
 }
