@@ -156,7 +156,7 @@ class FusedUpsample2D(Upsample2D):
         if not (TRANSPOSED_UPSAMPLE and output_size in (None, (2 * h, 2 * w), [2 * h, 2 * w])
                 and _fast(hidden_states) and not (torch.is_grad_enabled() and conv.weight.requires_grad)):
             return super().forward(hidden_states, output_size, *args, **kwargs)
-        key = (conv.weight.data_ptr(), tensor_version(conv.weight), conv.weight.dtype, conv.weight.device)
+        key = self._weight_key()
         cached = getattr(self, "_transposed_weight", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -168,12 +168,21 @@ class FusedUpsample2D(Upsample2D):
             self._transposed_weight = cached
         return nearest2x_conv3x3(hidden_states, conv.weight, conv.bias, cached[1])
 
+    def _weight_key(self) -> tuple:
+        weight = self.conv.weight
+        return weight.data_ptr(), tensor_version(weight), weight.dtype, weight.device
+
     def _apply(self, fn, recurse=True):
         # A move (.to, .cpu, .half: ComfyUI offloading the model) drops the 4x4 kernels and the weights they
         # hold, which would otherwise keep their GPU memory while the model sits on the CPU; the next call makes
-        # them again from the moved weights.
-        self._transposed_weight = None
-        return super()._apply(fn, recurse)
+        # them again from the moved weights. A conversion that leaves the weights where they are (.to() the
+        # device they are on) keeps them: a captured CUDA graph reads them, and the weights' signature, which
+        # would tell it to capture again, has not changed.
+        module = super()._apply(fn, recurse)
+        cached = getattr(self, "_transposed_weight", None)
+        if cached is not None and cached[0] != self._weight_key():
+            self._transposed_weight = None
+        return module
 
 
 def fusable_upsample(module: nn.Module) -> bool:

@@ -233,7 +233,8 @@ def test_fused_upsample_follows_its_weights(tiny_base, monkeypatch):
 
 def test_fused_upsample_holds_nothing_after_a_move(tiny_base, monkeypatch):
     """Moving the model (ComfyUI's offload: .to(), .half()) drops the 4x4 kernels and the weights they keep, so
-    no memory of the old device stays held; the next call remakes them from the moved weights."""
+    no memory of the old device stays held; the next call remakes them from the moved weights. A .to() that
+    changes nothing keeps them (a graph captured with them replays against the same weights' signature)."""
     monkeypatch.setattr(fused_blocks, "_fast", lambda x: True)
     vae, _ = _fused_copy(tiny_base.vae)
     up = next(m for m in vae.modules() if isinstance(m, fused_blocks.FusedUpsample2D))
@@ -242,6 +243,10 @@ def test_fused_upsample_holds_nothing_after_a_move(tiny_base, monkeypatch):
         before = up(x)
         held = up._transposed_weight[2]
         assert held.data_ptr() == up.conv.weight.data_ptr()
+        kernels_in_use = up._transposed_weight[1]
+        vae.to("cpu")  # where it is already: a captured CUDA graph may still read these kernels
+        vae.float()
+        assert up._transposed_weight is not None and up._transposed_weight[1] is kernels_in_use
         vae.to(torch.float64)
         assert up._transposed_weight is None
         after = up(x.double())
