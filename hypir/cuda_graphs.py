@@ -8,10 +8,8 @@ chosen and measured, Triton compiles, probes run), then replayed. The signature 
 and strides and the caller's options (attention policy, fused kernels). The address of every weight is given
 with each call: a model moved or reloaded (ComfyUI offloading it, for example) drops the old graphs and gets
 new ones, never a stale one.
-Each graph keeps its activation memory, so only the last `max_graphs` are kept. Graphs that never run at the
-same time (the VAE encoder, UNet and VAE decoder of a pass, replayed one after another on one stream, under
-one lock) share one memory pool (`SharedPool`): together they keep about the largest one's working memory,
-not the sum.
+Each graph keeps its own activation memory (a private pool, given back when the graph is dropped), so only
+the last `max_graphs` are kept.
 """
 
 from __future__ import annotations
@@ -70,33 +68,16 @@ def weights_signature(module: torch.nn.Module) -> tuple:
     return tuple(signature)
 
 
-class SharedPool:
-    """One CUDA graph memory pool for several GraphedCalls whose graphs never run concurrently: each one's
-    static inputs and outputs stay allocated, and what a graph frees inside itself another may reuse. Made on
-    first capture (it needs CUDA); its memory goes back once no graph uses it."""
-
-    def __init__(self):
-        self._handle: tuple | None = None
-        self.lock = threading.Lock()  # the GraphedCalls sharing the pool share it: no replay during a capture
-
-    def handle(self) -> tuple:
-        if self._handle is None:
-            self._handle = torch.cuda.graph_pool_handle()
-        return self._handle
-
-
 class GraphedCalls:
     """Captures and replays a function per input signature. Thread-safe; a capture that fails is not retried
-    for that signature (the call runs eagerly, with one warning). With a `pool`, the graphs are captured into
-    it and the calls hold its lock."""
+    for that signature (the call runs eagerly, with one warning)."""
 
-    def __init__(self, max_graphs: int = 2, pool: SharedPool | None = None):
+    def __init__(self, max_graphs: int = 2):
         self.max_graphs = max_graphs
-        self.pool = pool
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._seen: set[Hashable] = set()
         self._failed: set[Hashable] = set()
-        self._lock = pool.lock if pool is not None else threading.Lock()
+        self._lock = threading.Lock()
         self.replays = 0
         self.captures = 0
         self.weights: tuple | None = None
@@ -155,7 +136,7 @@ class GraphedCalls:
             torch.cuda.current_stream().wait_stream(side)
             # On that same stream of the inputs' GPU: torch.cuda.graph's default capture stream is made once per
             # process, on the device current at the first capture, and a later capture for another GPU fails on it.
-            with torch.cuda.graph(graph, stream=side, pool=self.pool.handle() if self.pool is not None else None):
+            with torch.cuda.graph(graph, stream=side):
                 output = fn(*static)
         except torch.cuda.OutOfMemoryError:
             raise
@@ -170,4 +151,4 @@ class GraphedCalls:
         return entry
 
 
-__all__ = ["GraphedCalls", "SharedPool", "weights_signature"]
+__all__ = ["GraphedCalls", "weights_signature"]

@@ -398,14 +398,21 @@ def vae_stage(models: HYPIRModels, runtime: Runtime, stage: str, x: torch.Tensor
 # ms idle at a 1024 output on an H200, benchmarks/levers.py's per-stage account); at 2048 they are not (under
 # 1 %), and a graph would only hold memory.
 VAE_GRAPH_MAX_PIXELS = 1024 * 1024
+# ...and only where the memory a pass may use is this many times its working memory: each of the up to four VAE
+# graphs (encoder and decoder of the last two sizes) keeps up to one stage's working memory while it lives (a
+# 1024 pass plans 1.6 GiB: VAE graphs from about 6.4 GiB free beside the weights, a 12 GiB card and up).
+VAE_GRAPH_MEMORY_PASSES = 4
 
 
 def _vae_graph(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
                plan: PassPlan) -> Callable[[str, Callable, torch.Tensor], torch.Tensor] | None:
     """A VAE stage replayed from a CUDA graph when its shape repeats, for passes whose VAE calls are at most
-    VAE_GRAPH_MAX_PIXELS (None: eager)."""
+    VAE_GRAPH_MAX_PIXELS and that have VAE_GRAPH_MEMORY_PASSES times their working memory (None: eager)."""
     h, w = (plan.tile, plan.tile) if plan.tile else plan.padded_size
     if not (_graphed(models, options) and plan.batch * plan.tiles_per_batch * h * w <= VAE_GRAPH_MAX_PIXELS):
+        return None
+    available, _ = memory_available(models.device, options.vram_budget_gb)
+    if available is not None and available < VAE_GRAPH_MEMORY_PASSES * plan.activation_bytes:
         return None
     key = (repr(router.policy), options.fused_kernels, options.fused_softmax)
     weights = weights_signature(models.vae)

@@ -18,7 +18,7 @@ import torch
 
 from .attention import install_processors
 from .checkpoints import BUNDLED_SD21_CONFIG
-from .cuda_graphs import GraphedCalls, SharedPool
+from .cuda_graphs import GraphedCalls
 from .fused_blocks import install_fused_blocks
 from .kernels import triton_available
 from .loading import HYPIRModels, load_weights, resolve_device, resolve_dtype
@@ -36,10 +36,8 @@ class Runtime:
         self._prompt_lock = threading.Lock()
         self._vae_fp32: torch.nn.Module | None = None
         self._vae_lock = threading.Lock()
-        # The VAE encoder, UNet and VAE decoder of a pass run one after another: their graphs share a pool.
-        pool = SharedPool()
-        self.unet_graphs = GraphedCalls(pool=pool)  # locks itself (the pool's lock)
-        self.vae_graphs = GraphedCalls(max_graphs=4, pool=pool)  # encode and decode of the last two sizes
+        self.unet_graphs = GraphedCalls()  # locks itself
+        self.vae_graphs = GraphedCalls(max_graphs=4)  # encode and decode of the last two sizes
 
     def prompt_embedding(self, models: HYPIRModels, prompt: str, implementation: str) -> torch.Tensor:
         """(1, 77, hidden) text embedding, computed once per prompt and attention implementation."""
@@ -59,7 +57,7 @@ class Runtime:
             return self._vae_fp32
 
     def release_graphs(self) -> None:
-        """Drop every CUDA graph; their shared pool's memory goes back once the last one is gone."""
+        """Drop every CUDA graph; each one's private memory pool goes back with it (at the next empty_cache)."""
         self.unet_graphs.clear()
         self.vae_graphs.clear()
 

@@ -76,9 +76,8 @@ def tiny_models_cuda(tiny_files):
 
 
 def test_cuda_graph_replay_equals_eager(cuda_pipe):
-    """The UNet and the VAE stages replayed from CUDA graphs (sharing one memory pool) give the eager result,
-    report what the capture ran, and a model moved off and back gets new graphs (never a replay of freed
-    weights)."""
+    """The UNet and the VAE stages replayed from CUDA graphs give the eager result, report what the capture
+    ran, and a model moved off and back gets new graphs (never a replay of freed weights)."""
     from hypir.runtime import runtime_of
 
     images = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(0)).cuda()

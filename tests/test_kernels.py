@@ -342,9 +342,10 @@ def test_fused_transformer_keeps_diffusers_dtype_under_autocast(tiny_base, monke
     assert out.dtype == torch.float32
 
 
-def test_vae_graphs_up_to_a_1024_pass_sharing_the_unets_pool():
+def test_vae_graphs_up_to_a_1024_pass_with_room_for_them(monkeypatch):
     """The VAE stages are graphed (on CUDA, graphs on) for calls of at most VAE_GRAPH_MAX_PIXELS: a 1024x1024
-    output, not a 2048 one, nor two 1024 images sent together; their graphs share the UNet's pool and lock."""
+    output, not a 2048 one, nor two 1024 images sent together; and only where the memory a pass may use is
+    VAE_GRAPH_MEMORY_PASSES times the pass's working memory (the graphs keep theirs)."""
     import types
 
     from hypir import pipeline
@@ -353,14 +354,16 @@ def test_vae_graphs_up_to_a_1024_pass_sharing_the_unets_pool():
     from hypir.settings import RestoreOptions
 
     runtime = Runtime()
-    assert runtime.vae_graphs.pool is runtime.unet_graphs.pool is not None
-    assert runtime.vae_graphs._lock is runtime.unet_graphs._lock
     vae = torch.nn.Conv2d(3, 3, 1)
     cuda = types.SimpleNamespace(device=torch.device("cuda"), vae=vae)
     router = types.SimpleNamespace(policy="auto")
+
     def plan(side: int, batch: int = 1):
         return plan_pass(side, side, batch, upscale=2.0, long_side=None, element_bytes=2, available_bytes=None)
 
+    one_pass = plan(512).activation_bytes
+    free = [pipeline.VAE_GRAPH_MEMORY_PASSES * one_pass]
+    monkeypatch.setattr(pipeline, "memory_available", lambda device, budget: (free[0], "test"))
     options = RestoreOptions()
     assert callable(pipeline._vae_graph(cuda, runtime, router, options, plan(512)))
     assert pipeline._vae_graph(cuda, runtime, router, options, plan(1024)) is None
@@ -368,6 +371,8 @@ def test_vae_graphs_up_to_a_1024_pass_sharing_the_unets_pool():
     assert pipeline._vae_graph(cuda, runtime, router, options.replace(cuda_graphs=False), plan(512)) is None
     cpu = types.SimpleNamespace(device=torch.device("cpu"), vae=vae)
     assert pipeline._vae_graph(cpu, runtime, router, options, plan(512)) is None
+    free[0] -= 1  # an 8 GiB card at 1024: eager
+    assert pipeline._vae_graph(cuda, runtime, router, options, plan(512)) is None
 
 
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
