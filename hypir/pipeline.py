@@ -115,8 +115,14 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
                 ) from exc
         # Out of the except block, the failed pass's tensors (held by the traceback) are free. The CUDA graphs of
         # the models on this GPU go too: their pools' memory stays reserved, and no eager allocation can use it.
-        release_graphs_on(models.device)
+        # Where some were given back, the same plan is tried again first, without graphs (a capture would take
+        # that memory again); then tiles, halved each time.
+        dropped = release_graphs_on(models.device)
         torch.cuda.empty_cache()
+        if dropped:
+            options = options.replace(cuda_graphs=False)
+            logger.warning("[HYPIR] out of GPU memory; retrying without CUDA graphs (%d given back)", dropped)
+            continue
         tile = round_to(current // 2, 64)
         plan = plan_for(models, images, options.replace(tile_size=tile, tile_stride=round_to(tile * 3 // 4, 64),
                                                         vram_budget_gb=None), max_group=1)

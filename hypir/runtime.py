@@ -56,10 +56,13 @@ class Runtime:
                 self._vae_fp32 = copy.deepcopy(vae).float()
             return self._vae_fp32
 
-    def release_graphs(self) -> None:
-        """Drop every CUDA graph; each one's private memory pool goes back with it (at the next empty_cache)."""
+    def release_graphs(self) -> int:
+        """Drop every CUDA graph; each one's private memory pool goes back with it (at the next empty_cache).
+        Returns how many there were."""
+        count = len(self.unet_graphs) + len(self.vae_graphs)
         self.unet_graphs.clear()
         self.vae_graphs.clear()
+        return count
 
     def clear(self) -> None:
         """Give back what this runtime holds on the device (ComfyUI's unload)."""
@@ -83,16 +86,15 @@ def runtime_of(models: HYPIRModels) -> Runtime:
         return runtime
 
 
-def release_graphs_on(device: torch.device) -> None:
+def release_graphs_on(device: torch.device) -> int:
     """Drop the CUDA graphs of every loaded model on this device: what their pools keep reserved no eager
-    allocation can use (a pass that ran out of memory retries without them)."""
+    allocation can use (a pass that ran out of memory retries without them). Returns how many were dropped."""
     def gpu(d: torch.device) -> tuple[str, int | None]:  # "cuda" and "cuda:0" are the same GPU
         return d.type, (d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device())
 
     with _RUNTIMES_LOCK:
         runtimes = [runtime for models, runtime in _RUNTIMES.items() if gpu(models.device) == gpu(device)]
-    for runtime in runtimes:
-        runtime.release_graphs()
+    return sum(runtime.release_graphs() for runtime in runtimes)
 
 
 @torch.no_grad()

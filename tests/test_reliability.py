@@ -100,7 +100,7 @@ def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_f
 
     released = []
     runtime = runtime_of(pipe.models)
-    monkeypatch.setattr(runtime, "release_graphs", lambda: released.append(len(runtime.unet_graphs)))
+    monkeypatch.setattr(runtime, "release_graphs", lambda: released.append(len(runtime.unet_graphs)) or 0)
     lq = image_factory(1, 64, 128, seed=31)
     with caplog.at_level("WARNING", logger="hypir"):
         result = pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("decode", 1)))
@@ -128,9 +128,30 @@ def test_out_of_memory_drops_the_graphs_of_every_model_on_that_gpu(monkeypatch):
     released = []
     for m in models:
         runtime = runtime_module.runtime_of(m)
-        monkeypatch.setattr(runtime, "release_graphs", lambda m=m: released.append(str(m.device)))
-    runtime_module.release_graphs_on(torch.device("cuda:0"))
+        monkeypatch.setattr(runtime, "release_graphs", lambda m=m: released.append(str(m.device)) or 3)
+    assert runtime_module.release_graphs_on(torch.device("cuda:0")) == 6
     assert sorted(released) == ["cuda", "cuda:0"]
     released.clear()
     runtime_module.release_graphs_on(torch.device("cuda:1"))
     assert released == ["cuda:1"]
+
+
+def test_out_of_memory_with_graphs_given_back_retries_the_same_plan_first(pipe, image_factory, caplog, monkeypatch):
+    """Where dropping the CUDA graphs gave memory back, the retry runs the same plan (one pass here) without
+    graphs, before any tiling; a second shortage then tiles."""
+    from hypir.runtime import runtime_of
+
+    runtime = runtime_of(pipe.models)
+    graphs = [2]
+    monkeypatch.setattr(runtime, "release_graphs", lambda: graphs.pop() if graphs else 0)
+    lq = image_factory(1, 64, 128, seed=32)
+    with caplog.at_level("WARNING", logger="hypir"):
+        result = pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("decode", 1)))
+    assert "retrying without CUDA graphs (2 given back)" in caplog.text and "tiles" not in caplog.text
+    assert result.tile_size is None and result.images.shape == (1, 3, 512, 1024)
+    caplog.clear()
+    graphs.append(1)
+    with caplog.at_level("WARNING", logger="hypir"):
+        result = pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("decode", 2)))
+    assert "retrying without CUDA graphs (1 given back)" in caplog.text
+    assert "retrying with tiles of 512 px" in caplog.text and result.tile_size == 512
