@@ -82,21 +82,28 @@ def time_kernels(fns: dict[AttentionBackend, Callable], q, k, v, scale: float, i
     wrapper's (flash-attn's wrapper costs more CPU time than SDPA's: timed call by call it lost at small shapes
     although its kernel is as fast). All candidates share each round's sleep: one sleep per round instead of
     one per candidate and round (a sleep is about 5 ms, and a 1024 output times about ten shapes of three or
-    four candidates). The caller made the warm-up calls."""
+    four candidates). A round whose sleep ended before its calls were all queued (a slow or busy CPU) is run
+    once more behind a four times longer sleep. The caller made the warm-up calls."""
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream()
 
         def group(calls: dict[AttentionBackend, int]) -> dict[AttentionBackend, float]:
-            torch.cuda._sleep(SLEEP_CYCLES)  # a few ms: room for the CPU to queue every call behind it
-            events = {}
-            for backend, count in calls.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                for _ in range(count):
-                    fns[backend](q, k, v, scale)
-                end.record(stream)
-                events[backend] = (start, end, count)
-            end.synchronize()
+            for cycles in (SLEEP_CYCLES, 4 * SLEEP_CYCLES):
+                torch.cuda._sleep(cycles)  # a few ms: room for the CPU to queue every call behind it
+                slept = torch.cuda.Event()
+                slept.record(stream)
+                events = {}
+                for backend, count in calls.items():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(stream)
+                    for _ in range(count):
+                        fns[backend](q, k, v, scale)
+                    end.record(stream)
+                    events[backend] = (start, end, count)
+                covered = not slept.query()  # the sleep still held the stream once every call was queued
+                end.synchronize()
+                if covered:  # else the GPU may have waited for the CPU between calls: once more, sleeping longer
+                    break
             return {backend: start.elapsed_time(end) / count for backend, (start, end, count) in events.items()}
 
         return rounds(group, list(fns), iters)
