@@ -261,30 +261,32 @@ class FiniteChecks:
     def deferred(self) -> Callable[[], None]:
         """Queue the counts' copy to the host without waiting; the returned call raises the first error once the
         GPU has done the copy (wait for an event recorded after this first)."""
-        pending, self._pending = self._pending, []
-        if not pending:
+        pending, counts = self._taken()
+        if counts is None:
             return lambda: None
-        device = pending[0][0].device
-        counts = torch.stack([bad.to(device) for bad, _, _ in pending])
-        cuda = device.type == "cuda"  # MPS needs a synchronisation before a non-blocking copy is read
+        cuda = counts.device.type == "cuda"  # MPS needs a synchronisation before a non-blocking copy is read
         host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=cuda)
         host.copy_(counts, non_blocking=cuda)
-
-        def raise_first() -> None:
-            for count, (_, total, error) in zip(host.tolist(), pending):
-                if count:
-                    raise error(count, total)
-        return raise_first
+        return lambda: _raise_first_counted(host.tolist(), pending)
 
     def raise_first(self) -> None:
+        pending, counts = self._taken()
+        if counts is not None:
+            _raise_first_counted(counts.tolist(), pending)  # the one read
+
+    def _taken(self) -> tuple[list, torch.Tensor | None]:
+        """The queued checks, taken off the queue, and their counts stacked on their device (None: none)."""
         pending, self._pending = self._pending, []
         if not pending:
-            return
+            return pending, None
         device = pending[0][0].device
-        counts = torch.stack([bad.to(device) for bad, _, _ in pending]).tolist()  # the one read
-        for count, (_, total, error) in zip(counts, pending):
-            if count:
-                raise error(count, total)
+        return pending, torch.stack([bad.to(device) for bad, _, _ in pending])
+
+
+def _raise_first_counted(counts: list[int], pending: list) -> None:
+    for count, (_, total, error) in zip(counts, pending):
+        if count:
+            raise error(count, total)
 
 
 def plan_for(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions, max_group: int | None = None
@@ -420,7 +422,7 @@ def _vae_graph(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
     available, _ = memory_available(models.device, options.vram_budget_gb)
     if available is not None and available < VAE_GRAPH_MEMORY_PASSES * plan.activation_bytes:
         return None
-    key = (repr(router.policy), options.fused_kernels, options.fused_softmax)
+    key = _graph_key(router, options)
     weights = weights_signature(models.vae)
 
     def call(stage: str, forward: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -434,6 +436,11 @@ def _graphed(models: HYPIRModels, options: RestoreOptions) -> bool:
     return options.cuda_graphs and models.device.type == "cuda" and not _graphs_blocked(options)
 
 
+def _graph_key(router: AttentionRouter, options: RestoreOptions) -> tuple:
+    """What a graph's kernels depend on beside its inputs' shapes: the attention policy and the fused kernels."""
+    return repr(router.policy), options.fused_kernels, options.fused_softmax
+
+
 def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
                text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """eps for a batch of latent tiles: eager, or replayed from a CUDA graph when the shape repeats."""
@@ -444,7 +451,7 @@ def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
 
     timestep = torch.full((1,), options.model_t, device=models.device)  # a fill: no copy from the host to wait for
     graphed = _graphed(models, options)
-    key = (repr(router.policy), options.fused_kernels, options.fused_softmax)
+    key = _graph_key(router, options)
     weights = weights_signature(unet) if graphed else ()
 
     def call(tiles: torch.Tensor) -> torch.Tensor:

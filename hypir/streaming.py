@@ -195,20 +195,24 @@ def _launch(pipe, outcome: FileOutcome, picture: Picture, options, callbacks):
 
 def _collect_and_write(pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, launched,
                        quality: int) -> Future | None:
-    try:
+    def collected():
         frame, result = launched.collect()
-    except Exception as exc:  # noqa: BLE001 - this file's outcome (a non-finite pass)
-        outcome.error, outcome.stage = exc, "restore"
-        return None
-    outcome.status, outcome.frames, outcome.notes = result.status_line(), 1, picture.notes
-    outcome.held_bytes = frame.nbytes
-    return pool.submit(write_output, outcome.target, [frame], picture, quality)
+        return [frame], result
+    return _write_restored(pool, outcome, picture, quality, collected)
 
 
 def _restore_and_write(pipe, pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, options,
                        quality: int, callbacks) -> Future | None:
+    return _write_restored(pool, outcome, picture, quality,
+                           lambda: pipe.restore_frames(picture.frames, options, callbacks))
+
+
+def _write_restored(pool: ThreadPoolExecutor, outcome: FileOutcome, picture: Picture, quality: int,
+                    restored_frames) -> Future | None:
+    """Submit the write of restored_frames()'s (frames, result); a failure there is this file's outcome (a
+    non-finite pass included)."""
     try:
-        restored, result = pipe.restore_frames(picture.frames, options, callbacks)
+        restored, result = restored_frames()
     except Exception as exc:  # noqa: BLE001 - this file's outcome
         outcome.error, outcome.stage = exc, "restore"
         return None
