@@ -5,6 +5,12 @@
   transformer  the UNet transformers' output kept channels_last (fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT)
                instead of diffusers' NCHW copy;
   vae_graphs   the VAE stages replayed from CUDA graphs up to 1024x1024 (pipeline.VAE_GRAPH_MAX_PIXELS);
+  decoder_resnets  the VAE decoder's up blocks' resnets (time_embedding_norm "group") on the fused path
+               (fused_blocks.FUSED_DECODER_RESNETS) instead of diffusers' forward;
+  geglu        the transformers' GEGLU as one kernel (fused_blocks.FUSED_GEGLU) instead of PyTorch's GELU and
+               product;
+  merge        GroupNorm's merge of partial statistics in steps of kernels.ROW_MERGE_TILE values instead of 64
+               chunks;
   upsample     nearest 2x + 3x3 convolution as one transposed convolution (fused_blocks.TRANSPOSED_UPSAMPLE)
                instead of diffusers' upsampled copy and 3x3 convolution;
 
@@ -18,6 +24,11 @@ Parts:
   kernels  every GroupNorm shape of SD2.1 at a 1024 output that runs on Triton (bf16, channels_last, affine,
            SiLU): GPU time of each kernel set and PyTorch's F.group_norm, effective bandwidth (one read for the
            statistics, one read and one write for the output), relative error against float64;
+  modules  one eager pass at 1024 (no CUDA graphs) under torch.profiler with every UNet and VAE module's
+           forward marked: each kernel's GPU time charged to the innermost module that launched it, summed per
+           module class and kind of kernel, and the 40 costliest modules with their input shapes;
+  memory   the GPU memory the VAE graphs keep at 1024: reserved and allocated after three passes with them and
+           without them;
   pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with every lever on,
            then with each one off: median of 10 calls, the PSNR of each against the same weights in float32
            through diffusers' blocks, the GPU time by kind of kernel of the all-on pass at 1024, and how busy
@@ -68,14 +79,18 @@ def rows(enabled: bool) -> None:
 
 
 VAE_GRAPH_MAX_PIXELS = pipeline.VAE_GRAPH_MAX_PIXELS
+ROW_MERGE_TILE = kernels.ROW_MERGE_TILE
 
 
 def levers(off: str | None) -> None:
     """Every lever on but `off`."""
     rows(off != "rows")
+    kernels.ROW_MERGE_TILE = 0 if off == "merge" else ROW_MERGE_TILE
     pipeline.VAE_GRAPH_MAX_PIXELS = 0 if off == "vae_graphs" else VAE_GRAPH_MAX_PIXELS
     fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
     fused_blocks.TRANSPOSED_UPSAMPLE = off != "upsample"
+    fused_blocks.FUSED_DECODER_RESNETS = off != "decoder_resnets"
+    fused_blocks.FUSED_GEGLU = off != "geglu"
 
 
 def part_kernels() -> list[dict]:
@@ -170,7 +185,8 @@ def part_upsample(scale: int = 1) -> list[dict]:
     return out
 
 
-LEVERS_OFF = ("rows", "transformer", "upsample", "vae_graphs", "fused")  # "fused": every fused block off
+# "fused": every fused block off
+LEVERS_OFF = ("rows", "merge", "decoder_resnets", "geglu", "transformer", "upsample", "vae_graphs", "fused")
 
 
 def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF) -> dict:
@@ -223,6 +239,122 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
     return out
 
 
+def innermost(ranges: list[tuple], starts: list[float], ts: float) -> str | None:
+    """The label of the innermost of nested (start, end, label) ranges, sorted by start, that holds ts: walking
+    back from the last start at or before ts, the first range still open at ts."""
+    import bisect
+
+    for index in range(bisect.bisect_right(starts, ts) - 1, -1, -1):
+        if ranges[index][1] >= ts:
+            return ranges[index][2]
+    return None
+
+
+def module_timeline(fn, roots: dict[str, torch.nn.Module]) -> dict:
+    """fn() under torch.profiler with every module of `roots` marked ("mod:<root>.<name>|<class>|<input shape>"):
+    each CUDA kernel's time charged to the innermost marked module whose range holds its launch."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from hypir.bench.common import GPU_ACTIVITY, LAUNCH_CATEGORIES, kernel_kind
+
+    stack, handles = [], []
+
+    def enter(label):
+        def hook(module, args):
+            shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+            marker = record_function(f"mod:{label}|{list(shape)}")
+            marker.__enter__()
+            stack.append(marker)
+        return hook
+
+    def leave(module, args, output):
+        stack.pop().__exit__(None, None, None)
+
+    for root_name, root in roots.items():
+        for name, module in root.named_modules():
+            label = f"{root_name}.{name}|{type(module).__name__}" if name else f"{root_name}|{type(module).__name__}"
+            handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    finally:
+        for handle in handles:
+            handle.remove()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][4:]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name", "").startswith("mod:"))
+    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
+                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    starts = [r[0] for r in ranges]
+    per_module: dict[str, dict] = {}
+    per_class: dict[str, dict] = {}
+    per_kernel: dict[tuple, float] = {}
+    for e in events:
+        if not (e.get("ph") == "X" and e.get("cat") in GPU_ACTIVITY):
+            continue
+        ts = launches.get(e.get("args", {}).get("correlation"))
+        label = innermost(ranges, starts, ts) if ts is not None else None
+        label = label or "outside|(none)|[]"
+        name, cls, shape = label.split("|", 2)
+        kind, ms = kernel_kind(e.get("name", "")), e.get("dur", 0) / 1000
+        entry = per_module.setdefault(label, {"module": name, "class": cls, "input": shape, "ms": 0.0, "kinds": {}})
+        entry["ms"] += ms
+        entry["kinds"][kind] = entry["kinds"].get(kind, 0.0) + ms
+        by_class = per_class.setdefault(cls, {"ms": 0.0, "kinds": {}})
+        by_class["ms"] += ms
+        by_class["kinds"][kind] = by_class["kinds"].get(kind, 0.0) + ms
+        key = (cls, e.get("name", "")[:90])
+        per_kernel[key] = per_kernel.get(key, 0.0) + ms
+    return {"gpu_ms": sum(c["ms"] for c in per_class.values()),
+            "classes": dict(sorted(per_class.items(), key=lambda kv: -kv[1]["ms"])),
+            "modules": sorted(per_module.values(), key=lambda m: -m["ms"])[:40],
+            "kernels_by_class": [{"class": c, "kernel": k, "ms": ms}
+                                 for (c, k), ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:60]]}
+
+
+def part_modules() -> dict:
+    pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
+    lq = random_images(512, torch.device("cuda"))
+    options = dict(upscale=2.0, latent="mode", cuda_graphs=False)
+    for _ in range(2):
+        pipe(lq, **options)
+    out = module_timeline(lambda: pipe(lq, **options), {"unet": pipe.models.unet, "vae": pipe.models.vae})
+    print(f"modules: {out['gpu_ms']:.1f} ms of kernels", flush=True)
+    for cls, entry in list(out["classes"].items())[:14]:
+        print(f"  {cls}: {entry['ms']:.2f} ms " + json.dumps({k: round(v, 2) for k, v in entry["kinds"].items()}),
+              flush=True)
+    return out
+
+
+def part_memory() -> dict:
+    pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
+    lq = random_images(512, torch.device("cuda"))
+    out = {}
+    for name, pixels in (("vae_graphs_off", 0), ("vae_graphs_on", VAE_GRAPH_MAX_PIXELS), ("vae_graphs_off_again", 0)):
+        pipeline.VAE_GRAPH_MAX_PIXELS = pixels
+        runtime_of(pipe.models).unet_graphs.clear()
+        runtime_of(pipe.models).vae_graphs.clear()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            result = pipe(lq, upscale=2.0, latent="mode")
+        torch.cuda.synchronize()
+        out[name] = {"reserved_mib": torch.cuda.memory_reserved() / 2**20,
+                     "allocated_mib": torch.cuda.memory_allocated() / 2**20,
+                     "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+                     "status": result.status_line()}
+        print(name, json.dumps({k: v for k, v in out[name].items() if k != "status"}), flush=True)
+    pipeline.VAE_GRAPH_MAX_PIXELS = VAE_GRAPH_MAX_PIXELS
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
@@ -245,6 +377,12 @@ def main() -> int:
             save()
         if "upsample" in args.parts and not args.smoke:
             result["upsample"] = part_upsample() + part_upsample(scale=2)
+            save()
+        if "modules" in args.parts and not args.smoke:
+            result["modules"] = part_modules()
+            save()
+        if "memory" in args.parts and not args.smoke:
+            result["memory"] = part_memory()
             save()
         if "pass" in args.parts:
             save(part_pass(save, args.smoke, tuple(name for name in args.off.split(",") if name)))

@@ -7,14 +7,17 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
 - a GroupNorm followed by SiLU (`conv_norm_out` + `conv_act` of the VAE's encoder and decoder and of the UNet)
   becomes one `FusedGroupNorm` with `silu=True`, the SiLU module an identity;
 - every `nn.Conv2d` becomes `FusedConv2d`: its bias added in one vectorised pass;
-- `ResnetBlock2D` becomes `FusedResnetBlock2D`: norm1+SiLU; conv1's bias, the time embedding, norm2 and SiLU;
-  conv2's bias and the skip connection, without diffusers' division by an `output_scale_factor` of 1;
+- `ResnetBlock2D` becomes `FusedResnetBlock2D` (the UNet's, and the VAE encoder's and decoder's): norm1+SiLU;
+  conv1's bias, the time embedding, norm2 and SiLU; conv2's and the shortcut convolution's biases and the skip
+  connection in one add, without diffusers' division by an `output_scale_factor` of 1;
 - `Transformer2DModel` (linear projections, as in SD2.1) becomes `FusedTransformer2DModel`: its output keeps
   the channels_last layout the convolutions run in, where diffusers makes an NCHW copy that the next
   convolution and skip connection convert back;
+- `GEGLU` (the transformers' feed-forward input) becomes `FusedGEGLU`: `value * gelu(gate)` in one kernel;
 - `Upsample2D` (nearest 2x, then a 3x3 convolution) becomes `FusedUpsample2D`: one transposed convolution of
   the small input (stride 2, 4x4 taps summed from the 3x3 ones), 16 multiply-adds a channel pair and input pixel
-  instead of 36, no upsampled copy of the input, the interleaved output written by cuDNN. Exact in float64; in
+  instead of 36, no upsampled copy of the input, the interleaved output written by cuDNN, its bias added by the
+  vectorised kernel. Exact in float64; in
   bf16 the summed taps are rounded once more (relative error 2.4e-3 against 1.7e-3 on random weights), and the
   4x4 kernels take 16/9 of the 3x3 weights' memory.
 
@@ -28,13 +31,14 @@ import contextvars
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .cuda_graphs import tensor_version
-from .kernels import add_channel_bias_, group_norm_silu, switched
+from .kernels import add_channel_bias_, gated_gelu, group_norm_silu, switched
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fused_kernels", default=True)
 
@@ -76,13 +80,17 @@ class FusedConv2d(nn.Conv2d):
         return add_channel_bias_(_conv_without_bias(self, x), self.bias)
 
 
+FUSED_DECODER_RESNETS = True  # benchmarks/levers.py switches these off to measure what they save
+FUSED_GEGLU = True
+
+
 class FusedResnetBlock2D(ResnetBlock2D):
     """diffusers' ResnetBlock2D for the configuration SD2.1 uses (default time-embedding norm, SiLU, no
     up/down-sampling inside the block; see `fusable_resnet`). Fused: norm1+SiLU; conv1's bias, the time
     embedding, norm2 and SiLU; conv2's bias and the skip connection."""
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
-        if not _fast(input_tensor):
+        if not _fast(input_tensor) or (self.time_embedding_norm == "group" and not FUSED_DECODER_RESNETS):
             return super().forward(input_tensor, temb, *args, **kwargs)
         norm1, norm2 = self.norm1, self.norm2
         hidden = group_norm_silu(input_tensor, norm1.weight, norm1.bias, norm1.num_groups, norm1.eps, silu=True)
@@ -97,11 +105,32 @@ class FusedResnetBlock2D(ResnetBlock2D):
                                  pre_bias=channel_bias)
         hidden = self.dropout(hidden)
         hidden = _conv_without_bias(self.conv2, hidden)
-        shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+        skip_bias = self.conv2.bias
+        if type(self.conv_shortcut) is FusedConv2d and self.conv_shortcut.bias is not None:
+            # the shortcut convolution's bias joins conv2's: one add of both and the skip
+            shortcut = _conv_without_bias(self.conv_shortcut, input_tensor)
+            skip_bias = self.conv_shortcut.bias if skip_bias is None else skip_bias + self.conv_shortcut.bias
+        else:
+            shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
         if shortcut.stride() != hidden.stride():
             shortcut = shortcut.contiguous(memory_format=_layout(hidden))
-        hidden = add_channel_bias_(hidden, self.conv2.bias, shortcut)
+        hidden = add_channel_bias_(hidden, skip_bias, shortcut)
         return hidden if self.output_scale_factor == 1 else hidden.div_(self.output_scale_factor)
+
+
+class FusedGEGLU(GEGLU):
+    """diffusers' GEGLU (the UNet transformers' feed-forward input): its projection, then `value * gelu(gate)` in
+    one kernel (kernels.gated_gelu)."""
+
+    def forward(self, hidden_states, *args, **kwargs) -> torch.Tensor:
+        if not (FUSED_GEGLU and _fast(hidden_states)):
+            return super().forward(hidden_states, *args, **kwargs)
+        return gated_gelu(self.proj(hidden_states))
+
+
+def fusable_geglu(module: nn.Module) -> bool:
+    # diffusers' forward also takes another path on Ascend NPUs (torch_npu), which never reach _fast's CUDA check
+    return type(module) is GEGLU and isinstance(module.proj, nn.Linear)
 
 
 CHANNELS_LAST_TRANSFORMER_OUTPUT = True  # benchmarks/levers.py switches it off to measure what it saves
@@ -166,7 +195,9 @@ class FusedUpsample2D(Upsample2D):
             # while the cache names it.
             cached = (key, transposed, conv.weight.detach())
             self._transposed_weight = cached
-        return nearest2x_conv3x3(hidden_states, conv.weight, conv.bias, cached[1])
+        # cuDNN's transposed convolution adds no bias itself: PyTorch's broadcast add after it is a slow strided
+        # pass over the channels_last output; the vectorised one is add_channel_bias_'s.
+        return add_channel_bias_(nearest2x_conv3x3(hidden_states, conv.weight, None, cached[1]), conv.bias)
 
     def _weight_key(self) -> tuple:
         weight = self.conv.weight
@@ -205,7 +236,11 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def fusable_resnet(block: nn.Module) -> bool:
-    return (type(block) is ResnetBlock2D and block.time_embedding_norm == "default"
+    # "group" (the VAE decoder's up blocks) without a time embedding projection computes what "default" does
+    # without a time embedding: norm2 of conv1's output.
+    time_norm = block.time_embedding_norm if type(block) is ResnetBlock2D else None
+    return (type(block) is ResnetBlock2D
+            and (time_norm == "default" or (time_norm == "group" and block.time_emb_proj is None))
             and block.upsample is None and block.downsample is None and isinstance(block.nonlinearity, nn.SiLU)
             and type(block.norm1) is nn.GroupNorm and type(block.norm2) is nn.GroupNorm
             and block.norm1.affine and block.norm2.affine)
@@ -213,7 +248,7 @@ def fusable_resnet(block: nn.Module) -> bool:
 
 def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     """Switch a diffusers model's blocks to the fused classes, in place. Returns counts per kind."""
-    counts = {"resnet": 0, "transformer": 0, "upsample": 0, "norm_silu": 0, "norm": 0, "conv": 0}
+    counts = {"resnet": 0, "transformer": 0, "upsample": 0, "geglu": 0, "norm_silu": 0, "norm": 0, "conv": 0}
     for module in list(model.modules()):
         if fusable_resnet(module):
             module.__class__ = FusedResnetBlock2D
@@ -224,6 +259,9 @@ def install_fused_blocks(model: nn.Module) -> dict[str, int]:
         if fusable_upsample(module):
             module.__class__ = FusedUpsample2D
             counts["upsample"] += 1
+        if fusable_geglu(module):
+            module.__class__ = FusedGEGLU
+            counts["geglu"] += 1
         norm_out, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
             norm_out.__class__ = FusedGroupNorm
@@ -240,6 +278,6 @@ def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-__all__ = ["FusedConv2d", "FusedGroupNorm", "FusedResnetBlock2D", "FusedTransformer2DModel", "FusedUpsample2D",
-           "install_fused_blocks", "fused_kernels", "fusable_resnet", "fusable_transformer", "fusable_upsample",
-           "nearest2x_conv3x3"]
+__all__ = ["FusedConv2d", "FusedGEGLU", "FusedGroupNorm", "FusedResnetBlock2D", "FusedTransformer2DModel",
+           "FusedUpsample2D", "install_fused_blocks", "fused_kernels", "fusable_geglu", "fusable_resnet",
+           "fusable_transformer", "fusable_upsample", "nearest2x_conv3x3"]

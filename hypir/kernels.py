@@ -138,7 +138,10 @@ def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torc
     """x += bias[channel] (+ residual), in place, in one pass: a convolution's bias and a residual block's
     skip connection. PyTorch adds a convolution's bias with a broadcast kernel that, on the VAE's large
     activations, takes about a third as long as the convolution itself."""
+    if bias is None and residual is None:
+        return x
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
     def reference():
         if bias is not None:
             x.add_(bias.view(-1, *([1] * (x.ndim - 2))))
@@ -384,7 +387,18 @@ def _kernels():
             p = tl.exp(v - row_max) / row_sum
             tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
 
-    return types.SimpleNamespace(partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
+    @triton.jit
+    def gated_gelu(x_ptr, out_ptr, numel, F, BLOCK: tl.constexpr):
+        # x: (rows, 2F) contiguous; out (rows, F) = x[:, :F] * gelu(x[:, F:]), exact (erf) GELU, in float32.
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        source = (i // F) * (2 * F) + i % F
+        value = tl.load(x_ptr + source, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(x_ptr + source + F, mask=mask, other=0.0).to(tl.float32)
+        gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        tl.store(out_ptr + i, (value * gelu).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return types.SimpleNamespace(gated_gelu=gated_gelu, partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
                                  row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
                                  channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
 
@@ -400,6 +414,31 @@ def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> to
             and scores.dtype == torch.float32):
         return reference()
     return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
+
+
+def gated_gelu(projected: torch.Tensor) -> torch.Tensor:
+    """GEGLU's activation: `value * gelu(gate)` of the two halves of the last dimension (erf GELU, as diffusers'
+    GEGLU). With Triton on CUDA: one kernel that reads the projection once and writes the product, where PyTorch
+    makes the GELU's output and then the product, each a strided pass over half-rows."""
+    def reference():
+        value, gate = projected.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    if not (uses_triton(projected) and projected.is_contiguous() and projected.shape[-1] % 2 == 0):
+        return reference()
+    return _run_triton(lambda: _triton_gated_gelu(projected), reference)
+
+
+def _triton_gated_gelu(projected):
+    import triton
+
+    half = projected.shape[-1] // 2
+    out = torch.empty((*projected.shape[:-1], half), device=projected.device, dtype=projected.dtype)
+    block = 2048
+    with _launch_context(projected):
+        _kernels().gated_gelu[(triton.cdiv(out.numel(), block),)](projected, out, out.numel(), half, BLOCK=block,
+                                                                  num_warps=4)
+    return out
 
 
 def _triton_scaled_softmax(scores, scale, dtype):
@@ -448,6 +487,17 @@ ROW_MIN_PROGRAMS = 512
 MAX_ROW_CHANNELS = 4096  # SD2.1's widest norm: 2560 (the UNet's up blocks normalise concatenated skips)
 
 
+# The merge of a group's partial statistics: ROW_MERGE_TILE values (chunks x the group's channels) a loop step,
+# so that a 1024x1024 activation's 2048 chunks take a few steps, not 32 of 64 chunks (one program per sample
+# and group: few programs, each bound by the latency of its loads).
+ROW_MERGE_TILE = 4096
+ROW_MERGE_WARPS = 8
+
+
+def _merge_rows(chunks: int, block_cpg: int) -> int:
+    return max(64, min(1 << (chunks - 1).bit_length(), ROW_MERGE_TILE // block_cpg))
+
+
 def _row_blocks(c: int) -> tuple[int, int]:
     block_c = 1 << (c - 1).bit_length()
     return block_c, max(1, ROW_TILE // block_c)
@@ -477,9 +527,11 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
         k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
                                  HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
                                  num_warps=8)
+        block_cpg = max(1, 1 << (cpg - 1).bit_length())
         k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
-                                         spatial, groups, cpg, chunks, pixels, eps, BLOCK_K=64,
-                                         BLOCK_CPG=max(1, 1 << (cpg - 1).bit_length()), num_warps=4)
+                                         spatial, groups, cpg, chunks, pixels, eps,
+                                         BLOCK_K=_merge_rows(chunks, block_cpg), BLOCK_CPG=block_cpg,
+                                         num_warps=ROW_MERGE_WARPS)
         k.row_normalize[(triton.cdiv(spatial, block_p), n)](
             x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, o_n, HAS_PRE=pre_bias is not None,
             HAS_AFFINE=weight is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
@@ -534,4 +586,4 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
     return y
 
 
-__all__ = ["add_channel_bias_", "fused_softmax_enabled", "kernel_fallbacks", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]
+__all__ = ["add_channel_bias_", "fused_softmax_enabled", "gated_gelu", "kernel_fallbacks", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]

@@ -116,6 +116,23 @@ def test_scaled_softmax_on_gpu(rows, width, monkeypatch):
     assert _rel(probs, expected) <= 3e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,width", [(65536, 2560), (16384, 5120), (4096, 10240)])  # a 2048 output's GEGLUs
+def test_gated_gelu_on_gpu(tokens, width, dtype, monkeypatch):
+    calls = []
+    original = kernels._triton_gated_gelu
+    monkeypatch.setattr(kernels, "_triton_gated_gelu", lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = (torch.randn(1, tokens, width, device="cuda", generator=g) * 2).to(dtype)
+    value, gate = x.double().chunk(2, dim=-1)
+    exact = value * torch.nn.functional.gelu(gate)
+    got = kernels.gated_gelu(x)
+    value, gate = x.chunk(2, dim=-1)
+    pytorch = value * torch.nn.functional.gelu(gate)
+    assert calls and kernels.triton_failure() is None
+    assert _rel(got, exact) <= _rel(pytorch, exact)  # one rounding where PyTorch has two
+
+
 def test_group_norm_at_the_largest_vae_activation():
     """A 2048x2048 output's largest VAE activation: 256 channels at 2048x2048, channels_last."""
     g = torch.Generator(device="cuda").manual_seed(8)

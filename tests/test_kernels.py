@@ -108,7 +108,7 @@ def test_group_norm_chunks_fit_the_grid(cpg, side):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("bias,residual", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("bias,residual", [(True, True), (True, False), (False, True), (False, False)])
 def test_add_channel_bias(interpreted, channels_last, bias, residual):
     g = torch.Generator().manual_seed(2)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -119,6 +119,19 @@ def test_add_channel_bias(interpreted, channels_last, bias, residual):
     out = kernels.add_channel_bias_(x, b, r)
     assert out is x  # in place
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_gelu(interpreted, dtype):
+    """GEGLU's activation in one kernel: the first half of each row times the erf GELU of the second half, as
+    diffusers computes it (one rounding to the output dtype instead of two in bf16)."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 37, 2 * 24, generator=g) * 3).to(dtype)
+    value, gate = x.double().chunk(2, dim=-1)
+    exact = value * torch.nn.functional.gelu(gate)
+    got = kernels.gated_gelu(x)
+    assert got.dtype == dtype and got.shape == (2, 37, 24)
+    assert _rel(got, exact) < (1e-6 if dtype == torch.float32 else 4e-3)
 
 
 def test_cpu_takes_the_pytorch_path():
@@ -142,7 +155,11 @@ def _fused_copy(module):
 
 def test_fused_blocks_keep_parameters_and_cpu_results(tiny_base):
     vae, counts = _fused_copy(tiny_base.vae)
-    assert counts["resnet"] > 0 and counts["norm_silu"] == 2 and counts["conv"] > 0
+    # every resnet: the encoder's ("default") and the decoder's up blocks' ("group", no time embedding)
+    resnets = [m for m in tiny_base.vae.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert {m.time_embedding_norm for m in resnets} == {"default", "group"}
+    assert counts["resnet"] == len(resnets) and counts["norm_silu"] == 2 and counts["conv"] > 0
+    assert any(m.conv_shortcut is not None for m in resnets)  # the fused path folds its bias into the skip add
     assert vae.state_dict().keys() == tiny_base.vae.state_dict().keys()
     x = torch.rand(1, 3, 48, 40) * 2 - 1
     with torch.no_grad():  # on the CPU every block runs diffusers' own forward: identical results
@@ -176,6 +193,12 @@ def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, mon
     assert _rel(got_z, want_z) < 1e-5
     assert _rel(got_x, want_x) < 1e-5
     assert _rel(got_eps, want_eps) < 1e-5
+
+
+def test_fused_blocks_take_every_geglu(tiny_base):
+    unet, counts = _fused_copy(tiny_base.unet)
+    assert counts["geglu"] == sum(type(m).__name__ == "GEGLU" for m in tiny_base.unet.modules()) > 0
+    assert all(type(m).__name__ != "GEGLU" for m in unet.modules())
 
 
 def test_fused_transformer_keeps_channels_last(tiny_base, monkeypatch):

@@ -19,6 +19,7 @@ KERNEL_KINDS = (
     ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize", "row_stats")),
     ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
     ("bias and skip add (Triton)", ("channel_bias_add",)),
+    ("gated GELU (Triton)", ("gated_gelu",)),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
     ("upsample", ("upsample",)),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "copy", "cat", "fill", "triton_")),
