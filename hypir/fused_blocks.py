@@ -13,6 +13,8 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
 - `Transformer2DModel` (linear projections, as in SD2.1) becomes `FusedTransformer2DModel`: its output keeps
   the channels_last layout the convolutions run in, where diffusers makes an NCHW copy that the next
   convolution and skip connection convert back;
+- `Downsample2D` with `padding=0` (the VAE encoder's) becomes `FusedDownsample2D`: its zero padding in one
+  pass;
 - `GEGLU` (the transformers' feed-forward input) becomes `FusedGEGLU`: `value * gelu(gate)` in one kernel;
 - `Upsample2D` (nearest 2x, then a 3x3 convolution) becomes `FusedUpsample2D`: one transposed convolution of
   the small input (stride 2, 4x4 taps summed from the 3x3 ones), 16 multiply-adds a channel pair and input pixel
@@ -32,13 +34,14 @@ import contextvars
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .cuda_graphs import tensor_version
-from .kernels import add_channel_bias_, gated_gelu, group_norm_silu, switched
+from .kernels import add_channel_bias_, gated_gelu, group_norm_silu, pad_bottom_right, switched
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_fused_kernels", default=True)
 
@@ -216,6 +219,21 @@ class FusedUpsample2D(Upsample2D):
         return module
 
 
+class FusedDownsample2D(Downsample2D):
+    """diffusers' Downsample2D with `padding=0` (the VAE encoder's): its bottom-right zero padding in one pass
+    (kernels.pad_bottom_right), then the stride-2 convolution."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not _fast(hidden_states):
+            return super().forward(hidden_states, *args, **kwargs)
+        return self.conv(pad_bottom_right(hidden_states))
+
+
+def fusable_downsample(module: nn.Module) -> bool:
+    return (type(module) is Downsample2D and module.use_conv and module.padding == 0 and module.norm is None
+            and isinstance(module.conv, nn.Conv2d))
+
+
 def fusable_upsample(module: nn.Module) -> bool:
     conv = getattr(module, "conv", None)
     return (type(module) is Upsample2D and module.use_conv and not module.use_conv_transpose and module.interpolate
@@ -248,7 +266,7 @@ def fusable_resnet(block: nn.Module) -> bool:
 
 def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     """Switch a diffusers model's blocks to the fused classes, in place. Returns counts per kind."""
-    counts = {"resnet": 0, "transformer": 0, "upsample": 0, "geglu": 0, "norm_silu": 0, "norm": 0, "conv": 0}
+    counts = {"resnet": 0, "transformer": 0, "upsample": 0, "downsample": 0, "geglu": 0, "norm_silu": 0, "norm": 0, "conv": 0}
     for module in list(model.modules()):
         if fusable_resnet(module):
             module.__class__ = FusedResnetBlock2D
@@ -259,6 +277,9 @@ def install_fused_blocks(model: nn.Module) -> dict[str, int]:
         if fusable_upsample(module):
             module.__class__ = FusedUpsample2D
             counts["upsample"] += 1
+        if fusable_downsample(module):
+            module.__class__ = FusedDownsample2D
+            counts["downsample"] += 1
         if fusable_geglu(module):
             module.__class__ = FusedGEGLU
             counts["geglu"] += 1
@@ -278,6 +299,6 @@ def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-__all__ = ["FusedConv2d", "FusedGEGLU", "FusedGroupNorm", "FusedResnetBlock2D", "FusedTransformer2DModel",
-           "FusedUpsample2D", "install_fused_blocks", "fused_kernels", "fusable_geglu", "fusable_resnet",
-           "fusable_transformer", "fusable_upsample", "nearest2x_conv3x3"]
+__all__ = ["FusedConv2d", "FusedDownsample2D", "FusedGEGLU", "FusedGroupNorm", "FusedResnetBlock2D",
+           "FusedTransformer2DModel", "FusedUpsample2D", "install_fused_blocks", "fused_kernels", "fusable_downsample",
+           "fusable_geglu", "fusable_resnet", "fusable_transformer", "fusable_upsample", "nearest2x_conv3x3"]

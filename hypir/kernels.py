@@ -398,7 +398,23 @@ def _kernels():
         gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
         tl.store(out_ptr + i, (value * gelu).to(out_ptr.dtype.element_ty), mask=mask)
 
-    return types.SimpleNamespace(gated_gelu=gated_gelu, partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
+    @triton.jit
+    def pad_end(x_ptr, out_ptr, numel, C, H, W, BLOCK: tl.constexpr):
+        # channels_last storage: out (N, H + 1, W + 1, C) is x (N, H, W, C) with a zero row below and a zero
+        # column to the right; each output element once, in storage order.
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        c = i % C
+        pixel = i // C
+        w = pixel % (W + 1)
+        row = pixel // (W + 1)
+        h = row % (H + 1)
+        n = row // (H + 1)
+        inside = (h < H) & (w < W)
+        v = tl.load(x_ptr + ((n * H + h) * W + w) * C + c, mask=mask & inside, other=0.0)
+        tl.store(out_ptr + i, v, mask=mask)
+
+    return types.SimpleNamespace(gated_gelu=gated_gelu, pad_end=pad_end, partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
                                  row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
                                  channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
 
@@ -438,6 +454,30 @@ def _triton_gated_gelu(projected):
     with _launch_context(projected):
         _kernels().gated_gelu[(triton.cdiv(out.numel(), block),)](projected, out, out.numel(), half, BLOCK=block,
                                                                   num_warps=4)
+    return out
+
+
+def pad_bottom_right(x: torch.Tensor) -> torch.Tensor:
+    """F.pad(x, (0, 1, 0, 1)): a zero row below and a zero column to the right of (N, C, H, W), as diffusers'
+    Downsample2D pads before its stride-2 convolution. On channels_last with Triton: one pass that writes each
+    output element once, where PyTorch fills the whole output and then copies x into it with a strided kernel."""
+    def reference():
+        return F.pad(x, (0, 1, 0, 1))
+
+    if not (uses_triton(x) and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return reference()
+    return _run_triton(lambda: _triton_pad_bottom_right(x), reference)
+
+
+def _triton_pad_bottom_right(x):
+    import triton
+
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h + 1, w + 1), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    block = 2048
+    with _launch_context(x):
+        _kernels().pad_end[(triton.cdiv(out.numel(), block),)](x, out, out.numel(), c, h, w, BLOCK=block,
+                                                             num_warps=4)
     return out
 
 
@@ -586,4 +626,6 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
     return y
 
 
-__all__ = ["add_channel_bias_", "fused_softmax_enabled", "gated_gelu", "kernel_fallbacks", "group_norm_silu", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available", "uses_triton"]
+__all__ = ["add_channel_bias_", "fused_softmax_enabled", "gated_gelu", "kernel_fallbacks", "group_norm_silu",
+           "pad_bottom_right", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available",
+           "uses_triton"]

@@ -133,6 +133,13 @@ def test_gated_gelu_on_gpu(tokens, width, dtype, monkeypatch):
     assert _rel(got, exact) <= _rel(pytorch, exact)  # one rounding where PyTorch has two
 
 
+def test_pad_bottom_right_on_gpu():
+    x = torch.randn(1, 128, 1024, 1024, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    got = kernels.pad_bottom_right(x)
+    assert kernels.triton_failure() is None and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
 def test_group_norm_at_the_largest_vae_activation():
     """A 2048x2048 output's largest VAE activation: 256 channels at 2048x2048, channels_last."""
     g = torch.Generator(device="cuda").manual_seed(8)

@@ -134,6 +134,14 @@ def test_gated_gelu(interpreted, dtype):
     assert _rel(got, exact) < (1e-6 if dtype == torch.float32 else 4e-3)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 6, 4), (2, 5, 3, 7)])
+def test_pad_bottom_right(interpreted, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(memory_format=torch.channels_last)
+    got = kernels.pad_bottom_right(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
 def test_cpu_takes_the_pytorch_path():
     x = torch.randn(1, 64, 2048, 2048 // 64)  # above the size threshold, but on the CPU
     assert not kernels.uses_triton(x)
@@ -160,6 +168,7 @@ def test_fused_blocks_keep_parameters_and_cpu_results(tiny_base):
     assert {m.time_embedding_norm for m in resnets} == {"default", "group"}
     assert counts["resnet"] == len(resnets) and counts["norm_silu"] == 2 and counts["conv"] > 0
     assert any(m.conv_shortcut is not None for m in resnets)  # the fused path folds its bias into the skip add
+    assert counts["downsample"] == sum(type(m).__name__ == "Downsample2D" for m in tiny_base.vae.modules()) > 0
     assert vae.state_dict().keys() == tiny_base.vae.state_dict().keys()
     x = torch.rand(1, 3, 48, 40) * 2 - 1
     with torch.no_grad():  # on the CPU every block runs diffusers' own forward: identical results

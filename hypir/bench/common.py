@@ -20,6 +20,7 @@ KERNEL_KINDS = (
     ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
     ("bias and skip add (Triton)", ("channel_bias_add",)),
     ("gated GELU (Triton)", ("gated_gelu",)),
+    ("padding (Triton)", ("pad_end",)),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
     ("upsample", ("upsample",)),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "copy", "cat", "fill", "triton_")),
