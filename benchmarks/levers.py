@@ -9,6 +9,8 @@
                (fused_blocks.FUSED_DECODER_RESNETS) instead of diffusers' forward;
   geglu        the transformers' GEGLU as one kernel (fused_blocks.FUSED_GEGLU) instead of PyTorch's GELU and
                product;
+  small        the graphed UNet's small activations on the Triton kernels as well
+               (pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE) instead of PyTorch's below kernels.TRITON_MIN_ELEMENTS;
   merge        GroupNorm's merge of partial statistics in steps of kernels.ROW_MERGE_TILE values instead of 64
                chunks;
   upsample     nearest 2x + 3x3 convolution as one transposed convolution (fused_blocks.TRANSPOSED_UPSAMPLE)
@@ -91,6 +93,7 @@ def levers(off: str | None) -> None:
     fused_blocks.TRANSPOSED_UPSAMPLE = off != "upsample"
     fused_blocks.FUSED_DECODER_RESNETS = off != "decoder_resnets"
     fused_blocks.FUSED_GEGLU = off != "geglu"
+    pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE = off != "small"
 
 
 def part_kernels() -> list[dict]:
@@ -186,7 +189,7 @@ def part_upsample(scale: int = 1) -> list[dict]:
 
 
 # "fused": every fused block off
-LEVERS_OFF = ("rows", "merge", "decoder_resnets", "geglu", "transformer", "upsample", "vae_graphs", "fused")
+LEVERS_OFF = ("rows", "merge", "decoder_resnets", "geglu", "small", "transformer", "upsample", "vae_graphs", "fused")
 
 
 def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF) -> dict:

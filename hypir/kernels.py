@@ -80,9 +80,21 @@ TRITON_MIN_ELEMENTS = 1 << 22
 _TRITON_FAILURE: list[str] = []  # why Triton could not run here (first failure), once it failed
 
 
+# Inside a CUDA graph a launch costs nothing at replay, so a graphed model takes the Triton kernels at every size:
+# PyTorch's GroupNorm reads channels_last input through an NCHW copy and reduces each group in one thread block.
+# Set for every call of such a model, its first (eager) one included, so that all its calls compute the same.
+_ALL_SIZES: contextvars.ContextVar[bool] = contextvars.ContextVar("hypir_triton_all_sizes", default=False)
+
+
+def triton_at_every_size(enabled: bool):
+    """The Triton kernels for activations of every size, not only from TRITON_MIN_ELEMENTS, for the calls inside."""
+    return switched(_ALL_SIZES, enabled)
+
+
 def uses_triton(x: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype in TRITON_DTYPES and x.numel() >= TRITON_MIN_ELEMENTS and triton_available()
-            and not _TRITON_FAILURE and x.ndim >= 3 and not (torch.is_grad_enabled() and x.requires_grad))
+    return (x.is_cuda and x.dtype in TRITON_DTYPES and (x.numel() >= TRITON_MIN_ELEMENTS or _ALL_SIZES.get())
+            and triton_available() and not _TRITON_FAILURE and x.ndim >= 3
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def triton_failure() -> str | None:
@@ -627,5 +639,5 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
 
 
 __all__ = ["add_channel_bias_", "fused_softmax_enabled", "gated_gelu", "kernel_fallbacks", "group_norm_silu",
-           "pad_bottom_right", "scaled_softmax", "triton_failure", "group_norm_silu_reference", "triton_available",
+           "pad_bottom_right", "scaled_softmax", "triton_at_every_size", "triton_failure", "group_norm_silu_reference", "triton_available",
            "uses_triton"]

@@ -25,7 +25,8 @@ from .attention import (AttentionPolicy, AttentionReport, AttentionRouter, Devic
 from .colorfix import wavelet_color_fix
 from .cuda_graphs import weights_signature
 from .fused_blocks import fused_kernels
-from .kernels import fused_softmax, triton_available, triton_failure, why_graphs_cannot_hold_triton
+from .kernels import (fused_softmax, triton_at_every_size, triton_available, triton_failure,
+                      why_graphs_cannot_hold_triton)
 from .loading import HYPIRModels
 from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
     short_side_size
@@ -441,17 +442,22 @@ def _graph_key(router: AttentionRouter, options: RestoreOptions) -> tuple:
     return repr(router.policy), options.fused_kernels, options.fused_softmax
 
 
+TRITON_IN_GRAPHS_AT_EVERY_SIZE = True  # benchmarks/levers.py switches it off to measure what it saves
+
+
 def _unet_call(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, options: RestoreOptions,
                text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """eps for a batch of latent tiles: eager, or replayed from a CUDA graph when the shape repeats."""
     unet = models.unet
+    graphed = _graphed(models, options)
+    every_size = graphed and TRITON_IN_GRAPHS_AT_EVERY_SIZE
 
     def forward(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return unet(sample, timestep, encoder_hidden_states=text).sample
+        with triton_at_every_size(every_size):
+            return unet(sample, timestep, encoder_hidden_states=text).sample
 
     timestep = torch.full((1,), options.model_t, device=models.device)  # a fill: no copy from the host to wait for
-    graphed = _graphed(models, options)
-    key = _graph_key(router, options)
+    key = (*_graph_key(router, options), every_size)
     weights = weights_signature(unet) if graphed else ()
 
     def call(tiles: torch.Tensor) -> torch.Tensor:

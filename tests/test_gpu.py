@@ -494,3 +494,28 @@ def test_a_queued_pass_does_not_wait_for_the_one_before(small_models_bf16):
     for flight, expected in zip(launched, want):
         frame, result = flight.collect()
         assert np.array_equal(frame, expected) and "UNet CUDA graph" in result.status_line()
+
+
+def test_a_graphed_unet_runs_triton_at_every_size(tiny_files):
+    """Inside a CUDA graph a launch costs nothing, so the graphed UNet's small activations take the Triton
+    kernels too (its first, eager call as well, so that every call computes the same); without graphs they stay
+    on PyTorch's below TRITON_MIN_ELEMENTS. The tiny model's activations are all small."""
+    from hypir.bench.common import cuda_kernels
+    from hypir.pipeline import HYPIRPipeline
+    from hypir.runtime import load_models
+
+    folder, weights = tiny_files
+    pipe = HYPIRPipeline(load_models(folder, weights, device="cuda", dtype="bf16"))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)).cuda()
+    options = dict(upscale=2.0, latent="mode", attention="sdpa_efficient", attention_autotune=False)
+
+    def triton_norms(**extra) -> int:
+        kernels = cuda_kernels(lambda: pipe(x, **options, **extra))
+        return sum(calls for name, _, calls in kernels if name == "row_stats" or name == "partial_stats")
+
+    assert triton_norms(cuda_graphs=False) == 0
+    assert triton_norms(cuda_graphs=True) > 0  # the first call of this size: eager, with the graph's kernels
+    y = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(4)).cuda()  # a new size
+    eager, captured, replayed = (pipe(y, **options) for _ in range(3))
+    assert "next run" in eager.speedups and "next run" not in replayed.speedups, (eager.speedups, replayed.speedups)
+    assert torch.equal(eager.images, replayed.images) and torch.equal(captured.images, replayed.images)
