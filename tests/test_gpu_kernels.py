@@ -76,8 +76,10 @@ def tiny_models_cuda(tiny_files):
 
 
 def test_cuda_graph_replay_equals_eager(cuda_pipe):
-    """The UNet and the VAE stages replayed from CUDA graphs give the eager result, report what the capture
-    ran, and a model moved off and back gets new graphs (never a replay of freed weights)."""
+    """The UNet and the VAE stages replayed from CUDA graphs give the result of the first, eager call of their
+    size (which runs the kernels its graphs hold: the UNet's small activations on Triton too, where a pass with
+    graphs off keeps PyTorch's GroupNorm), report what the capture ran, and a model moved off and back gets
+    new graphs (never a replay of freed weights)."""
     from hypir.runtime import runtime_of
 
     images = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(0)).cuda()
@@ -90,8 +92,9 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe):
     assert graphs.captures >= 1 and graphs.replays >= 2
     assert vae_graphs.captures >= 2 and vae_graphs.replays >= 4  # the encoder and the decoder
     assert "VAE CUDA graphs" in third.speedups and "VAE" not in first.speedups, (first.speedups, third.speedups)
+    for result in (second, third):
+        assert torch.equal(result.images, first.images)
     for result in (first, second, third):
-        assert torch.equal(result.images, eager.images)
         assert result.report.backends_by_role() == eager.report.backends_by_role()
     captures, vae_captures = graphs.captures, vae_graphs.captures
     for model in (cuda_pipe.models.unet, cuda_pipe.models.vae):
@@ -99,7 +102,7 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe):
         model.to("cuda")
     for _ in range(3):
         moved = cuda_pipe(images, upscale=2, cuda_graphs=True)
-        assert torch.equal(moved.images, eager.images)
+        assert torch.equal(moved.images, first.images)
     assert graphs.captures == captures + 1 and vae_graphs.captures == vae_captures + 2
 
 
