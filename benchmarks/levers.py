@@ -16,9 +16,11 @@
   upsample     nearest 2x + 3x3 convolution as one transposed convolution (fused_blocks.TRANSPOSED_UPSAMPLE)
                instead of diffusers' upsampled copy and 3x3 convolution;
 
-Measured and removed (benchmarks/results/2026-11-30-h200-levers): the graphed UNet's small activations on Triton
-too (0.5 ms at 1024, 11 ms at 2048, its GPU test failed), cuDNN's benchmark mode (-0.4 ms at 1024, +5.5 ms
-at 2048).
+Measured and removed: cuDNN's benchmark mode (-0.4 ms at 1024, +5.5 ms at 2048;
+benchmarks/results/2026-11-30-h200-levers), a bias add on channels_last that also writes its output's statistics
+for the next GroupNorm (-0.4 / -0.7 ms, branch speed-stats-with-add; benchmarks/results/2026-11-30-h200-fused-decoder).
+"small" was measured there first (-0.5 / -10.8 ms), left out while its GPU test failed, and merged after
+(-1.7 / -1.2 ms in the fused-decoder results).
 
 Parts:
   upsample the nearest-2x upsamplers' convolution (diffusers', sub-pixel, transposed) at each SD2.1 shape of a

@@ -264,25 +264,25 @@ def fusable_resnet(block: nn.Module) -> bool:
             and block.norm1.affine and block.norm2.affine)
 
 
+# kind: which modules the fused class computes, and the class
+FUSED_CLASSES = (
+    ("resnet", fusable_resnet, FusedResnetBlock2D),
+    ("transformer", fusable_transformer, FusedTransformer2DModel),
+    ("upsample", fusable_upsample, FusedUpsample2D),
+    ("downsample", fusable_downsample, FusedDownsample2D),
+    ("geglu", fusable_geglu, FusedGEGLU),
+)
+
+
 def install_fused_blocks(model: nn.Module) -> dict[str, int]:
     """Switch a diffusers model's blocks to the fused classes, in place. Returns counts per kind."""
-    counts = {"resnet": 0, "transformer": 0, "upsample": 0, "downsample": 0, "geglu": 0, "norm_silu": 0, "norm": 0, "conv": 0}
+    counts = {kind: 0 for kind, _, _ in FUSED_CLASSES} | {"norm_silu": 0, "norm": 0, "conv": 0}
     for module in list(model.modules()):
-        if fusable_resnet(module):
-            module.__class__ = FusedResnetBlock2D
-            counts["resnet"] += 1
-        if fusable_transformer(module):
-            module.__class__ = FusedTransformer2DModel
-            counts["transformer"] += 1
-        if fusable_upsample(module):
-            module.__class__ = FusedUpsample2D
-            counts["upsample"] += 1
-        if fusable_downsample(module):
-            module.__class__ = FusedDownsample2D
-            counts["downsample"] += 1
-        if fusable_geglu(module):
-            module.__class__ = FusedGEGLU
-            counts["geglu"] += 1
+        for kind, fusable, fused in FUSED_CLASSES:
+            if fusable(module):
+                module.__class__ = fused
+                counts[kind] += 1
+                break
         norm_out, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm_out) is nn.GroupNorm and isinstance(act, nn.SiLU):
             norm_out.__class__ = FusedGroupNorm
