@@ -19,9 +19,8 @@ dict keys and results stay those of diffusers (the plain PyTorch path computes e
 - `Upsample2D` (nearest 2x, then a 3x3 convolution) becomes `FusedUpsample2D`: one transposed convolution of
   the small input (stride 2, 4x4 taps summed from the 3x3 ones), 16 multiply-adds a channel pair and input pixel
   instead of 36, no upsampled copy of the input, the interleaved output written by cuDNN, its bias added by the
-  vectorised kernel. Exact in float64; in
-  bf16 the summed taps are rounded once more (relative error 2.4e-3 against 1.7e-3 on random weights), and the
-  4x4 kernels take 16/9 of the 3x3 weights' memory.
+  vectorised kernel. Exact in float64; in bf16 the summed taps are rounded once more (relative error 2.4e-3
+  against 1.7e-3 on random weights), and the 4x4 kernels take 16/9 of the 3x3 weights' memory.
 
 Off CUDA, under a caller's torch.compile, or inside `fused_kernels(False)`, every block runs diffusers' own
 forward.
@@ -88,9 +87,10 @@ FUSED_GEGLU = True
 
 
 class FusedResnetBlock2D(ResnetBlock2D):
-    """diffusers' ResnetBlock2D for the configuration SD2.1 uses (default time-embedding norm, SiLU, no
-    up/down-sampling inside the block; see `fusable_resnet`). Fused: norm1+SiLU; conv1's bias, the time
-    embedding, norm2 and SiLU; conv2's bias and the skip connection."""
+    """diffusers' ResnetBlock2D for the configurations SD2.1 uses (the "default" time-embedding norm, or "group"
+    without a time embedding as in the VAE decoder's up blocks; SiLU; no up/down-sampling inside the block; see
+    `fusable_resnet`). Fused: norm1+SiLU; conv1's bias, the time embedding, norm2 and SiLU; conv2's and the
+    shortcut convolution's biases and the skip connection."""
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
         if not _fast(input_tensor) or (self.time_embedding_norm == "group" and not FUSED_DECODER_RESNETS):

@@ -426,9 +426,10 @@ def _kernels():
         v = tl.load(x_ptr + ((n * H + h) * W + w) * C + c, mask=mask & inside, other=0.0)
         tl.store(out_ptr + i, v, mask=mask)
 
-    return types.SimpleNamespace(gated_gelu=gated_gelu, pad_end=pad_end, partial_stats=partial_stats, merge_stats=merge_stats, normalize=normalize,
-                                 row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
-                                 channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
+    return types.SimpleNamespace(
+        gated_gelu=gated_gelu, pad_end=pad_end, partial_stats=partial_stats, merge_stats=merge_stats,
+        normalize=normalize, row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
+        channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
 
 
 def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -639,5 +640,5 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
 
 
 __all__ = ["add_channel_bias_", "fused_softmax_enabled", "gated_gelu", "kernel_fallbacks", "group_norm_silu",
-           "pad_bottom_right", "scaled_softmax", "triton_at_every_size", "triton_failure", "group_norm_silu_reference", "triton_available",
-           "uses_triton"]
+           "pad_bottom_right", "scaled_softmax", "triton_at_every_size", "triton_failure", "group_norm_silu_reference",
+           "triton_available", "uses_triton"]

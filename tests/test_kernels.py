@@ -204,6 +204,27 @@ def test_fused_path_computes_what_diffusers_computes(tiny_base, interpreted, mon
     assert _rel(got_eps, want_eps) < 1e-5
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_fused_vae_in_channels_last_computes_what_diffusers_computes(tiny_base, interpreted, monkeypatch, mode):
+    """The VAE in channels_last, as the pass runs it: the encoder's padding in one kernel, the decoder's resnets
+    and upsamplers fused, through the interpreted kernels, give diffusers' results."""
+    monkeypatch.setattr(fused_blocks, "_fast", lambda x: fused_blocks._ENABLED.get())
+    pads = []
+    original = kernels._triton_pad_bottom_right
+    monkeypatch.setattr(kernels, "_triton_pad_bottom_right", lambda x: pads.append(1) or original(x))
+    vae, _ = _fused_copy(tiny_base.vae)
+    vae.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(10)
+    image = (torch.rand(1, 3, 32, 24, generator=g) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    latent = torch.randn(1, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    with mode():
+        got_z = vae.encode(image).latent_dist.mean
+        got_x = vae.decode(latent).sample
+        want_z = tiny_base.vae.encode(image).latent_dist.mean
+        want_x = tiny_base.vae.decode(latent).sample
+    assert pads and _rel(got_z, want_z) < 1e-5 and _rel(got_x, want_x) < 1e-5
+
+
 def test_fused_blocks_take_every_geglu(tiny_base):
     unet, counts = _fused_copy(tiny_base.unet)
     assert counts["geglu"] == sum(type(m).__name__ == "GEGLU" for m in tiny_base.unet.modules()) > 0
