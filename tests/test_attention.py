@@ -4,7 +4,6 @@ conditions, the exact console and status lines, run-time fallback, and no global
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import threading
 import time
