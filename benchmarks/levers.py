@@ -244,25 +244,12 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
     return out
 
 
-def innermost(ranges: list[tuple], starts: list[float], ts: float) -> str | None:
-    """The label of the innermost of nested (start, end, label) ranges, sorted by start, that holds ts: walking
-    back from the last start at or before ts, the first range still open at ts."""
-    import bisect
-
-    for index in range(bisect.bisect_right(starts, ts) - 1, -1, -1):
-        if ranges[index][1] >= ts:
-            return ranges[index][2]
-    return None
-
-
 def module_timeline(fn, roots: dict[str, torch.nn.Module]) -> dict:
     """fn() under torch.profiler with every module of `roots` marked ("mod:<root>.<name>|<class>|<input shape>"):
     each CUDA kernel's time charged to the innermost marked module whose range holds its launch."""
-    import tempfile
+    from torch.profiler import record_function
 
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from hypir.bench.common import GPU_ACTIVITY, LAUNCH_CATEGORIES, kernel_kind
+    from hypir.bench.common import GPU_ACTIVITY, annotated_ranges, kernel_kind, launcher, trace_events
 
     stack, handles = [], []
 
@@ -282,30 +269,18 @@ def module_timeline(fn, roots: dict[str, torch.nn.Module]) -> dict:
             label = f"{root_name}.{name}|{type(module).__name__}" if name else f"{root_name}|{type(module).__name__}"
             handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
     try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
+        events = trace_events(fn)
     finally:
         for handle in handles:
             handle.remove()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][4:]) for e in events
-                    if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name", "").startswith("mod:"))
-    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
-                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
-    starts = [r[0] for r in ranges]
+    launched_in = launcher(events, annotated_ranges(events, "mod:"))
     per_module: dict[str, dict] = {}
     per_class: dict[str, dict] = {}
     per_kernel: dict[tuple, float] = {}
     for e in events:
         if not (e.get("ph") == "X" and e.get("cat") in GPU_ACTIVITY):
             continue
-        ts = launches.get(e.get("args", {}).get("correlation"))
-        label = innermost(ranges, starts, ts) if ts is not None else None
-        label = label or "outside|(none)|[]"
+        label = launched_in(e) or "outside|(none)|[]"
         name, cls, shape = label.split("|", 2)
         kind, ms = kernel_kind(e.get("name", "")), e.get("dur", 0) / 1000
         entry = per_module.setdefault(label, {"module": name, "class": cls, "input": shape, "ms": 0.0, "kinds": {}})

@@ -215,3 +215,22 @@ def test_gpu_idle_time_is_charged_to_the_stage_that_was_waited_for():
     assert result["cpu"]["decode"]["cpu_ms"] == pytest.approx(0.4)
     assert [c["name"] for c in result["cpu"]["decode"]["longest"]] == ["cudaGraphLaunch"]
     assert busy_by_stage([])["busy_fraction"] == 0.0
+
+
+def test_a_kernel_is_charged_to_the_innermost_range_that_launched_it():
+    """launcher on nested ranges (the per-module profile's modules in modules): the innermost range open at the
+    launch, not one that ended before it or one that starts after it."""
+    from hypir.bench.common import annotated_ranges, launcher
+
+    def x(cat, name, ts, dur, correlation=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                "args": {} if correlation is None else {"correlation": correlation}}
+
+    events = [x("user_annotation", "mod:unet", 0, 100), x("user_annotation", "mod:unet.a", 10, 20),
+              x("user_annotation", "mod:unet.a.b", 12, 5), x("user_annotation", "mod:unet.c", 40, 30),
+              x("user_annotation", "hypir.unet", 0, 200)]
+    events += [x("cuda_runtime", "cudaLaunchKernel", ts, 1, i) for i, ts in enumerate((14, 25, 35, 50, 150))]
+    launched_in = launcher(events, annotated_ranges(events, "mod:"))
+    kernel = lambda i: x("kernel", "k", 300, 1, i)  # noqa: E731
+    assert [launched_in(kernel(i)) for i in range(5)] == ["unet.a.b", "unet.a", "unet", "unet.c", None]
+    assert launched_in(kernel(99)) is None  # no launch recorded for it

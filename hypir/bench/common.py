@@ -3,7 +3,9 @@ PSNR, and the CUDA kernels a call launched (from torch.profiler), each with its 
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import Callable
 
 import torch
 
@@ -88,9 +90,9 @@ GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 
 
-def gpu_timeline(fn, prefix: str = "hypir.") -> dict:
-    """fn() under torch.profiler (CPU and CUDA activity, kernels inside CUDA graph replays included): how busy
-    the GPU was per pipeline stage (the "hypir.<stage>" ranges), from the trace (busy_by_stage)."""
+def trace_events(fn) -> list[dict]:
+    """fn() under torch.profiler (CPU and CUDA activity, kernels inside CUDA graph replays included): the
+    Chrome-trace events it exports."""
     import json
     import tempfile
     from pathlib import Path
@@ -103,8 +105,39 @@ def gpu_timeline(fn, prefix: str = "hypir.") -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    return busy_by_stage(events, prefix)
+        return json.loads(path.read_text()).get("traceEvents", [])
+
+
+def annotated_ranges(events: list[dict], prefix: str) -> list[tuple[float, float, str]]:
+    """(start, end, name without the prefix) of the record_function ranges whose name starts with `prefix`,
+    sorted by start."""
+    return sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][len(prefix):]) for e in events
+                  if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix))
+
+
+def launcher(events: list[dict], ranges: list[tuple[float, float, str]]) -> Callable[[dict], str | None]:
+    """For a GPU activity event: the name of the innermost of the nested `ranges` (annotated_ranges) that holds
+    the CPU call which launched it (matched by correlation id), or None."""
+    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
+                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    starts = [start for start, _, _ in ranges]
+
+    def innermost(activity: dict) -> str | None:
+        ts = launches.get(activity.get("args", {}).get("correlation"))
+        if ts is None:
+            return None
+        # walking back from the last range that started by then: the first still open is the innermost
+        for index in range(bisect.bisect_right(starts, ts) - 1, -1, -1):
+            if ranges[index][1] >= ts:
+                return ranges[index][2]
+        return None
+    return innermost
+
+
+def gpu_timeline(fn, prefix: str = "hypir.") -> dict:
+    """fn() under torch.profiler: how busy the GPU was per pipeline stage (the "hypir.<stage>" ranges), from the
+    trace (busy_by_stage)."""
+    return busy_by_stage(trace_events(fn), prefix)
 
 
 def busy_by_stage(events: list[dict], prefix: str = "hypir.", largest: int = 12) -> dict:
@@ -114,18 +147,10 @@ def busy_by_stage(events: list[dict], prefix: str = "hypir.", largest: int = 12)
     the GPU waited for that stage's launch. Returns the pass's wall window (first stage start to last activity
     end), busy and idle ms in it, per stage busy/idle ms and activity count, and the largest idle gaps with the
     activities either side."""
-    ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][len(prefix):]) for e in events
-                    if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix))
-    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
-                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
-
-    def stage_of(correlation) -> str:
-        ts = launches.get(correlation)
-        inside = [name for start, end, name in ranges if ts is not None and start <= ts <= end]
-        return inside[-1] if inside else "outside"
-
-    activities = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", ""), stage_of(e.get("args", {}).get(
-        "correlation"))) for e in events if e.get("ph") == "X" and e.get("cat") in GPU_ACTIVITY)
+    ranges = annotated_ranges(events, prefix)
+    launched_in = launcher(events, ranges)
+    activities = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", ""), launched_in(e) or "outside") for e in events
+                        if e.get("ph") == "X" and e.get("cat") in GPU_ACTIVITY)
     stages: dict[str, dict] = {name: {"busy_ms": 0.0, "idle_ms": 0.0, "activities": 0} for _, _, name in ranges}
     if not activities:
         return {"window_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "busy_fraction": 0.0, "stages": stages, "gaps": []}
