@@ -200,9 +200,7 @@ def _patcher_class():
             return result
 
         def _release(self, what: str) -> None:
-            runtime = runtime_of(self.model.hypir_models)
-            graphs = len(runtime.unet_graphs) + len(runtime.vae_graphs)
-            runtime.clear()
+            graphs = runtime_of(self.model.hypir_models).clear()
             logger.info("[HYPIR] %s; released %d CUDA graph(s) and the pass's caches", what, graphs)
 
     return HYPIRModelPatcher

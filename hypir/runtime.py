@@ -64,13 +64,15 @@ class Runtime:
         self.vae_graphs.clear()
         return count
 
-    def clear(self) -> None:
-        """Give back what this runtime holds on the device (ComfyUI's unload)."""
-        self.release_graphs()
+    def clear(self) -> int:
+        """Give back what this runtime holds on the device (ComfyUI's unload). Returns how many CUDA graphs
+        there were."""
+        graphs = self.release_graphs()
         with self._vae_lock:
             self._vae_fp32 = None
         with self._prompt_lock:
             self._prompts.clear()
+        return graphs
 
 
 _RUNTIMES: "weakref.WeakKeyDictionary[HYPIRModels, Runtime]" = weakref.WeakKeyDictionary()

@@ -118,15 +118,19 @@ def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, qu
     pending: collections.deque[tuple[FileOutcome, Future | None]] = collections.deque()
     in_flight: list = []  # (outcome, picture, FrameInFlight) queued on the GPU, not collected: one, two briefly
 
+    def restored(outcome: FileOutcome, future: Future | None) -> None:
+        """A file whose restore is over (its write submitted, or its error set): queued to be reported."""
+        pending.append((outcome, future))
+        if on_restored is not None:
+            on_restored(outcome.key)
+
     def finish_in_flight(keep: int = 0) -> None:
         """Collect the queued passes but the last `keep`, in order, and submit their writes."""
         while len(in_flight) > keep:  # taken off once its write is submitted: an interrupt here finishes it again
             outcome, picture, launched = in_flight[0]
             future = _collect_and_write(pool, outcome, picture, launched, quality)
             in_flight.pop(0)
-            pending.append((outcome, future))
-            if on_restored is not None:
-                on_restored(outcome.key)
+            restored(outcome, future)
 
     reader.start()
     try:
@@ -160,18 +164,14 @@ def restore_stream(pipe, tasks: Iterable[tuple[Hashable, str, str]], options, qu
                         launched = _launch(pipe, outcome, picture, options, callbacks)
                         if launched is None:
                             finish_in_flight()
-                            pending.append((outcome, None))
-                            if on_restored is not None:
-                                on_restored(key)
+                            restored(outcome, None)
                         else:
                             in_flight.append((outcome, picture, launched))
                             finish_in_flight(keep=1)
                     else:  # an animation's frames, one after another
                         finish_in_flight()
-                        future = _restore_and_write(pipe, pool, outcome, picture, options, quality, callbacks)
-                        if on_restored is not None:
-                            on_restored(key)
-                        pending.append((outcome, future))
+                        restored(outcome, _restore_and_write(pipe, pool, outcome, picture, options, quality,
+                                                             callbacks))
                     # Yield what is written; keep at most two files per writer, and HELD_BYTES, waiting to be written.
                     while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > 2 * writers
                                        or sum(o.held_bytes for o, _ in pending) > HELD_BYTES):
