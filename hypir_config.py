@@ -32,7 +32,8 @@ HYPIR_CONFIG = {
     # Wavelet colour fix: keeps the input's colours.
     "color_fix": True,
     # Speed (NVIDIA GPUs; each is switched off by itself where it cannot run, and none changes results beyond
-    # bf16/fp16 rounding). fused_kernels: Triton GroupNorm+SiLU and bias kernels for the VAE and UNet.
+    # bf16/fp16 rounding). fused_kernels: Triton GroupNorm+SiLU, bias, GEGLU and padding kernels for the VAE
+    # and UNet.
     # fused_softmax: the VAE attention's Triton softmax. cuda_graphs: replay the UNet, and the VAE up to
     # 1024x1024, as CUDA graphs when an image size repeats (keeps their working memory for the last two sizes).
     "fused_kernels": True,

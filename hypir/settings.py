@@ -123,8 +123,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(the deterministic mean)", "restore"),
     Setting("color_fix", True, boolean, "wavelet colour fix: keeps the input's colours", "restore"),
     # Speed: none changes results beyond bf16/fp16 rounding; each is switched off by itself where it cannot run.
-    Setting("fused_kernels", True, boolean, "Triton GroupNorm+SiLU and bias kernels for the VAE and UNet (NVIDIA "
-            "GPUs with Triton)", "restore"),
+    Setting("fused_kernels", True, boolean, "Triton GroupNorm+SiLU, bias, GEGLU and padding kernels for the VAE and "
+            "UNet (NVIDIA GPUs with Triton)", "restore"),
     Setting("fused_softmax", True, boolean, "the VAE attention's fused Triton scale+softmax kernel (NVIDIA GPUs "
             "with Triton)", "restore"),
     Setting("cuda_graphs", True, boolean, "replay the UNet, and the VAE up to 1024x1024, as CUDA graphs when an image "
