@@ -18,7 +18,8 @@
 
 Measured and removed: cuDNN's benchmark mode (-0.4 ms at 1024, +5.5 ms at 2048;
 benchmarks/results/2026-11-30-h200-levers), a bias add on channels_last that also writes its output's statistics
-for the next GroupNorm (-0.4 / -0.7 ms, branch speed-stats-with-add; benchmarks/results/2026-11-30-h200-fused-decoder).
+for the next GroupNorm (-0.4 / -0.7 ms, branch speed-stats-with-add;
+benchmarks/results/2026-11-30-h200-fused-decoder).
 "small" was measured there first (-0.5 / -10.8 ms), left out while its GPU test failed, and merged after
 (-1.7 / -1.2 ms in the fused-decoder results).
 
@@ -213,8 +214,7 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
             name = "fused_off" if off == "fused" else f"without_{off}" if off else "all_on"
             levers(off)
             options = dict(upscale=2.0, latent="mode", fused_kernels=off != "fused")
-            runtime_of(pipe.models).unet_graphs.clear()  # a graph holds the kernels it was captured with
-            runtime_of(pipe.models).vae_graphs.clear()
+            runtime_of(pipe.models).release_graphs()  # a graph holds the kernels it was captured with
             pipe(lq, **options)
             pipe(lq, **options)  # captures this set's graph
             times = []
@@ -226,8 +226,7 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
         row["status"] = result.status_line()
         if not smoke:  # every lever on: where the GPU waits in the default (graphed) pass
             levers(None)
-            runtime_of(pipe.models).unet_graphs.clear()
-            runtime_of(pipe.models).vae_graphs.clear()
+            runtime_of(pipe.models).release_graphs()
             row["gpu_busy"] = gpu_busy(pipe, lq)
             print(f"{side * 2}: {busy_line(row['gpu_busy'])}", flush=True)
             print(json.dumps(row["gpu_busy"]["gaps"]), flush=True)
@@ -235,8 +234,7 @@ def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF
         print(json.dumps({k: v for k, v in row.items() if k != "status"}), flush=True)
         save(out)
     levers(None)
-    runtime_of(pipe.models).unet_graphs.clear()
-    runtime_of(pipe.models).vae_graphs.clear()
+    runtime_of(pipe.models).release_graphs()
     if smoke:
         return out
     out["profile_1024_all_on"] = time_by_kind(pipe, random_images(512, torch.device("cuda")))
@@ -318,8 +316,7 @@ def part_memory() -> dict:
     out = {}
     for name, pixels in (("vae_graphs_off", 0), ("vae_graphs_on", VAE_GRAPH_MAX_PIXELS), ("vae_graphs_off_again", 0)):
         pipeline.VAE_GRAPH_MAX_PIXELS = pixels
-        runtime_of(pipe.models).unet_graphs.clear()
-        runtime_of(pipe.models).vae_graphs.clear()
+        runtime_of(pipe.models).release_graphs()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
