@@ -34,6 +34,8 @@ Parts:
            module class and kind of kernel, and the 40 costliest modules with their input shapes;
   memory   the GPU memory the VAE graphs keep at 1024: reserved and allocated after three passes with them and
            without them;
+  cpu      a warm default pass at 1024: the CPU time to queue it, and cProfile's costliest functions;
+  batch    ms per image of a warm default pass at 1024 for batches of 1, 2 and 4 photos of one size;
   pass     the whole pass (random SD2.1 weights, bf16, default options) at 1024 and 2048 with every lever on,
            then with each one off: median of 10 calls, the PSNR of each against the same weights in float32
            through diffusers' blocks, the GPU time by kind of kernel of the all-on pass at 1024, and how busy
@@ -49,6 +51,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -332,6 +335,67 @@ def part_memory() -> dict:
     return out
 
 
+def part_cpu() -> dict:
+    """Where the CPU time of a warm default (graphed) pass at 1024 goes: each call's time to queue the pass
+    (restore(wait=False) returns once it is queued), and cProfile over five passes, the functions that took
+    the most time of their own and in all."""
+    import cProfile
+    import io
+    import pstats
+
+    pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
+    lq = random_images(512, torch.device("cuda"))
+    options = pipeline.RestoreOptions(upscale=2.0)
+    for _ in range(3):
+        pipe(lq, options=options)
+    queue_ms = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = pipeline.restore(pipe.models, lq, options, wait=False)
+        queue_ms.append((time.perf_counter() - start) * 1000)
+        torch.cuda.synchronize()
+        result.pending()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(5):
+        pipe(lq, options=options)
+    profiler.disable()
+    out = {"queue_ms": statistics.median(queue_ms), "status": result.status_line()}
+    for order in ("tottime", "cumtime"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(35)
+        out[f"top_{order}"] = text.getvalue()
+    print(f"cpu: {out['queue_ms']:.2f} ms to queue a pass (median of 10)", flush=True)
+    return out
+
+
+def part_batch() -> dict:
+    """Photos of one size restored together: ms per image of a warm default pass at 1024 for batches of 1, 2
+    and 4 (the same photo repeated), and how far each batch's images are from the batch of one."""
+    pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
+    lq = random_images(512, torch.device("cuda"))
+    out = {"rows": []}
+    single = None
+    for batch in (1, 2, 4):
+        images = lq.expand(batch, -1, -1, -1).contiguous()
+        runtime_of(pipe.models).release_graphs()
+        for _ in range(2):
+            pipe(images, upscale=2.0)
+        times = []
+        for _ in range(10):
+            result = pipe(images, upscale=2.0)
+            times.append(result.seconds * 1000)
+        if single is None:
+            single = result.images[:1]
+        row = {"batch": batch, "ms": statistics.median(times), "ms_per_image": statistics.median(times) / batch,
+               "psnr_vs_batch_1_db": min(psnr(result.images[i:i + 1], single) for i in range(batch)),
+               "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "status": result.status_line()}
+        out["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "status"}), flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
@@ -360,6 +424,12 @@ def main() -> int:
             save()
         if "memory" in args.parts and not args.smoke:
             result["memory"] = part_memory()
+            save()
+        if "cpu" in args.parts and not args.smoke:
+            result["cpu"] = part_cpu()
+            save()
+        if "batch" in args.parts and not args.smoke:
+            result["batch"] = part_batch()
             save()
         if "pass" in args.parts:
             save(part_pass(save, args.smoke, tuple(name for name in args.off.split(",") if name)))

@@ -424,7 +424,8 @@ def restore_with_workers(model_files, jobs: list[Job], options: RestoreOptions, 
 def cmd_doctor(args) -> int:
     import torch
 
-    from .attention import REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter, flash_off_reason
+    from .attention import (REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, flash_off_reason,
+                            tuned_candidates)
     from .kernels import triton_available
     from .loading import resolve_device, resolve_dtype
     from .model_files import find_models, search_dirs
@@ -454,7 +455,7 @@ def cmd_doctor(args) -> int:
           + ("" if flash else f" (FlashAttention not used: {flash_off_reason(router)})"))
     print(f"auto picks for VAE attention (head_dim 512): {router.choose('vae.mid', 512).value}")
     if device.type == "cuda" and router.per_shape:
-        tuned = ", ".join(b.value for b in TUNED_ORDER if router.why_not(b, 64) is None)
+        tuned = ", ".join(b.value for b in tuned_candidates(lambda b: router.why_not(b, 64) is None))
         print(f"  (those are the fixed order; on this GPU the first call of each attention shape times {tuned} "
               f"and runs the fastest)")
     fused = "Triton" if device.type == "cuda" and triton_available() else \

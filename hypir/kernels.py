@@ -273,7 +273,7 @@ def _kernels():
 
     @triton.jit
     def row_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, CHUNKS, s_n, HAS_PRE: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr, SUM_EACH: tl.constexpr):
         # channels_last: each pixel's C channels are contiguous, so a program reads whole pixels (every group at
         # once, full memory sectors): SUB blocks of BLOCK_P pixels in a loop the compiler pipelines, summing each
         # value's distance to a pivot, and its square, in [BLOCK_P, BLOCK_C] accumulators reduced once at the end.
@@ -289,8 +289,12 @@ def _kernels():
         if HAS_PRE:
             pre = tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
             pivot += pre
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        if SUM_EACH:  # per-channel sums each step: small accumulators, a reduction across the tile each step
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            total2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         for sub in range(SUB):
             p = first + sub * BLOCK_P + tl.arange(0, BLOCK_P)
             mask = (p < S)[:, None] & cmask[None, :]
@@ -298,13 +302,20 @@ def _kernels():
             if HAS_PRE:
                 v += pre[None, :]
             d = tl.where(mask, v - pivot[None, :], 0.0)
-            acc += d
-            acc2 += d * d
+            if SUM_EACH:
+                total += tl.sum(d, axis=0)
+                total2 += tl.sum(d * d, axis=0)
+            else:
+                acc += d
+                acc2 += d * d
+        if not SUM_EACH:
+            total = tl.sum(acc, axis=0)
+            total2 = tl.sum(acc2, axis=0)
         count = tl.minimum(S - first, SUB * BLOCK_P).to(tl.float32)
-        shift = tl.sum(acc, axis=0) / count
+        shift = total / count
         out = (n * CHUNKS + chunk).to(tl.int64) * C + c
         tl.store(mean_ptr + out, pivot + shift, mask=cmask)
-        tl.store(m2_ptr + out, tl.maximum(tl.sum(acc2, axis=0) - tl.sum(acc, axis=0) * shift, 0.0), mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(total2 - total * shift, 0.0), mask=cmask)
 
     @triton.jit
     def row_merge_stats(mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, C, S, GROUPS, CPG, CHUNKS, PIXELS, eps,
@@ -534,9 +545,12 @@ def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
 # the VAE: a quarter of every memory sector it fetched). Tiles of about ROW_TILE values; SUB tiles per
 # statistics program keep the partials (per chunk and channel) small, down to 1 where that would leave fewer
 # than ROW_MIN_PROGRAMS programs (small activations: enough programs to fill the GPU).
-ROW_TILE = 8192
+ROW_TILE = 8192  # values a normalisation program reads
+ROW_STATS_TILE = 8192  # values a statistics program reads a step
 ROW_SUB = 8
 ROW_MIN_PROGRAMS = 512
+ROW_STATS_WARPS = 8
+ROW_STATS_SUM_EACH = False
 MAX_ROW_CHANNELS = 4096  # SD2.1's widest norm: 2560 (the UNet's up blocks normalise concatenated skips)
 
 
@@ -551,9 +565,9 @@ def _merge_rows(chunks: int, block_cpg: int) -> int:
     return max(64, min(1 << (chunks - 1).bit_length(), ROW_MERGE_TILE // block_cpg))
 
 
-def _row_blocks(c: int) -> tuple[int, int]:
+def _row_blocks(c: int, tile: int) -> tuple[int, int]:
     block_c = 1 << (c - 1).bit_length()
-    return block_c, max(1, ROW_TILE // block_c)
+    return block_c, max(1, tile // block_c)
 
 
 def _row_sub(n: int, spatial: int, block_p: int) -> int:
@@ -570,7 +584,7 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     n, c = x.shape[:2]
     spatial = x[0, 0].numel()
     cpg = c // groups
-    block_c, block_p = _row_blocks(c)
+    block_c, block_p = _row_blocks(c, ROW_STATS_TILE)
     sub = _row_sub(n, spatial, block_p)
     pixels = block_p * sub  # a statistics program's pixels
     chunks = triton.cdiv(spatial, pixels)
@@ -579,12 +593,13 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     with _launch_context(x):
         k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
                                  HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
-                                 num_warps=8)
+                                 SUM_EACH=ROW_STATS_SUM_EACH, num_warps=ROW_STATS_WARPS)
         block_cpg = max(1, 1 << (cpg - 1).bit_length())
         k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
                                          spatial, groups, cpg, chunks, pixels, eps,
                                          BLOCK_K=_merge_rows(chunks, block_cpg), BLOCK_CPG=block_cpg,
                                          num_warps=ROW_MERGE_WARPS)
+        _, block_p = _row_blocks(c, ROW_TILE)
         k.row_normalize[(triton.cdiv(spatial, block_p), n)](
             x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, o_n, HAS_PRE=pre_bias is not None,
             HAS_AFFINE=weight is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)

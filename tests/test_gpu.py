@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 import hypir.attention.tuning as tuning_module  # noqa: E402
 from helpers import write_random_model  # noqa: E402
 from hypir.bench.common import psnr  # noqa: E402
-from hypir.attention import (REGISTRY, TUNED_ORDER, AttentionBackend, AttentionPolicy, AttentionRouter,  # noqa: E402
-                             AttentionShape, autotune_table, clear_autotune_cache)
+from hypir.attention import (REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter,  # noqa: E402
+                             AttentionShape, autotune_table, clear_autotune_cache, tuned_candidates)
 
 # The attention of SD2.1 at a 1024x1024 output (a 128x128 latent): (batch, q tokens, kv tokens, heads, head_dim).
 SHAPES = {
@@ -108,7 +108,7 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
     for name, (b, n, m, h, d) in SHAPES.items():
         q, k = data[name][:2]
         timing = table[AttentionShape.of(q, k)]
-        candidates = {c for c in TUNED_ORDER if router.why_not(c, d) is None}
+        candidates = set(tuned_candidates(lambda c: router.why_not(c, d) is None))
         assert set(timing.times) | set(timing.errors) == candidates
         assert timing.winner == router.ran[name] == min(timing.times, key=timing.times.get)
         assert router.shapes[name] == (n, m, h, d)
@@ -186,12 +186,12 @@ def test_auto_picks_a_flash_kernel_on_ampere_or_newer(gpu_models, monkeypatch):
     vae = {b for m, b in result.report.per_module.items() if m.startswith("vae.")}
     assert vae and all(REGISTRY[b].flash_class for b in vae)  # the tiny VAE's head_dim is 32
     print(result.status_line())
-    # Timed per shape, a module runs a FlashAttention-class kernel or sdpa_efficient, whichever measured
-    # fastest there, and the report says so.
+    # Timed per shape, every module runs the FlashAttention-class kernel that measured fastest there (the tiny
+    # VAE's head_dim is 32: flash kernels run it too).
     clear_autotune_cache()
     result = HYPIRPipeline(gpu_models["bf16"])(torch.rand(1, 3, 64, 64, device="cuda"), upscale=2.0)
-    assert set(result.report.per_module.values()) <= {*TUNED_ORDER}
-    assert result.report.flash_enabled or "measured faster" in result.report.status_line()
+    assert all(REGISTRY[b].flash_class for b in result.report.per_module.values())
+    assert result.report.flash_enabled, result.report.status_line()
     print(result.status_line(), "| per shape:", result.report.backends_by_role())
 
 

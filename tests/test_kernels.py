@@ -74,6 +74,7 @@ def test_group_norm_channels_last_reads_whole_pixels(interpreted, monkeypatch):
     rows = kernels._triton_group_norm_rows
     monkeypatch.setattr(kernels, "_triton_group_norm_rows", lambda *a: calls.append(1) or rows(*a))
     monkeypatch.setattr(kernels, "ROW_TILE", 16)
+    monkeypatch.setattr(kernels, "ROW_STATS_TILE", 16)
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(2, 8, 60, 79, generator=g) * 0.5 + 100.0).to(memory_format=torch.channels_last)
     w, b, pre = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, generator=g)
@@ -85,10 +86,12 @@ def test_group_norm_channels_last_reads_whole_pixels(interpreted, monkeypatch):
     assert len(calls) == 1 and _rel(nchw, expected) < 1e-5
 
 
-def test_group_norm_rows_with_an_outlier_at_each_pivot(interpreted, monkeypatch):
+@pytest.mark.parametrize("sum_each", [False, True])
+def test_group_norm_rows_with_an_outlier_at_each_pivot(interpreted, monkeypatch, sum_each):
     """The whole-pixel statistics sum distances to each chunk's first pixel: where that pixel is an outlier
-    (1000 spreads from the mean), the variance still comes out right."""
-    monkeypatch.setattr(kernels, "ROW_TILE", 64)  # 8 channels: tiles of 8 pixels, 64 a statistics program
+    (1000 spreads from the mean), the variance still comes out right, with the sums kept per value or per channel."""
+    monkeypatch.setattr(kernels, "ROW_STATS_TILE", 64)  # 8 channels: tiles of 8 pixels, 64 a statistics program
+    monkeypatch.setattr(kernels, "ROW_STATS_SUM_EACH", sum_each)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 8, 40, 48, generator=g) + 3.0
     x.view(1, 8, -1)[:, :, ::64] = 1000.0  # every chunk's first pixel

@@ -11,7 +11,7 @@ shape's kernel is chosen by timing (the ``attention_autotune`` setting switches 
 from ..attention_names import AUTO, AttentionBackend
 from .backends import (ALL_DTYPES, CUDA_FALLBACK_ORDER, FLASH_ORDER, HALF_DTYPES, MATMUL_BLOCK_BYTES,
                        OTHER_FALLBACK_ORDER, REGISTRY, TUNED_ORDER, BackendSpec, DeviceInfo, dtype_name,
-                       package_version, parse_backend, register, why_not)
+                       package_version, parse_backend, register, tuned_candidates, why_not)
 from .processor import HYPIRAttnProcessor, install_processors
 from .report import AttentionReport, build_report, flash_off_reason, text_encoder_implementation
 from .router import AttentionPolicy, AttentionRouter, dispatch, use_router
@@ -20,7 +20,7 @@ from .tuning import AttentionShape, ShapeTiming, autotune_table, clear_autotune_
 __all__ = [
     "AUTO", "AttentionBackend", "ALL_DTYPES", "CUDA_FALLBACK_ORDER", "FLASH_ORDER", "HALF_DTYPES",
     "MATMUL_BLOCK_BYTES", "OTHER_FALLBACK_ORDER", "REGISTRY", "TUNED_ORDER", "BackendSpec", "DeviceInfo",
-    "dtype_name", "package_version", "parse_backend", "register", "why_not", "HYPIRAttnProcessor",
+    "dtype_name", "package_version", "parse_backend", "register", "tuned_candidates", "why_not", "HYPIRAttnProcessor",
     "install_processors", "AttentionReport", "build_report", "flash_off_reason", "text_encoder_implementation",
     "AttentionPolicy", "AttentionRouter", "dispatch", "use_router", "AttentionShape", "ShapeTiming",
     "autotune_table", "clear_autotune_cache", "time_kernels",

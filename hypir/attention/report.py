@@ -49,11 +49,6 @@ def flash_off_reason(router: AttentionRouter, module_prefix: str = "unet.", head
     """Why the modules under this prefix do not run a FlashAttention-class kernel, in the words a user needs."""
     failed = sorted({b.value for m, bs in router.failed.items() if m.startswith(module_prefix)
                      for b in bs if REGISTRY[b].flash_class})
-    slower = sorted({router.ran[m].value for m, (_, timing) in router.tuned.items()
-                     if m.startswith(module_prefix) and m in router.ran and not REGISTRY[router.ran[m]].flash_class
-                     and any(REGISTRY[b].flash_class for b in timing.times)})
-    if slower:
-        return f"{'+'.join(slower)} measured faster than the FlashAttention kernels at these shapes"
     if failed:
         return f"{'/'.join(failed)} failed at run time"
     _, off_reason = router.candidates()

@@ -17,8 +17,8 @@ import torch
 from ..attention_names import AUTO, AttentionBackend
 from ..errors import one_line
 from . import tuning
-from .backends import (CUDA_FALLBACK_ORDER, FLASH_ORDER, OTHER_FALLBACK_ORDER, REGISTRY, TUNED_ORDER, DeviceInfo,
-                       _sdpa, dtype_name, parse_backend, why_not)
+from .backends import (CUDA_FALLBACK_ORDER, FLASH_ORDER, OTHER_FALLBACK_ORDER, REGISTRY, DeviceInfo, _sdpa,
+                       dtype_name, parse_backend, tuned_candidates, why_not)
 from .tuning import AttentionShape, ShapeTiming
 
 logger = logging.getLogger("hypir")
@@ -118,7 +118,7 @@ class AttentionRouter:
         if timing is None:
             if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None  # nothing can be timed while capturing: the fixed order decides
-            candidates = [b for b in TUNED_ORDER if self.why_not(b, shape.head_dim) is None]  # none opt-in
+            candidates = tuned_candidates(lambda b: self.why_not(b, shape.head_dim) is None)  # none opt-in
             timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
                                     lambda backend, exc: self._record_failure(module, backend, exc))
         if timing.errors:  # kernels that raised on this shape are failed kernels of every module running it
