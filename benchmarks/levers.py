@@ -356,12 +356,30 @@ def part_cpu() -> dict:
         queue_ms.append((time.perf_counter() - start) * 1000)
         torch.cuda.synchronize()
         result.pending()
+    from hypir.attention import AttentionPolicy, AttentionRouter, text_encoder_implementation
+    from hypir.cuda_graphs import weights_signature
+
+    router = AttentionRouter(AttentionPolicy(), pipe.models.device, pipe.models.dtype)
+    steps = {"weights_signature(unet)": lambda: weights_signature(pipe.models.unet),
+             "weights_signature(vae)": lambda: weights_signature(pipe.models.vae),
+             "memory_available": lambda: pipeline.memory_available(pipe.models.device),
+             "plan_for": lambda: pipeline.plan_for(pipe.models, lq, options),
+             "AttentionRouter()": lambda: AttentionRouter(AttentionPolicy(), pipe.models.device, pipe.models.dtype),
+             "text_encoder_implementation": lambda: text_encoder_implementation(router)}
+    step_ms = {}
+    for name, step in steps.items():
+        step()
+        start = time.perf_counter()
+        for _ in range(200):
+            step()
+        step_ms[name] = (time.perf_counter() - start) / 200 * 1000
+    print("cpu steps (ms): " + json.dumps({k: round(v, 3) for k, v in step_ms.items()}), flush=True)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(5):
         pipe(lq, options=options)
     profiler.disable()
-    out = {"queue_ms": statistics.median(queue_ms), "status": result.status_line()}
+    out = {"queue_ms": statistics.median(queue_ms), "step_ms": step_ms, "status": result.status_line()}
     for order in ("tottime", "cumtime"):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(35)
@@ -372,7 +390,8 @@ def part_cpu() -> dict:
 
 def part_batch() -> dict:
     """Photos of one size restored together: ms per image of a warm default pass at 1024 for batches of 1, 2
-    and 4 (the same photo repeated), and how far each batch's images are from the batch of one."""
+    and 4 (the same photo repeated), and how far each batch's images are from the batch of one (the latent's
+    mode: a sampled latent draws other noise for the second photo of a batch than for a photo alone)."""
     pipe = HYPIRPipeline(build_models("sd21", torch.device("cuda"), torch.bfloat16))
     lq = random_images(512, torch.device("cuda"))
     out = {"rows": []}
@@ -381,10 +400,10 @@ def part_batch() -> dict:
         images = lq.expand(batch, -1, -1, -1).contiguous()
         runtime_of(pipe.models).release_graphs()
         for _ in range(2):
-            pipe(images, upscale=2.0)
+            pipe(images, upscale=2.0, latent="mode")
         times = []
         for _ in range(10):
-            result = pipe(images, upscale=2.0)
+            result = pipe(images, upscale=2.0, latent="mode")
             times.append(result.seconds * 1000)
         if single is None:
             single = result.images[:1]
