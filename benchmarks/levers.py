@@ -11,6 +11,8 @@
                product;
   small        the graphed UNet's small activations on the Triton kernels as well
                (pipeline.TRITON_IN_GRAPHS_AT_EVERY_SIZE) instead of PyTorch's below kernels.TRITON_MIN_ELEMENTS;
+  stats_tiles  GroupNorm's statistics in steps of kernels.ROW_STATS_TILE values (4 warps, up to 32 steps a program)
+               instead of 8192 values, 8 warps, 8 steps;
   merge        GroupNorm's merge of partial statistics in steps of kernels.ROW_MERGE_TILE values instead of 64
                chunks;
   upsample     nearest 2x + 3x3 convolution as one transposed convolution (fused_blocks.TRANSPOSED_UPSAMPLE)
@@ -88,12 +90,15 @@ def rows(enabled: bool) -> None:
 
 VAE_GRAPH_MAX_PIXELS = pipeline.VAE_GRAPH_MAX_PIXELS
 ROW_MERGE_TILE = kernels.ROW_MERGE_TILE
+ROW_STATS = (kernels.ROW_STATS_TILE, kernels.ROW_STATS_MIN_PIXELS, kernels.ROW_SUB, kernels.ROW_STATS_WARPS)
 
 
 def levers(off: str | None) -> None:
     """Every lever on but `off`."""
     rows(off != "rows")
     kernels.ROW_MERGE_TILE = 0 if off == "merge" else ROW_MERGE_TILE
+    (kernels.ROW_STATS_TILE, kernels.ROW_STATS_MIN_PIXELS, kernels.ROW_SUB,
+     kernels.ROW_STATS_WARPS) = (8192, 1, 8, 8) if off == "stats_tiles" else ROW_STATS
     pipeline.VAE_GRAPH_MAX_PIXELS = 0 if off == "vae_graphs" else VAE_GRAPH_MAX_PIXELS
     fused_blocks.CHANNELS_LAST_TRANSFORMER_OUTPUT = off != "transformer"
     fused_blocks.TRANSPOSED_UPSAMPLE = off != "upsample"
@@ -195,7 +200,7 @@ def part_upsample(scale: int = 1) -> list[dict]:
 
 
 # "fused": every fused block off
-LEVERS_OFF = ("rows", "merge", "decoder_resnets", "geglu", "small", "transformer", "upsample", "vae_graphs", "fused")
+LEVERS_OFF = ("rows", "stats_tiles", "merge", "decoder_resnets", "geglu", "small", "transformer", "upsample", "vae_graphs", "fused")
 
 
 def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF) -> dict:

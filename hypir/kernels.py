@@ -273,7 +273,7 @@ def _kernels():
 
     @triton.jit
     def row_stats(x_ptr, pre_ptr, mean_ptr, m2_ptr, C, S, CHUNKS, s_n, HAS_PRE: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr, SUM_EACH: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr):
         # channels_last: each pixel's C channels are contiguous, so a program reads whole pixels (every group at
         # once, full memory sectors): SUB blocks of BLOCK_P pixels in a loop the compiler pipelines, summing each
         # value's distance to a pivot, and its square, in [BLOCK_P, BLOCK_C] accumulators reduced once at the end.
@@ -289,12 +289,8 @@ def _kernels():
         if HAS_PRE:
             pre = tl.load(pre_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
             pivot += pre
-        if SUM_EACH:  # per-channel sums each step: small accumulators, a reduction across the tile each step
-            total = tl.zeros([BLOCK_C], dtype=tl.float32)
-            total2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         for sub in range(SUB):
             p = first + sub * BLOCK_P + tl.arange(0, BLOCK_P)
             mask = (p < S)[:, None] & cmask[None, :]
@@ -302,15 +298,10 @@ def _kernels():
             if HAS_PRE:
                 v += pre[None, :]
             d = tl.where(mask, v - pivot[None, :], 0.0)
-            if SUM_EACH:
-                total += tl.sum(d, axis=0)
-                total2 += tl.sum(d * d, axis=0)
-            else:
-                acc += d
-                acc2 += d * d
-        if not SUM_EACH:
-            total = tl.sum(acc, axis=0)
-            total2 = tl.sum(acc2, axis=0)
+            acc += d
+            acc2 += d * d
+        total = tl.sum(acc, axis=0)
+        total2 = tl.sum(acc2, axis=0)
         count = tl.minimum(S - first, SUB * BLOCK_P).to(tl.float32)
         shift = total / count
         out = (n * CHUNKS + chunk).to(tl.int64) * C + c
@@ -545,12 +536,17 @@ def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
 # the VAE: a quarter of every memory sector it fetched). Tiles of about ROW_TILE values; SUB tiles per
 # statistics program keep the partials (per chunk and channel) small, down to 1 where that would leave fewer
 # than ROW_MIN_PROGRAMS programs (small activations: enough programs to fill the GPU).
+# The statistics: steps of ROW_STATS_TILE values (at least ROW_STATS_MIN_PIXELS whole pixels) in 4 warps, up to
+# 32 steps a program. Against 8192 values a step, 8 steps, 8 warps: the pass's GroupNorm kernels took 6.7 instead
+# of 8.2 ms at 1024 and 21.2 instead of 26.2 ms at 2048 on an H200, the statistics 2.2 instead of 3.6 and 7.1
+# instead of 11.2 ms (benchmarks/groupnorm_sweep.py). Summing each step's tile into per-channel sums (smaller
+# accumulators) took twice as long at the large shapes.
 ROW_TILE = 8192  # values a normalisation program reads
-ROW_STATS_TILE = 8192  # values a statistics program reads a step
-ROW_SUB = 8
+ROW_STATS_TILE = 4096
+ROW_STATS_MIN_PIXELS = 4  # the UNet's 1280 to 2560 channels: 4096 values would be 2 pixels a step, too thin
+ROW_SUB = 32
 ROW_MIN_PROGRAMS = 512
-ROW_STATS_WARPS = 8
-ROW_STATS_SUM_EACH = False
+ROW_STATS_WARPS = 4
 MAX_ROW_CHANNELS = 4096  # SD2.1's widest norm: 2560 (the UNet's up blocks normalise concatenated skips)
 
 
@@ -565,9 +561,9 @@ def _merge_rows(chunks: int, block_cpg: int) -> int:
     return max(64, min(1 << (chunks - 1).bit_length(), ROW_MERGE_TILE // block_cpg))
 
 
-def _row_blocks(c: int, tile: int) -> tuple[int, int]:
+def _row_blocks(c: int, tile: int, min_pixels: int = 1) -> tuple[int, int]:
     block_c = 1 << (c - 1).bit_length()
-    return block_c, max(1, tile // block_c)
+    return block_c, max(min_pixels, tile // block_c)
 
 
 def _row_sub(n: int, spatial: int, block_p: int) -> int:
@@ -584,7 +580,7 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     n, c = x.shape[:2]
     spatial = x[0, 0].numel()
     cpg = c // groups
-    block_c, block_p = _row_blocks(c, ROW_STATS_TILE)
+    block_c, block_p = _row_blocks(c, ROW_STATS_TILE, ROW_STATS_MIN_PIXELS)
     sub = _row_sub(n, spatial, block_p)
     pixels = block_p * sub  # a statistics program's pixels
     chunks = triton.cdiv(spatial, pixels)
@@ -593,7 +589,7 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     with _launch_context(x):
         k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
                                  HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
-                                 SUM_EACH=ROW_STATS_SUM_EACH, num_warps=ROW_STATS_WARPS)
+                                 num_warps=ROW_STATS_WARPS)
         block_cpg = max(1, 1 << (cpg - 1).bit_length())
         k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
                                          spatial, groups, cpg, chunks, pixels, eps,
