@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -41,30 +42,51 @@ def tensor_version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
+# How many modules, parameters and buffers were set anywhere in the process (nn.Module's global registration
+# hooks: setattr, add_module, register_parameter, register_buffer): a model's tensor slots are gathered again only
+# after one was set.
+_REGISTRATIONS = [0]
+_SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[dict]]]" = weakref.WeakKeyDictionary()
+_SLOTS_LOCK = threading.Lock()
+
+
+def _registered(*args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_module_registration_hook,
+                  torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook):
+    _register(_registered)
+
+
+def _tensor_slots(module: torch.nn.Module) -> list[dict]:
+    """The parameter and buffer dicts of every module under `module` that has any, kept until a module, parameter
+    or buffer is set anywhere in the process. The dicts themselves are read at each use: a tensor put straight
+    into an existing slot (accelerate's offload hooks do) is seen."""
+    with _SLOTS_LOCK:
+        cached = _SLOTS.get(module)
+        if cached is None or cached[0] != _REGISTRATIONS[0]:
+            slots = [d for m in module.modules() for d in (m._parameters, m._buffers) if d]
+            cached = _SLOTS[module] = (_REGISTRATIONS[0], slots)
+        return cached[1]
+
+
 def weights_signature(module: torch.nn.Module) -> tuple:
     """Where the module's weights live, and their in-place versions: changes when any of them is moved, replaced
     or written in place (a graph would replay kernels made from the old values, such as an upsampler's 4x4
-    weights made from its 3x3 ones). Every parameter and buffer once, as module.parameters() and
-    module.buffers() give them, walked without their names: it is taken before every graphed UNet and VAE call,
-    and building the names took most of its time (2.3-2.8 against 0.8-0.9 ms of CPU for the SD2.1 UNet's 686
-    tensors on a 2-core machine)."""
-    parameters: list = []
-    buffers: list = []
-    seen_modules: set[int] = set()
-    stack = [module]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen_modules:
-            continue
-        seen_modules.add(id(current))
-        parameters.extend(current._parameters.values())
-        buffers.extend(current._buffers.values())
-        stack.extend(reversed(current._modules.values()))
-    signature, seen_tensors = [], set()
-    for tensor in (*parameters, *buffers):
-        if tensor is not None and id(tensor) not in seen_tensors:
-            seen_tensors.add(id(tensor))
-            signature.append((tensor.data_ptr(), tensor_version(tensor)))
+    weights made from its 3x3 ones). Every parameter and buffer slot under the module, as a flat tuple of
+    address and version pairs (a tensor held in two slots counts twice). It is taken before every graphed UNet
+    and VAE call: with the slots gathered once (_tensor_slots) and no tuple per tensor it costs under a third of
+    a walk of the modules each time (0.20 against 0.69 ms of CPU for the SD2.1 UNet, 0.07 against 0.25 for the
+    VAE, on a 2-core machine; the walk measured 1.64 and 0.48 ms on the H200 machine)."""
+    signature: list[int] = []
+    append = signature.append
+    for slots in _tensor_slots(module):
+        for tensor in slots.values():
+            if tensor is not None:
+                append(tensor.data_ptr())
+                append(0 if tensor.is_inference() else tensor._version)
     return tuple(signature)
 
 

@@ -313,14 +313,22 @@ def plan_size(height: int, width: int, batch: int, options: RestoreOptions, devi
 def memory_available(device: torch.device, vram_budget_gb: float | None = None) -> tuple[int | None, str]:
     """Bytes a pass may use beside what is already allocated (the resident weights), and where they are:
     the budget less what is allocated, else the GPU's free memory, else the system's available RAM."""
-    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    held, reserved = allocator_bytes(device) if device.type == "cuda" else (0, 0)
     if vram_budget_gb:
         return int(vram_budget_gb * 2**30) - held, (f"a memory budget of {vram_budget_gb:g} GiB (of which the models "
                                                     f"hold {gib(held)})")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - held, f"{device} ({torch.cuda.get_device_name(device)})"
+        return free + reserved - held, f"{device} ({torch.cuda.get_device_name(device)})"
     return available_ram(), "this machine's available memory"
+
+
+def allocator_bytes(device: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) bytes of PyTorch's CUDA allocator on this GPU, from one read of its statistics
+    (torch.cuda.memory_allocated and memory_reserved each flatten all of them into a new dict first)."""
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    current = lambda name: stats.get(name, {}).get("all", {}).get("current", 0)  # noqa: E731
+    return current("allocated_bytes"), current("reserved_bytes")
 
 
 class _StageClock:
@@ -420,7 +428,7 @@ def _vae_graph(models: HYPIRModels, runtime: Runtime, router: AttentionRouter, o
     h, w = (plan.tile, plan.tile) if plan.tile else plan.padded_size
     if not (_graphed(models, options) and plan.batch * plan.tiles_per_batch * h * w <= VAE_GRAPH_MAX_PIXELS):
         return None
-    available, _ = memory_available(models.device, options.vram_budget_gb)
+    available = plan.available_bytes  # measured as the pass was planned, a moment ago
     if available is not None and available < VAE_GRAPH_MEMORY_PASSES * plan.activation_bytes:
         return None
     key = _graph_key(router, options)

@@ -129,6 +129,7 @@ class PassPlan:
     activation_bytes: int  # the models' working memory for one group of tiles (or the one pass)
     buffer_bytes: int  # the float32 image-sized buffers held meanwhile
     finish_bytes: int  # the colour fix's buffers, after the models ran
+    available_bytes: int | None = None  # what the pass could use when it was planned (None: unknown)
 
     @property
     def total_bytes(self) -> int:
@@ -187,14 +188,14 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
         tile, stride = None, None  # one tile is one pass
     if tile is None:
         return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, None, None, 1, 1,
-                        pass_bytes(hp, wp, batch, element_bytes), buffers, finish)
+                        pass_bytes(hp, wp, batch, element_bytes), buffers, finish, available_bytes)
     count = tile_count(hp, wp, tile, stride)
     group = 1
     if budget is not None:
         group = max(1, min(count, int(HEADROOM * budget // max(1, pass_bytes(tile, tile, batch, element_bytes))), 16))
     group = min(group, max_group or group)
     return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, tile, stride, count, group,
-                    pass_bytes(tile, tile, batch * group, element_bytes), buffers, finish)
+                    pass_bytes(tile, tile, batch * group, element_bytes), buffers, finish, available_bytes)
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:

@@ -337,12 +337,14 @@ def test_weights_made_under_inference_mode():
     assert up._transposed_weight is not None  # the transposed path ran
     torch.testing.assert_close(inside, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outside, want, rtol=1e-5, atol=1e-5)
-    assert signature == weights_signature(up) and len(signature) == 2
+    assert signature == weights_signature(up) and len(signature) == 4  # the weight's and bias's address and version
 
 
-def test_weights_signature_is_every_parameter_and_buffer_once(tiny_base):
-    """The name-free walk takes the same tensors as module.parameters() and module.buffers() (shared ones once,
-    None ones not at all), in their order, and changes when a weight is written in place or replaced."""
+def test_weights_signature_sees_every_change_of_a_weight(tiny_base):
+    """The signature is every parameter and buffer slot's address and version (None ones not at all), and
+    changes when a weight is written in place, replaced through setattr or straight in its module's dict (as
+    accelerate's offload hooks do), moved, or when a module, parameter or buffer is added: the slots gathered
+    once are gathered again after any registration."""
     import copy
 
     from hypir.cuda_graphs import tensor_version, weights_signature
@@ -351,19 +353,31 @@ def test_weights_signature_is_every_parameter_and_buffer_once(tiny_base):
     unet.register_buffer("scale", torch.ones(3))
     unet.register_buffer("absent", None)
     unet.conv_out.register_parameter("extra", None)
-    unet.conv_in.alias = unet.conv_out  # a module reachable twice
-    unet.tied = unet.conv_in.weight  # a parameter held twice
-    listed = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
-    old = tuple((t.data_ptr(), tensor_version(t)) for t in listed.values())
+    unet.conv_in.alias = unet.conv_out  # a module reachable twice: its slots once
+    slots = [t for m in unet.modules() for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
     signature = weights_signature(unet)
-    assert signature == old and len(signature) == len(listed)
+    assert signature == tuple(v for t in slots for v in (t.data_ptr(), tensor_version(t)))
+    assert signature == weights_signature(unet)
+    history = [signature]
+
+    def changed() -> bool:
+        history.append(weights_signature(unet))
+        return history[-1] != history[-2]
+
     with torch.no_grad():
         unet.conv_in.weight.mul_(1.0)
-    written = weights_signature(unet)
-    assert written != signature and len(written) == len(signature)
+    assert changed()
     unet.conv_out.weight = torch.nn.Parameter(unet.conv_out.weight.detach().clone())
-    replaced = weights_signature(unet)
-    assert replaced != written and len(replaced) == len(signature)
+    assert changed()
+    unet.conv_out._parameters["bias"] = torch.nn.Parameter(unet.conv_out.bias.detach().clone())
+    assert changed()
+    unet.time_embedding.linear_1.weight.data = unet.time_embedding.linear_1.weight.data.clone()
+    assert changed()
+    unet.conv_norm_out.register_buffer("added", torch.zeros(2))
+    assert changed() and len(history[-1]) == len(signature) + 2
+    unet.extra_block = torch.nn.Linear(2, 2)
+    assert changed() and len(history[-1]) == len(signature) + 6
+    assert not changed()
 
 
 def test_fused_upsample_paths(tiny_base, monkeypatch):
@@ -399,7 +413,7 @@ def test_fused_transformer_keeps_diffusers_dtype_under_autocast(tiny_base, monke
     assert out.dtype == torch.float32
 
 
-def test_vae_graphs_up_to_a_1024_pass_with_room_for_them(monkeypatch):
+def test_vae_graphs_up_to_a_1024_pass_with_room_for_them():
     """The VAE stages are graphed (on CUDA, graphs on) for calls of at most VAE_GRAPH_MAX_PIXELS: a 1024x1024
     output, not a 2048 one, nor two 1024 images sent together; and only where the memory a pass may use is
     VAE_GRAPH_MEMORY_PASSES times the pass's working memory (the graphs keep theirs)."""
@@ -415,21 +429,22 @@ def test_vae_graphs_up_to_a_1024_pass_with_room_for_them(monkeypatch):
     cuda = types.SimpleNamespace(device=torch.device("cuda"), vae=vae)
     router = types.SimpleNamespace(policy="auto")
 
-    def plan(side: int, batch: int = 1):
-        return plan_pass(side, side, batch, upscale=2.0, long_side=None, element_bytes=2, available_bytes=None)
+    def plan(side: int, batch: int = 1, available: int | None = None):
+        return plan_pass(side, side, batch, upscale=2.0, long_side=None, element_bytes=2, available_bytes=available)
 
     one_pass = plan(512).activation_bytes
-    free = [pipeline.VAE_GRAPH_MEMORY_PASSES * one_pass]
-    monkeypatch.setattr(pipeline, "memory_available", lambda device, budget: (free[0], "test"))
+    enough = plan(512, available=pipeline.VAE_GRAPH_MEMORY_PASSES * one_pass)  # the memory measured when planned
+    assert enough.tile is None and enough.available_bytes == pipeline.VAE_GRAPH_MEMORY_PASSES * one_pass
     options = RestoreOptions()
-    assert callable(pipeline._vae_graph(cuda, runtime, router, options, plan(512)))
+    assert callable(pipeline._vae_graph(cuda, runtime, router, options, enough))
+    assert callable(pipeline._vae_graph(cuda, runtime, router, options, plan(512)))  # memory not known: not gated
     assert pipeline._vae_graph(cuda, runtime, router, options, plan(1024)) is None
     assert pipeline._vae_graph(cuda, runtime, router, options, plan(512, batch=2)) is None
-    assert pipeline._vae_graph(cuda, runtime, router, options.replace(cuda_graphs=False), plan(512)) is None
+    assert pipeline._vae_graph(cuda, runtime, router, options.replace(cuda_graphs=False), enough) is None
     cpu = types.SimpleNamespace(device=torch.device("cpu"), vae=vae)
-    assert pipeline._vae_graph(cpu, runtime, router, options, plan(512)) is None
-    free[0] -= 1  # an 8 GiB card at 1024: eager
-    assert pipeline._vae_graph(cuda, runtime, router, options, plan(512)) is None
+    assert pipeline._vae_graph(cpu, runtime, router, options, enough) is None
+    short = plan(512, available=pipeline.VAE_GRAPH_MEMORY_PASSES * one_pass - 1)  # an 8 GiB card at 1024: eager
+    assert short.tile is None and pipeline._vae_graph(cuda, runtime, router, options, short) is None
 
 
 def test_graph_capture_failure_runs_eagerly_once_warned(caplog):
