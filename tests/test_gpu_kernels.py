@@ -143,6 +143,13 @@ def test_pad_bottom_right_on_gpu():
     assert torch.equal(got, torch.nn.functional.pad(x, (0, 1, 0, 1)))
 
 
+def test_a_bicubic_resize_to_the_same_size_is_the_identity_on_gpu():
+    """The pass skips the final resize when the processed size is the output size: on CUDA too it would return
+    its input, bit for bit."""
+    x = torch.rand(1, 3, 1024, 768, device="cuda")
+    assert torch.equal(torch.nn.functional.interpolate(x, size=(1024, 768), mode="bicubic", antialias=True), x)
+
+
 def test_group_norm_at_the_largest_vae_activation():
     """A 2048x2048 output's largest VAE activation: 256 channels at 2048x2048, channels_last."""
     g = torch.Generator(device="cuda").manual_seed(8)

@@ -364,3 +364,21 @@ def test_a_launched_frame_collects_what_restore_frames_gives(pipe):
         assert frame.dtype == np.float32 and np.array_equal(frame, expected)
     assert got[-1][1].status_line().rsplit("|", 1)[0] == result.status_line().rsplit("|", 1)[0]
     assert got[-1][1].seconds > 0 and got[-1][1].pending is None
+
+
+def test_colour_fix_blurs_the_difference_once():
+    """restored + low(reference - restored) is high(restored) + low(reference): the 5-level blur, replicate
+    padding included, is linear. In float64 the two agree to rounding."""
+    from hypir import colorfix
+
+    g = torch.Generator().manual_seed(11)
+    restored, reference = (torch.rand(2, 3, 70, 90, generator=g, dtype=torch.float64) for _ in range(2))
+    two_blurs = restored - colorfix.low_frequency(restored) + colorfix.low_frequency(reference)
+    torch.testing.assert_close(colorfix.wavelet_color_fix(restored, reference), two_blurs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bicubic_resize_to_the_same_size_is_the_identity(dtype):
+    """Why the pass skips the final resize when the processed size is the output size: it would return its input."""
+    x = torch.rand(1, 3, 37, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert torch.equal(F.interpolate(x, size=(37, 64), mode="bicubic", antialias=True), x)
