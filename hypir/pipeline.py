@@ -172,7 +172,9 @@ def _one_pass(models: HYPIRModels, runtime: Runtime, images: torch.Tensor, plan:
         lq = resize_short_side(ref, PATCH) if min(h0, w0) <= PATCH else ref
         # 3. [-1, 1], padded to a multiple of 8.
         h1, w1 = lq.shape[2:]
-        x = F.pad(lq * 2 - 1, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
+        x = lq * 2 - 1
+        if h1 % VAE_SCALE or w1 % VAE_SCALE:  # a pad of nothing would still copy the image
+            x = F.pad(x, (0, -w1 % VAE_SCALE, 0, -h1 % VAE_SCALE))
         if (h0, w0) != plan.output_size or tuple(x.shape[2:]) != plan.padded_size:
             raise RuntimeError(f"internal: pass sizes {(h0, w0)}/{tuple(x.shape[2:])} differ from the plan {plan}")
 
