@@ -3,7 +3,9 @@ method: no scores in memory) under several tile shapes, against the kernels the 
 two GEMMs and a softmax kernel over float32 scores in memory; `sdpa_efficient`), on one CUDA GPU.
 
 For each token count of a 1024, a 1536 (a tile of the 4096 budget run) and a 2048 output: GPU ms of each (CUDA
-events, the median of 5), and its relative error against float32 attention on the first 512 queries.
+events, the median of 5), and its relative error against float32 attention on the first 512 queries. On an H200
+(benchmarks/results/2026-11-30-h200-groupnorm-stats) the best tile shape took 1.5 to 1.8 times `matmul`'s time
+at every size, so the pack does not use it; the script stays to measure it again on other GPUs and Tritons.
 
     python3 benchmarks/attention_512.py --json OUT.json
 """
