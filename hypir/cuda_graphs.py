@@ -42,22 +42,27 @@ def tensor_version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-# How many modules, parameters and buffers were set anywhere in the process (nn.Module's global registration
-# hooks: setattr, add_module, register_parameter, register_buffer): a model's tensor slots are gathered again only
-# after one was set.
+# How many modules, parameters and buffers were set anywhere in the process since the first signature was taken
+# (nn.Module's global registration hooks, which only count here: setattr, add_module, register_parameter,
+# register_buffer): a model's tensor slots are gathered again only after one was set.
 _REGISTRATIONS = [0]
 _SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[dict]]]" = weakref.WeakKeyDictionary()
 _SLOTS_LOCK = threading.Lock()
+_COUNTING: list = []  # the hooks' handles, once installed
 
 
 def _registered(*args) -> None:
     _REGISTRATIONS[0] += 1
 
 
-for _register in (torch.nn.modules.module.register_module_module_registration_hook,
-                  torch.nn.modules.module.register_module_parameter_registration_hook,
-                  torch.nn.modules.module.register_module_buffer_registration_hook):
-    _register(_registered)
+def _count_registrations() -> None:
+    """Install the counting hooks (once; from the first signature on, so that a process that never takes one,
+    on a CPU or a Mac, never has them)."""
+    if not _COUNTING:
+        module = torch.nn.modules.module
+        _COUNTING.extend(register(_registered) for register in (
+            module.register_module_module_registration_hook, module.register_module_parameter_registration_hook,
+            module.register_module_buffer_registration_hook))
 
 
 def _tensor_slots(module: torch.nn.Module) -> list[dict]:
@@ -65,6 +70,7 @@ def _tensor_slots(module: torch.nn.Module) -> list[dict]:
     or buffer is set anywhere in the process. The dicts themselves are read at each use: a tensor put straight
     into an existing slot (accelerate's offload hooks do) is seen."""
     with _SLOTS_LOCK:
+        _count_registrations()
         cached = _SLOTS.get(module)
         if cached is None or cached[0] != _REGISTRATIONS[0]:
             slots = [d for m in module.modules() for d in (m._parameters, m._buffers) if d]
