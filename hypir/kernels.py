@@ -533,11 +533,11 @@ def _block_sizes(cpg: int, spatial: int) -> tuple[int, int]:
 
 # channels_last activations (the layout the pass runs in) take the whole-pixel kernels: a program reads rows
 # of all C channels, contiguous in memory, instead of one group's few channels of each pixel (4 of 128 in
-# the VAE: a quarter of every memory sector it fetched). Tiles of about ROW_TILE values; SUB tiles per
-# statistics program keep the partials (per chunk and channel) small, down to 1 where that would leave fewer
-# than ROW_MIN_PROGRAMS programs (small activations: enough programs to fill the GPU).
-# The statistics: steps of ROW_STATS_TILE values (at least ROW_STATS_MIN_PIXELS whole pixels) in 4 warps, up to
-# 32 steps a program. Against 8192 values a step, 8 steps, 8 warps: the pass's GroupNorm kernels took 6.7 instead
+# the VAE: a quarter of every memory sector it fetched). The normalisation reads tiles of about ROW_TILE values.
+# The statistics read steps of ROW_STATS_TILE values (at least ROW_STATS_MIN_PIXELS whole pixels) in 4 warps,
+# ROW_SUB steps a program, which keeps the partials (per chunk and channel) few, down to 1 step where that would
+# leave fewer than ROW_MIN_PROGRAMS programs (small activations: enough programs to fill the GPU).
+# Against 8192 values a step, 8 steps, 8 warps: the pass's GroupNorm kernels took 6.7 instead
 # of 8.2 ms at 1024 and 21.2 instead of 26.2 ms at 2048 on an H200, the statistics 2.2 instead of 3.6 and 7.1
 # instead of 11.2 ms (benchmarks/groupnorm_sweep.py). Summing each step's tile into per-channel sums (smaller
 # accumulators) took twice as long at the large shapes.
