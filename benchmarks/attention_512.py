@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hypir.attention import REGISTRY, AttentionBackend  # noqa: E402
+from hypir.bench.common import gpu_ms  # noqa: E402
 
 
 @triton.jit
@@ -85,19 +85,6 @@ CONFIGS = [
 ]
 
 
-def median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
@@ -120,7 +107,7 @@ def main() -> int:
             try:
                 out = fn()
                 err = ((out[0, :512, 0].float() - exact).norm() / exact.norm()).item()
-                row["kernels"][name] = {"ms": median_ms(fn), "rel_err": err}
+                row["kernels"][name] = {"ms": gpu_ms(fn), "rel_err": err}
             except Exception as exc:  # noqa: BLE001 - a tile shape that does not fit is a result too
                 row["kernels"][name] = {"error": str(exc).splitlines()[0][:200]}
             print(tokens, name, json.dumps(row["kernels"][name]), flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hypir import kernels  # noqa: E402
-from hypir.bench.common import build_models, random_images  # noqa: E402
+from hypir.bench.common import build_models, gpu_ms, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 
 # (name, ROW_STATS_TILE, ROW_STATS_MIN_PIXELS, ROW_SUB, ROW_STATS_WARPS, ROW_TILE); the first is the shipped one,
@@ -66,21 +65,10 @@ def record_calls(pipe, side: int) -> Counter:
 SLEEP_CYCLES = 40_000_000  # about 20 ms: the GPU held while the CPU queues a group's calls
 
 
-def median_ms(fn, repeats: int = 20, groups: int = 5) -> float:
-    """GPU ms per call: each group of calls queued behind a sleep kernel, so that the time between the events is
-    the kernels' own (as when replayed from a CUDA graph), not the CPU's time to launch them."""
-    fn()
-    times = []
-    for _ in range(groups):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / repeats)
-    return statistics.median(times)
+def median_ms(fn) -> float:
+    """GPU ms per call, the calls queued behind a sleep kernel: the kernels' own time (as when replayed from a CUDA
+    graph), not the CPU's time to launch them; the median of 5 groups of 20."""
+    return gpu_ms(fn, calls=20, groups=5, sleep_cycles=SLEEP_CYCLES)
 
 
 def inputs(call):

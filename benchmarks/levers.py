@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hypir import fused_blocks, kernels, pipeline  # noqa: E402
-from hypir.bench.common import build_models, psnr, random_images  # noqa: E402
+from hypir.bench.common import build_models, gpu_ms, psnr, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 from hypir.bench.speed import busy_line, gpu_busy, time_by_kind  # noqa: E402
 from hypir.runtime import runtime_of  # noqa: E402
@@ -70,18 +70,6 @@ SHAPES = [  # (C, H, W) of SD2.1's GroupNorms at a 1024 output, at or above kern
     (128, 1024, 1024), (256, 1024, 1024), (256, 512, 512), (512, 512, 512), (512, 256, 256), (320, 128, 128),
 ]
 ROWS_ON = kernels.MAX_ROW_CHANNELS
-
-
-def gpu_ms(fn, repeats=50) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def rows(enabled: bool) -> None:
@@ -121,10 +109,11 @@ def part_kernels() -> list[dict]:
             rows(enabled)
             y = kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True)
             row[f"{name}_rel_err"] = ((y.double() - exact).norm() / exact.norm()).item()
-            row[f"{name}_ms"] = gpu_ms(lambda: kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True))
+            row[f"{name}_ms"] = gpu_ms(lambda: kernels.group_norm_silu(x, weight, bias, 32, 1e-6, True), calls=50,
+                                       groups=1)
             row[f"{name}_gbps"] = 3 * x.numel() * 2 / row[f"{name}_ms"] / 1e6
         rows(True)
-        row["pytorch_ms"] = gpu_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6)))
+        row["pytorch_ms"] = gpu_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6)), calls=50, groups=1)
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -193,14 +182,15 @@ def part_upsample(scale: int = 1) -> list[dict]:
             y = fn()
             row[f"{name}_rel_err"] = ((y.double() - exact).norm() / exact.norm()).item()
             row[f"{name}_channels_last"] = y.is_contiguous(memory_format=torch.channels_last)
-            row[f"{name}_ms"] = gpu_ms(fn, repeats=20)
+            row[f"{name}_ms"] = gpu_ms(fn, calls=20, groups=1)
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
 
 
 # "fused": every fused block off
-LEVERS_OFF = ("rows", "stats_tiles", "merge", "decoder_resnets", "geglu", "small", "transformer", "upsample", "vae_graphs", "fused")
+LEVERS_OFF = ("rows", "stats_tiles", "merge", "decoder_resnets", "geglu", "small", "transformer", "upsample",
+              "vae_graphs", "fused")
 
 
 def part_pass(save, smoke: bool = False, off_names: tuple[str, ...] = LEVERS_OFF) -> dict:

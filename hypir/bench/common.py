@@ -1,10 +1,12 @@
-"""What both benches share: random SD2.1-architecture models placed as loaded ones are, seeded test images,
-PSNR, and the CUDA kernels a call launched (from torch.profiler), each with its kind."""
+"""What both benches and the device scripts share: random SD2.1-architecture models placed as loaded ones are,
+seeded test images, PSNR, GPU time per call (CUDA events), and the CUDA kernels a call launched (from
+torch.profiler), each with its kind."""
 
 from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from typing import Callable
 
 import torch
@@ -54,6 +56,26 @@ def random_images(side: int, device: torch.device, batch: int = 1) -> torch.Tens
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = torch.mean((a.float() - b.float()) ** 2).item()
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def gpu_ms(fn: Callable[[], object], calls: int = 1, groups: int = 5, sleep_cycles: int = 0) -> float:
+    """GPU milliseconds per call of fn() (CUDA): after one warm-up call, `groups` groups of `calls` calls back to
+    back, each group between two CUDA events; the median group. With `sleep_cycles`, a sleep kernel first holds
+    the stream while the CPU queues each group, so that the events time the kernels alone (as a CUDA graph
+    replays them), not the CPU's launches of short kernels."""
+    fn()
+    times = []
+    for _ in range(groups):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep_cycles:
+            torch.cuda._sleep(sleep_cycles)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
 
 
 def cuda_kernels(fn) -> list[tuple[str, float, int]]:
