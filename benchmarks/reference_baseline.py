@@ -390,7 +390,7 @@ def main() -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")
             log(f"wrote {args.json}")
-        del enhancer
+        enhancer = None  # its models go before the scratch folder does (a `del` here read as undefined in call())
     return 0
 
 
