@@ -461,14 +461,9 @@ def gated_gelu(projected: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_gated_gelu(projected):
-    import triton
-
     half = projected.shape[-1] // 2
     out = torch.empty((*projected.shape[:-1], half), device=projected.device, dtype=projected.dtype)
-    block = 2048
-    with _launch_context(projected):
-        _kernels().gated_gelu[(triton.cdiv(out.numel(), block),)](projected, out, out.numel(), half, BLOCK=block,
-                                                                  num_warps=4)
+    _launch_elementwise(_kernels().gated_gelu, out.numel(), projected, out, out.numel(), half)
     return out
 
 
@@ -485,14 +480,9 @@ def pad_bottom_right(x: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_pad_bottom_right(x):
-    import triton
-
     n, c, h, w = x.shape
     out = torch.empty((n, c, h + 1, w + 1), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    block = 2048
-    with _launch_context(x):
-        _kernels().pad_end[(triton.cdiv(out.numel(), block),)](x, out, out.numel(), c, h, w, BLOCK=block,
-                                                             num_warps=4)
+    _launch_elementwise(_kernels().pad_end, out.numel(), x, out, out.numel(), c, h, w)
     return out
 
 
@@ -507,14 +497,21 @@ def _triton_scaled_softmax(scores, scale, dtype):
 
 
 def _triton_add_channel_bias(x, bias, residual):
+    _launch_elementwise(_kernels().channel_bias_add, x.numel(), x, bias if bias is not None else x,
+                        residual if residual is not None else x, x.numel(), x.shape[1], x.stride(1),
+                        HAS_BIAS=bias is not None, HAS_RES=residual is not None)
+
+
+ELEMENTWISE_BLOCK = 2048  # values a program of the element-wise kernels (bias add, GEGLU, padding) writes
+
+
+def _launch_elementwise(kernel, numel: int, *args, **constexprs) -> None:
+    """kernel(*args, BLOCK=...) over `numel` output values: one program of 4 warps per ELEMENTWISE_BLOCK, on the
+    first argument's GPU."""
     import triton
 
-    kernel = _kernels().channel_bias_add
-    block = 2048
-    with _launch_context(x):
-        kernel[(triton.cdiv(x.numel(), block),)](
-            x, bias if bias is not None else x, residual if residual is not None else x, x.numel(), x.shape[1],
-            x.stride(1), HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK=block, num_warps=4)
+    with _launch_context(args[0]):
+        kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](*args, **constexprs, BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
 
 
 # A GroupNorm launch is one program per ((sample, group), chunk): the groups on the grid's first axis, so that
@@ -595,10 +592,10 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
                                          spatial, groups, cpg, chunks, pixels, eps,
                                          BLOCK_K=_merge_rows(chunks, block_cpg), BLOCK_CPG=block_cpg,
                                          num_warps=ROW_MERGE_WARPS)
-        _, block_p = _row_blocks(c, ROW_TILE)
-        k.row_normalize[(triton.cdiv(spatial, block_p), n)](
+        _, tile_p = _row_blocks(c, ROW_TILE)  # a normalisation program's pixels
+        k.row_normalize[(triton.cdiv(spatial, tile_p), n)](
             x, y, pre, w, b, mean, rstd, c, spatial, groups, cpg, s_n, o_n, HAS_PRE=pre_bias is not None,
-            HAS_AFFINE=weight is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+            HAS_AFFINE=weight is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=tile_p, num_warps=4)
     return y
 
 
