@@ -254,11 +254,12 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def fusable_resnet(block: nn.Module) -> bool:
+    if type(block) is not ResnetBlock2D:
+        return False
     # "group" (the VAE decoder's up blocks) without a time embedding projection computes what "default" does
     # without a time embedding: norm2 of conv1's output.
-    time_norm = block.time_embedding_norm if type(block) is ResnetBlock2D else None
-    return (type(block) is ResnetBlock2D
-            and (time_norm == "default" or (time_norm == "group" and block.time_emb_proj is None))
+    time_norm = block.time_embedding_norm
+    return ((time_norm == "default" or (time_norm == "group" and block.time_emb_proj is None))
             and block.upsample is None and block.downsample is None and isinstance(block.nonlinearity, nn.SiLU)
             and type(block.norm1) is nn.GroupNorm and type(block.norm2) is nn.GroupNorm
             and block.norm1.affine and block.norm2.affine)
