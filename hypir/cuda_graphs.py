@@ -83,9 +83,9 @@ def weights_signature(module: torch.nn.Module) -> tuple:
     or written in place (a graph would replay kernels made from the old values, such as an upsampler's 4x4
     weights made from its 3x3 ones). Every parameter and buffer slot under the module, as a flat tuple of
     address and version pairs (a tensor held in two slots counts twice). It is taken before every graphed UNet
-    and VAE call: with the slots gathered once (_tensor_slots) and no tuple per tensor it costs under a third of
-    a walk of the modules each time (0.20 against 0.69 ms of CPU for the SD2.1 UNet, 0.07 against 0.25 for the
-    VAE, on a 2-core machine; the walk measured 1.64 and 0.48 ms on the H200 machine)."""
+    and VAE call, so the slots are gathered once (_tensor_slots) and no tuple is made per tensor: a walk of the
+    modules each time took 1.64 ms of CPU for the SD2.1 UNet and 0.48 ms for the VAE on the H200 machine
+    (benchmarks/levers.py --parts cpu)."""
     signature: list[int] = []
     append = signature.append
     for slots in _tensor_slots(module):
