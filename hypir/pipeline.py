@@ -28,8 +28,8 @@ from .fused_blocks import fused_kernels
 from .kernels import (fused_softmax, triton_at_every_size, triton_available, triton_failure,
                       why_graphs_cannot_hold_triton)
 from .loading import HYPIRModels
-from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, available_ram, gib, output_size, plan_pass, round_to, \
-    short_side_size
+from .planning import MIN_TILE, PATCH, VAE_SCALE, PassPlan, auto_stride, available_ram, gib, output_size, plan_pass, \
+    round_to, short_side_size
 from .runtime import MODEL_CACHE, Runtime, release_graphs_on, runtime_of
 from .settings import RestoreOptions
 from .tiling import run_tiled
@@ -125,7 +125,7 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
             logger.warning("[HYPIR] out of GPU memory; retrying without CUDA graphs (%d given back)", dropped)
             continue
         tile = round_to(current // 2, 64)
-        plan = plan_for(models, images, options.replace(tile_size=tile, tile_stride=round_to(tile * 3 // 4, 64),
+        plan = plan_for(models, images, options.replace(tile_size=tile, tile_stride=auto_stride(tile),
                                                         vram_budget_gb=None), max_group=1)
         logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
     out = restore_channels(images, out)

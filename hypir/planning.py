@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 PATCH = 512  # the reference's patch size: short sides up to this are processed at 512
 VAE_SCALE = 8
@@ -151,8 +152,9 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
     """How a pass over a (batch, height, width) input runs within `available_bytes` (the memory left for the
     pass beside the resident weights; None: unbounded, one pass unless tiles are forced).
 
-    Untiled passes that do not fit are tiled (down to MIN_TILE px); a pass whose image buffers alone, or whose
-    smallest tile, do not fit raises PlanError with the numbers."""
+    Untiled passes that do not fit are tiled, in the fitting tile size with the least estimated time
+    (fastest_tile; down to MIN_TILE px); a pass whose image buffers alone, or whose smallest tile, do not fit
+    raises PlanError with the numbers."""
     h0, w0 = output_size(height, width, upscale, long_side)
     if h0 < 1 or w0 < 1:
         scale = f"long side {long_side}" if long_side else f"upscale {upscale:g}"
@@ -175,10 +177,8 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
     elif budget is None or pass_bytes(hp, wp, batch, element_bytes) <= HEADROOM * budget:
         tile, stride = None, None
     else:
-        tile = min(MAX_TILE, round_to(whole, 64))
-        while tile > MIN_TILE and pass_bytes(tile, tile, batch, element_bytes) > HEADROOM * budget:
-            tile = round_to(tile * 3 // 4, 64)
-        stride = round_to(tile * 3 // 4, 64)
+        tile = fastest_tile(hp, wp, lambda t: pass_bytes(t, t, batch, element_bytes) <= HEADROOM * budget)
+        stride = auto_stride(tile)
         if pass_bytes(tile, tile, batch, element_bytes) > budget:
             raise PlanError(f"a {w0}x{h0} output{processed}, batch {batch}, does not fit even in tiles of {tile} "
                             f"px: each needs about {gib(pass_bytes(tile, tile, batch, element_bytes))} beside "
@@ -196,6 +196,56 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
     group = min(group, max_group or group)
     return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, tile, stride, count, group,
                     pass_bytes(tile, tile, batch * group, element_bytes), buffers, finish, available_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiles chosen by their time
+
+# GPU milliseconds of one pass over a tile of n megapixels: MS_PER_MEGAPIXEL * n for the work that grows with the
+# pixels (convolutions, norms, matmuls), MS_PER_MEGAPIXEL_SQUARED * n**2 for the self-attention over every latent
+# pixel (the UNet's top two levels and the VAE's middle: quadratic in the tokens), and MS_PER_CALL for what every
+# tile pays whatever its size (launches, the blend). Fitted on an H200 in bf16 to `hypir bench --speed` (44.3 ms
+# at 1024x1024, 259.0 ms at 2048x2048, 119.6 ms a tile of 1536x1536; benchmarks/results/2026-11-30-h200-groupnorm-
+# stats); only the ratios between tile sizes matter, and attention and convolutions both run on tensor cores on
+# the GPUs with a FlashAttention-class kernel, so they hold beyond the H200 closely enough to rank tile sizes.
+MS_PER_MEGAPIXEL = 36.0
+MS_PER_MEGAPIXEL_SQUARED = 6.1
+MS_PER_CALL = 2.0
+# Among tile sizes within this share of the fastest, the largest is taken: a larger tile sees more of the image and
+# leaves fewer seams.
+TILE_TIME_TOLERANCE = 0.05
+
+
+def auto_stride(tile: int) -> int:
+    """The planner's stride: a quarter of the tile overlaps its neighbour."""
+    return round_to(tile * 3 // 4, 64)
+
+
+def tile_ms(height: int, width: int) -> float:
+    """Estimated GPU ms of one pass over a (height, width) tile (see MS_PER_MEGAPIXEL)."""
+    megapixels = height * width / 1e6
+    return MS_PER_MEGAPIXEL * megapixels + MS_PER_MEGAPIXEL_SQUARED * megapixels ** 2 + MS_PER_CALL
+
+
+def tiled_ms(height: int, width: int, tile: int) -> float:
+    """Estimated GPU ms of a (height, width) pass in tiles of `tile` px at the planner's stride."""
+    return tile_count(height, width, tile, auto_stride(tile)) * tile_ms(min(tile, height), min(tile, width))
+
+
+def fastest_tile(height: int, width: int, fits: Callable[[int], bool]) -> int:
+    """The tile size (a multiple of 64, MIN_TILE..MAX_TILE) for a (height, width) pass that `fits` in memory and
+    takes the least estimated time, or the largest within TILE_TIME_TOLERANCE of it; MIN_TILE when none fits.
+
+    The largest tile that fits is not the fastest: attention grows with the square of a tile's pixels while more
+    tiles only add their overlaps, so a 4096x4096 output in tiles of 1536 (16 tiles) costs about 1.7 times as much
+    as in tiles of 1024 (25 tiles)."""
+    largest = min(MAX_TILE, round_to(max(height, width), 64))
+    fitting = [t for t in range(MIN_TILE, largest + 1, 64) if fits(t)]
+    if not fitting:
+        return MIN_TILE
+    times = {t: tiled_ms(height, width, t) for t in fitting}
+    best = min(times.values())
+    return max(t for t in fitting if times[t] <= best * (1 + TILE_TIME_TOLERANCE))
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:

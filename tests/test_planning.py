@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hypir.planning import (MIN_TILE, PlanError, buffer_bytes, default_stride, output_size, pass_bytes, plan_pass,
-                            processed_size, tile_count, tile_starts)
+from hypir.planning import (MIN_TILE, PlanError, auto_stride, buffer_bytes, default_stride, fastest_tile, output_size,
+                            pass_bytes, plan_pass, processed_size, tile_count, tile_ms, tile_starts, tiled_ms)
 
 GIB = 2**30
 
@@ -69,3 +69,34 @@ def test_tile_starts_as_the_reference():
     assert tile_starts(1000, 512, 256) == [0, 256, 488]
     with pytest.raises(ValueError, match="larger than the tile size"):
         tile_starts(1000, 256, 512)
+
+
+def test_the_tile_size_is_the_fastest_that_fits_not_the_largest():
+    # A 4096x4096 output where tiles up to 1536 px fit: 16 tiles of 1536 cost more than 25 of 1024 (attention
+    # grows with the square of a tile's pixels), and 1280 (16 tiles) is more than 5 % slower than 1024.
+    fits = lambda tile: tile <= 1536  # noqa: E731
+    assert fastest_tile(4096, 4096, fits) == 1024
+    assert tiled_ms(4096, 4096, 1536) > 1.6 * tiled_ms(4096, 4096, 1024)
+    assert tile_count(4096, 4096, 1024, auto_stride(1024)) == 25
+    # A 2048 output in tiles of up to 1536: the smallest tile that still covers it in 2x2 (1216 px, overlapping by
+    # 384) beats 2x2 of 1536 and 3x3 of 1024.
+    assert fastest_tile(2048, 2048, fits) == 1216
+    assert tile_count(2048, 2048, 1216, auto_stride(1216)) == 4 == tile_count(2048, 2048, 1536, auto_stride(1536))
+    assert tile_count(2048, 2048, 1152, auto_stride(1152)) == 9
+    # Within 5 % of the fastest the largest is taken: at 6144 tiles of 1536 (25) against 1152 (49).
+    times = {t: tiled_ms(6144, 6144, t) for t in (1152, 1536)}
+    assert times[1536] <= 1.05 * times[1152] and fastest_tile(6144, 6144, fits) == 1536
+    # Never a size that does not fit; MIN_TILE where nothing fits.
+    assert fastest_tile(4096, 4096, lambda tile: tile <= 640) == 640
+    assert fastest_tile(4096, 4096, lambda tile: False) == MIN_TILE
+    # A narrow tile estimate is the tile's own size: a 512x10240 strip in 1024 tiles is 1024x512 calls.
+    assert tiled_ms(512, 10240, 1024) == tile_count(512, 10240, 1024, 768) * tile_ms(512, 1024)
+
+
+def test_a_budget_plan_takes_the_fastest_fitting_tile():
+    # 4096x4096 (from 2048, x2) with room for about a 1536 tile: the plan runs 1024 tiles at stride 768.
+    buffers = buffer_bytes(1, (4096, 4096), (4096, 4096))
+    room = buffers + int(pass_bytes(1536, 1536, 1, 2) / 0.85) + 1
+    plan = plan_pass(2048, 2048, 1, upscale=2.0, long_side=None, element_bytes=2, available_bytes=room, max_group=1)
+    assert (plan.tile, plan.stride, plan.tiles) == (1024, 768, 25)
+    assert plan.total_bytes <= room
