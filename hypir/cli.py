@@ -426,6 +426,7 @@ def cmd_doctor(args) -> int:
 
     from .attention import (REGISTRY, AttentionBackend, AttentionPolicy, AttentionRouter, flash_off_reason,
                             tuned_candidates)
+    from .attention.timing_store import CACHE_DIR_ENV, store_for
     from .kernels import triton_available
     from .loading import resolve_device, resolve_dtype
     from .model_files import find_models, search_dirs
@@ -458,6 +459,8 @@ def cmd_doctor(args) -> int:
         tuned = ", ".join(b.value for b in tuned_candidates(lambda b: router.why_not(b, 64) is None))
         print(f"  (those are the fixed order; on this GPU the first call of each attention shape times {tuned} "
               f"and runs the fastest)")
+        store = store_for(device)
+        print(f"  timings kept across runs in: {store.path if store else f'nowhere (${CACHE_DIR_ENV} is empty)'}")
     fused = "Triton" if device.type == "cuda" and triton_available() else \
         ("PyTorch (no Triton: pip install triton)" if device.type == "cuda" else "PyTorch (CPU)")
     print(f"fused GroupNorm+SiLU and bias kernels: {fused}")

@@ -12,6 +12,8 @@ from helpers import smooth_image, write_random_model
 
 # The tests never reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Nor the user's cache: attention timings are kept on disk only where a test asks for it (a folder of its own).
+os.environ["HYPIR_CACHE_DIR"] = ""
 # The GPU tests are collected only where they can run (tests/test_gpu*.py; `bash benchmarks/device_check.sh`).
 collect_ignore = [] if torch.cuda.is_available() else ["test_gpu.py", "test_gpu_kernels.py"]
 

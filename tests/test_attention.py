@@ -738,3 +738,150 @@ def test_the_documented_line_whenever_the_flash_attn_package_runs(kernels):
     lines = build_report(router, "sdpa").console_lines()
     assert lines[0] == "FlashAttention 2.8.3 is available and will be used for acceleration."
     assert lines[-1].startswith("AutoencoderKL attention (head_dim 32) runs on ")
+
+
+# ----------------------------------------------------------------------------------------------
+# Timings kept on disk for the next process (hypir/attention/timing_store.py)
+
+GPU_ENV = {"gpu": "NVIDIA H200", "capability": "sm90", "torch": "2.11.0+cu130", "cuda": "13.0", "cudnn": "91900"}
+
+
+# The flash-class candidates an A100 with flash-attn 2 times (the `kernels` fixture's stand-ins)
+A100_CANDIDATES = [AttentionBackend.FLASH_ATTN, AttentionBackend.SDPA_CUDNN, AttentionBackend.SDPA_FLASH]
+
+
+def measure_with(store, timer, shape=SHAPE_A, candidates=A100_CANDIDATES):
+    b, n, m, h, d = shape
+    q, k, v = qkv(b, n, m, h, d, seed=0, dtype=torch.bfloat16)
+    return tuning_module.measure(AttentionShape.of(q, k), candidates, q, k, v, d ** -0.5, timer,
+                                 on_error=lambda b, exc: None, store=store)
+
+
+def never_timed(*args):
+    raise AssertionError("a stored shape was timed again")
+
+
+def test_a_timing_is_kept_on_disk_and_read_by_the_next_process(kernels, tmp_path, caplog):
+    import json
+
+    from hypir.attention.timing_store import TimingStore
+
+    timer = FakeTimer(by_q_tokens)
+    first = measure_with(TimingStore(tmp_path, GPU_ENV), timer)
+    assert first.winner == AttentionBackend.SDPA_CUDNN and not first.stored and len(timer.calls) == 3
+    files = list(tmp_path.glob("attention-timings-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["format"] == 1 and data["environment"] == GPU_ENV
+    (key, entry), = data["shapes"].items()
+    assert key.startswith("1x64x64x2x16 bfloat16 [flash_attn=") and "sdpa_cudnn=" in key
+    assert entry == {"times_ms": {b.value: ms for b, ms in first.times.items()}, "winner": "sdpa_cudnn"}
+
+    clear_autotune_cache()  # a new process: nothing in memory, a new store on the same folder
+    with caplog.at_level("INFO", logger="hypir"):
+        again = measure_with(TimingStore(tmp_path, GPU_ENV), never_timed)
+    assert again.stored and again.winner == first.winner and again.times == first.times and again.seconds == 0
+    assert f"(timed by an earlier process on this GPU, kept in {files[0]})" in caplog.text
+
+
+def test_another_gpu_or_other_kernels_are_timed_again(kernels, tmp_path, monkeypatch):
+    from hypir.attention.timing_store import TimingStore
+
+    measure_with(TimingStore(tmp_path, GPU_ENV), FakeTimer(by_q_tokens))
+    clear_autotune_cache()
+    other_gpu = FakeTimer(by_q_tokens)
+    measure_with(TimingStore(tmp_path, {**GPU_ENV, "gpu": "NVIDIA A100-SXM4-80GB", "capability": "sm80"}), other_gpu)
+    assert len(other_gpu.calls) == 3 and len(list(tmp_path.glob("*.json"))) == 2
+    clear_autotune_cache()
+    # flash-attn upgraded: its version is part of the key
+    spec = REGISTRY[AttentionBackend.FLASH_ATTN]
+    monkeypatch.setitem(REGISTRY, AttentionBackend.FLASH_ATTN, dataclasses.replace(spec, version=lambda: "9.9.9"))
+    upgraded = FakeTimer(by_q_tokens)
+    measure_with(TimingStore(tmp_path, GPU_ENV), upgraded)
+    assert len(upgraded.calls) == 3
+    clear_autotune_cache()
+    # one candidate fewer (flash-attn uninstalled): another key
+    fewer = FakeTimer(by_q_tokens)
+    measure_with(TimingStore(tmp_path, GPU_ENV), fewer, candidates=[AttentionBackend.SDPA_CUDNN,
+                                                                     AttentionBackend.SDPA_FLASH])
+    assert len(fewer.calls) == 2
+
+
+def test_a_damaged_timings_file_is_ignored_and_replaced(kernels, tmp_path, caplog):
+    import json
+
+    from hypir.attention.timing_store import TimingStore
+
+    store = TimingStore(tmp_path, GPU_ENV)
+    store.path.write_text('{"format": 1, "shapes": {"1x64x64x2x16 bf')
+    timer = FakeTimer(by_q_tokens)
+    with caplog.at_level("WARNING", logger="hypir"):
+        timing = measure_with(store, timer)
+    assert len(timer.calls) == 3 and timing.winner == AttentionBackend.SDPA_CUDNN
+    assert f"ignoring the stored attention timings in {store.path}" in caplog.text
+    assert len(json.loads(store.path.read_text())["shapes"]) == 1
+    # An entry this version cannot read (a backend it does not know) is timed again, not trusted.
+    data = json.loads(store.path.read_text())
+    key = next(iter(data["shapes"]))
+    data["shapes"][key] = {"times_ms": {"warp_drive": 0.1}, "winner": "warp_drive"}
+    store.path.write_text(json.dumps(data))
+    clear_autotune_cache()
+    retimed = FakeTimer(by_q_tokens)
+    assert measure_with(TimingStore(tmp_path, GPU_ENV), retimed).winner == AttentionBackend.SDPA_CUDNN
+    assert len(retimed.calls) == 3
+
+
+def test_an_unwritable_cache_folder_warns_once_and_times_in_memory(kernels, tmp_path, caplog):
+    from hypir.attention.timing_store import TimingStore
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    store = TimingStore(blocker / "hypir", GPU_ENV)
+    with caplog.at_level("WARNING", logger="hypir"):
+        first = measure_with(store, FakeTimer(by_q_tokens))
+        second = measure_with(store, FakeTimer(by_q_tokens), shape=SHAPE_B)
+    assert first.winner == AttentionBackend.SDPA_CUDNN and second.winner == AttentionBackend.FLASH_ATTN
+    warnings = [r.getMessage() for r in caplog.records if "cannot keep attention timings" in r.getMessage()]
+    assert len(warnings) == 1 and "HYPIR_CACHE_DIR" in warnings[0]
+    assert store.get(AttentionShape(1, 96, 77, 2, 16, torch.bfloat16, "cpu"), A100_CANDIDATES) is not None
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_a_kernel_out_of_memory_while_timed_keeps_the_timing_off_disk(kernels, tmp_path):
+    from hypir.attention.timing_store import TimingStore
+
+    def out_of_memory(q, k, v, scale):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cudnn = REGISTRY[AttentionBackend.SDPA_CUDNN]
+    REGISTRY[AttentionBackend.SDPA_CUDNN] = dataclasses.replace(cudnn, fn=out_of_memory)  # restored by `kernels`
+    store = TimingStore(tmp_path, GPU_ENV)
+    assert measure_with(store, FakeTimer(by_q_tokens)).winner == AttentionBackend.FLASH_ATTN
+    assert not store.path.exists()
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from hypir.attention.timing_store import cache_dir, store_for
+
+    monkeypatch.setenv("HYPIR_CACHE_DIR", "")
+    assert cache_dir() is None and store_for("cuda:0") is None
+    monkeypatch.setenv("HYPIR_CACHE_DIR", str(tmp_path))
+    assert cache_dir() == tmp_path
+    assert store_for("cpu") is None  # timings are measured on CUDA GPUs only
+    monkeypatch.delenv("HYPIR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "hypir"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "hypir"
+
+
+def test_an_injected_timer_never_reads_or_writes_the_disk(kernels, monkeypatch, tmp_path):
+    import hypir.attention.router as router_module
+
+    monkeypatch.setenv("HYPIR_CACHE_DIR", str(tmp_path))
+    asked = []
+    monkeypatch.setattr(router_module, "store_for", lambda device: asked.append(device))
+    run_shape(tuned_router(FakeTimer(by_q_tokens)), "unet.a.attn1", SHAPE_A)
+    assert asked == [] and list(tmp_path.iterdir()) == []

@@ -127,6 +127,38 @@ def test_per_shape_choice_on_sd_shapes(dtype, monkeypatch):
     clear_autotune_cache()
 
 
+def test_timings_kept_on_disk_are_reused_by_a_new_process(monkeypatch, tmp_path):
+    """The real router on this GPU with a cache folder: the first router times each shape and keeps it on disk; with
+    the process's table cleared (a new process), a new router reads the file, times nothing and runs the same
+    kernels, bit for bit."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("FlashAttention needs sm80+")
+    from hypir.attention.timing_store import store_for
+
+    monkeypatch.setenv("HYPIR_CACHE_DIR", str(tmp_path))
+    timed = []
+    real_timer = tuning_module.time_kernels
+
+    def counting_timer(fns, q, k, v, scale, **options):
+        timed.append(AttentionShape.of(q, k))
+        return real_timer(fns, q, k, v, scale, **options)
+
+    monkeypatch.setattr(tuning_module, "time_kernels", counting_timer)
+    clear_autotune_cache()
+    data = {name: inputs_and_reference(name, torch.bfloat16) for name in SHAPES}
+    first = AttentionRouter(AttentionPolicy(), "cuda", torch.bfloat16)
+    outputs = {name: first.run(name, q, k, v, q.shape[-1] ** -0.5) for name, (q, k, v, _) in data.items()}
+    assert len(timed) == len(SHAPES) and store_for("cuda").path.is_file()
+    clear_autotune_cache()
+    timed.clear()
+    second = AttentionRouter(AttentionPolicy(), "cuda", torch.bfloat16)
+    for name, (q, k, v, _) in data.items():
+        torch.testing.assert_close(second.run(name, q, k, v, q.shape[-1] ** -0.5), outputs[name], rtol=0, atol=0)
+    assert timed == [] and second.ran == first.ran
+    assert all(timing.stored and timing.seconds == 0 for timing in autotune_table().values())
+    clear_autotune_cache()
+
+
 @pytest.fixture(scope="module")
 def gpu_models(tiny_files):
     from hypir.runtime import load_models

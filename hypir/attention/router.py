@@ -19,6 +19,7 @@ from ..errors import one_line
 from . import tuning
 from .backends import (CUDA_FALLBACK_ORDER, FLASH_ORDER, OTHER_FALLBACK_ORDER, REGISTRY, DeviceInfo, _sdpa,
                        dtype_name, parse_backend, tuned_candidates, why_not)
+from .timing_store import store_for
 from .tuning import AttentionShape, ShapeTiming
 
 logger = logging.getLogger("hypir")
@@ -119,8 +120,9 @@ class AttentionRouter:
             if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None  # nothing can be timed while capturing: the fixed order decides
             candidates = tuned_candidates(lambda b: self.why_not(b, shape.head_dim) is None)  # none opt-in
+            store = store_for(q.device) if self.timer is None else None  # injected timers time stand-ins
             timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
-                                    lambda backend, exc: self._record_failure(module, backend, exc))
+                                    lambda backend, exc: self._record_failure(module, backend, exc), store)
         if timing.errors:  # kernels that raised on this shape are failed kernels of every module running it
             with self._lock:
                 self.failed.setdefault(module, set()).update(timing.errors)

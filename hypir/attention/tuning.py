@@ -1,6 +1,7 @@
 """Per-shape kernel choice: on the first call of an attention shape every usable candidate is timed on that
 call's q/k/v, and the fastest is kept in one small process-wide table, so later calls and later pipelines
-reuse it. A CUDA graph capture never times: the fixed order decides there."""
+reuse it, and on disk (timing_store), so later processes on the same GPU and software reuse it too. A CUDA graph
+capture never times: the fixed order decides there."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from ..attention_names import AttentionBackend
 from ..errors import one_line
 from .backends import REGISTRY, dtype_name
+from .timing_store import TimingStore
 
 logger = logging.getLogger("hypir")
 
@@ -57,6 +59,7 @@ class ShapeTiming:
     errors: dict[AttentionBackend, str]
     winner: AttentionBackend | None
     seconds: float = 0.0
+    stored: bool = False  # read from the timings an earlier process kept on disk (timing_store), not timed here
 
 
 _TUNED: "OrderedDict[AttentionShape, ShapeTiming]" = OrderedDict()
@@ -131,25 +134,36 @@ def rounds(group: Callable[[dict[AttentionBackend, int]], dict[AttentionBackend,
 
 
 def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, scale: float,
-            timer: Callable[..., float] | None, on_error: Callable[[AttentionBackend, BaseException], None]
-            ) -> ShapeTiming:
+            timer: Callable[..., float] | None, on_error: Callable[[AttentionBackend, BaseException], None],
+            store: TimingStore | None = None) -> ShapeTiming:
     """Time every candidate on this call's q/k/v (one warm-up call each, then all together with
     :func:`time_kernels`, or one by one with an injected `timer`) and keep the result for the shape; a kernel
     that raises is reported through `on_error` and excluded. Should the joint timing raise after every warm-up
-    passed, each candidate is timed alone, so that only the one that fails is excluded."""
+    passed, each candidate is timed alone, so that only the one that fails is excluded. With a `store`, a
+    timing an earlier process kept for this shape and these candidates is used instead, and a new one is kept."""
     with _TUNE_LOCK:
         timing = _TUNED.get(shape)
         if timing is not None:  # another thread measured it meanwhile
             return timing
+        kept = store.get(shape, candidates) if store is not None else None
+        if kept is not None:
+            times, winner = kept
+            timing = _TUNED[shape] = ShapeTiming(times, {}, winner, 0.0, stored=True)
+            _bound()
+            logger.info("[HYPIR] attention %s: %s (timed by an earlier process on this GPU, kept in %s)",
+                        shape.describe(), winner.value, store.path)
+            return timing
         started = time.perf_counter()
         times: dict[AttentionBackend, float] = {}
         errors: dict[AttentionBackend, str] = {}
+        out_of_memory: list[AttentionBackend] = []
 
         def attempt(backend: AttentionBackend, run: Callable[[], object]) -> bool:
             try:
                 run()
                 return True
             except torch.cuda.OutOfMemoryError:  # needs more memory than is free now: not a defect
+                out_of_memory.append(backend)
                 logger.warning("[HYPIR] %s ran out of GPU memory while timed on %s; not used for it",
                                backend.value, shape.describe())
             except Exception as exc:  # noqa: BLE001 - a kernel that raises is excluded, loudly, once
@@ -179,12 +193,21 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
         timing = ShapeTiming(times, errors, min(times, key=times.__getitem__) if times else None,
                              time.perf_counter() - started)
         _TUNED[shape] = timing
-        while len(_TUNED) > MAX_TUNED_SHAPES:
-            _TUNED.popitem(last=False)
-    logger.info("[HYPIR] attention %s: %s -> %s (timed in %.2f s; kept for this shape in this process)",
+        _bound()
+        if store is None or timing.winner is None or out_of_memory:
+            store = None  # a kernel left out for want of memory now may win with more: not kept on disk
+        else:
+            store.put(shape, candidates, times, timing.winner)
+    logger.info("[HYPIR] attention %s: %s -> %s (timed in %.2f s; kept for this shape in this process%s)",
                 shape.describe(), ", ".join(f"{b.value} {ms:.3f} ms" for b, ms in times.items()) or "no kernel ran",
-                timing.winner.value if timing.winner else "fixed order", timing.seconds)
+                timing.winner.value if timing.winner else "fixed order", timing.seconds,
+                f" and in {store.path}" if store is not None else "")
     return timing
+
+
+def _bound() -> None:
+    while len(_TUNED) > MAX_TUNED_SHAPES:
+        _TUNED.popitem(last=False)
 
 
 def cached(shape: AttentionShape) -> ShapeTiming | None:

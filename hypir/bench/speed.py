@@ -236,6 +236,6 @@ def attention_table(pipe: HYPIRPipeline, images: torch.Tensor) -> dict:
                         "kernels": kernels[key]})
     timings = [{"shape": shape.describe(), "times_ms": {b.value: t for b, t in timing.times.items()},
                 "errors": {b.value: e for b, e in timing.errors.items()},
-                "winner": timing.winner.value if timing.winner else None}
+                "winner": timing.winner.value if timing.winner else None, "stored": timing.stored}
                for shape, timing in autotune_table().items()]
     return {"modules": modules, "per_shape_timings": timings}
