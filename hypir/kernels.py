@@ -19,6 +19,7 @@ import contextvars
 import functools
 import importlib.util
 import logging
+import threading
 import types
 from typing import Iterator
 
@@ -35,6 +36,37 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+_WARM_UP_LOCK = threading.Lock()
+_WARM_UP: list[threading.Thread] = []
+
+
+def start_triton_warm_up() -> threading.Thread | None:
+    """Compute Triton's own cache key (a hash of its compiler and its libtriton library) in a background thread,
+    once per process. Triton computes it before it loads its first kernel from its disk cache, and a first image
+    waited 0.40 s for it on the H200 machine (`benchmarks/first_image.py --profile`); started as the models
+    load, it is done by the time they are (hashing and reading release the GIL). Returns the thread, or None
+    where it was started before or Triton is not installed. Failing here costs nothing: Triton computes the key
+    again when it needs it, and reports its own errors there."""
+    if not triton_available():
+        return None
+    with _WARM_UP_LOCK:
+        if _WARM_UP:
+            return None
+
+        def warm_up() -> None:
+            try:
+                from triton.runtime.cache import triton_key
+
+                triton_key()
+            except Exception as exc:  # noqa: BLE001 - only a head start: the first kernel load redoes it
+                logger.debug("[HYPIR] Triton's cache key was not computed ahead (%s)", one_line(exc))
+
+        thread = threading.Thread(target=warm_up, name="hypir-triton-warm-up", daemon=True)
+        _WARM_UP.append(thread)
+    thread.start()
+    return thread
 
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoints import BUNDLED_SD21_CONFIG, load_base_model
+from .kernels import start_triton_warm_up
 from .lora import merge_lora, read_lora
 
 logger = logging.getLogger("hypir")
@@ -88,6 +89,8 @@ def load_weights(base: str | os.PathLike, weights: str | os.PathLike, device: st
     """The base model with the HYPIR LoRA merged, cast to `dtype` on `device`, ready for inference."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if device.type == "cuda":
+        start_triton_warm_up()  # done before the weights are
     lora = read_lora(weights)
     model = load_base_model(base, allow_download=allow_download, config_dir=config_dir)
     merge_lora(model.unet, lora, lora_scale)

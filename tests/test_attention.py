@@ -750,11 +750,16 @@ GPU_ENV = {"gpu": "NVIDIA H200", "capability": "sm90", "torch": "2.11.0+cu130", 
 A100_CANDIDATES = [AttentionBackend.FLASH_ATTN, AttentionBackend.SDPA_CUDNN, AttentionBackend.SDPA_FLASH]
 
 
-def measure_with(store, timer, shape=SHAPE_A, candidates=A100_CANDIDATES):
+def measure_with(store, timer, shape=SHAPE_A, candidates=A100_CANDIDATES, probed=None):
+    """What the router does on a shape's first call in a process (AttentionRouter._choose_for_shape): the stored
+    timing of these candidates, else a measurement of those that passed their probes (`probed`), kept on disk
+    under the candidates."""
     b, n, m, h, d = shape
     q, k, v = qkv(b, n, m, h, d, seed=0, dtype=torch.bfloat16)
-    return tuning_module.measure(AttentionShape.of(q, k), candidates, q, k, v, d ** -0.5, timer,
-                                 on_error=lambda b, exc: None, store=store)
+    shape = AttentionShape.of(q, k)
+    return tuning_module.stored(shape, store, candidates) or tuning_module.measure(
+        shape, probed or candidates, q, k, v, d ** -0.5, timer, on_error=lambda b, exc: None, store=store,
+        key=candidates)
 
 
 def never_timed(*args):
@@ -782,6 +787,20 @@ def test_a_timing_is_kept_on_disk_and_read_by_the_next_process(kernels, tmp_path
         again = measure_with(TimingStore(tmp_path, GPU_ENV), never_timed)
     assert again.stored and again.winner == first.winner and again.times == first.times and again.seconds == 0
     assert f"(timed by an earlier process on this GPU, kept in {files[0]})" in caplog.text
+
+
+def test_a_timing_is_kept_under_the_candidates_before_their_probes(kernels, tmp_path):
+    """A kernel whose probe failed on this GPU is not timed; the timing is kept under every candidate, so the next
+    process finds it without probing (a probe is a tiny call of each kernel: 0.2 s at a first 1024 image)."""
+    from hypir.attention.timing_store import TimingStore
+
+    timer = FakeTimer(by_q_tokens)
+    probed = [AttentionBackend.SDPA_CUDNN, AttentionBackend.SDPA_FLASH]  # flash-attn's probe failed
+    first = measure_with(TimingStore(tmp_path, GPU_ENV), timer, probed=probed)
+    assert {backend for _, backend in timer.calls} == set(probed) and set(first.times) == set(probed)
+    clear_autotune_cache()
+    again = measure_with(TimingStore(tmp_path, GPU_ENV), never_timed)
+    assert again.stored and again.winner == AttentionBackend.SDPA_CUDNN and set(again.times) == set(probed)
 
 
 def test_another_gpu_or_other_kernels_are_timed_again(kernels, tmp_path, monkeypatch):

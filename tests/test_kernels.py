@@ -545,3 +545,26 @@ def test_transposed_upsample_rounding_in_bf16():
     assert plain_error < transposed_error < 1.6 * plain_error
     # In float64 the two paths agree to rounding: the difference is the weights' bf16 rounding alone.
     assert _rel(fused_blocks.nearest2x_conv3x3(x.double(), weight.double(), bias.double()), exact) < 1e-12
+
+
+def test_triton_key_is_computed_once_in_the_background(monkeypatch):
+    """start_triton_warm_up computes Triton's cache key on a thread of its own, once per process, so that the first
+    kernel loaded from Triton's disk cache does not wait for it; loading models on a GPU starts it."""
+    pytest.importorskip("triton")
+    from triton.runtime import cache
+
+    from hypir import loading
+
+    monkeypatch.setattr(kernels, "_WARM_UP", [])
+    cache.triton_key.cache_clear()
+    thread = kernels.start_triton_warm_up()
+    assert thread is not None and thread.daemon and thread.name == "hypir-triton-warm-up"
+    thread.join(timeout=60)
+    assert cache.triton_key.cache_info().currsize == 1
+    assert kernels.start_triton_warm_up() is None  # once per process
+    started = []
+    monkeypatch.setattr(loading, "start_triton_warm_up", lambda: started.append(True))
+    monkeypatch.setattr(loading, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(Exception, match="HYPIR weights not found"):
+        loading.load_weights("no-such-base", "no-such-weights.pth", device="cuda", dtype="fp32")
+    assert started == [True]

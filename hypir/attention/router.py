@@ -119,10 +119,15 @@ class AttentionRouter:
         if timing is None:
             if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None  # nothing can be timed while capturing: the fixed order decides
-            candidates = tuned_candidates(lambda b: self.why_not(b, shape.head_dim) is None)  # none opt-in
+            # Kept on disk by an earlier process on this GPU and software? Keyed by the candidates before the
+            # probes (a tiny call of each kernel, 0.2 s at a first 1024 image): that process probed them.
             store = store_for(q.device) if self.timer is None else None  # injected timers time stand-ins
-            timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
-                                    lambda backend, exc: self._record_failure(module, backend, exc), store)
+            key = tuned_candidates(lambda b: why_not(b, self.info, self.dtype, shape.head_dim) is None)
+            timing = tuning.stored(shape, store, key) if store is not None else None
+            if timing is None:
+                candidates = tuned_candidates(lambda b: self.why_not(b, shape.head_dim) is None)  # none opt-in
+                timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
+                                        lambda backend, exc: self._record_failure(module, backend, exc), store, key)
         if timing.errors:  # kernels that raised on this shape are failed kernels of every module running it
             with self._lock:
                 self.failed.setdefault(module, set()).update(timing.errors)

@@ -133,25 +133,36 @@ def rounds(group: Callable[[dict[AttentionBackend, int]], dict[AttentionBackend,
     return {b: times[b] for b in backends}
 
 
+def stored(shape: AttentionShape, store: TimingStore, key: list[AttentionBackend]) -> ShapeTiming | None:
+    """The timing an earlier process kept in `store` for this shape and these candidates (`key`), now kept in
+    this process too; None where there is none."""
+    with _TUNE_LOCK:
+        timing = _TUNED.get(shape)
+        if timing is not None:  # another thread measured or read it meanwhile
+            return timing
+        kept = store.get(shape, key)
+        if kept is None:
+            return None
+        times, winner = kept
+        timing = _TUNED[shape] = ShapeTiming(times, {}, winner, 0.0, stored=True)
+        _bound()
+    logger.info("[HYPIR] attention %s: %s (timed by an earlier process on this GPU, kept in %s)",
+                shape.describe(), winner.value, store.path)
+    return timing
+
+
 def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, scale: float,
             timer: Callable[..., float] | None, on_error: Callable[[AttentionBackend, BaseException], None],
-            store: TimingStore | None = None) -> ShapeTiming:
+            store: TimingStore | None = None, key: list[AttentionBackend] | None = None) -> ShapeTiming:
     """Time every candidate on this call's q/k/v (one warm-up call each, then all together with
     :func:`time_kernels`, or one by one with an injected `timer`) and keep the result for the shape; a kernel
     that raises is reported through `on_error` and excluded. Should the joint timing raise after every warm-up
-    passed, each candidate is timed alone, so that only the one that fails is excluded. With a `store`, a
-    timing an earlier process kept for this shape and these candidates is used instead, and a new one is kept."""
+    passed, each candidate is timed alone, so that only the one that fails is excluded. With a `store`, the
+    result is kept on disk too, under `key` (the candidates before the probes that exclude kernels failing on this
+    GPU; default `candidates`), where :func:`stored` finds it."""
     with _TUNE_LOCK:
         timing = _TUNED.get(shape)
         if timing is not None:  # another thread measured it meanwhile
-            return timing
-        kept = store.get(shape, candidates) if store is not None else None
-        if kept is not None:
-            times, winner = kept
-            timing = _TUNED[shape] = ShapeTiming(times, {}, winner, 0.0, stored=True)
-            _bound()
-            logger.info("[HYPIR] attention %s: %s (timed by an earlier process on this GPU, kept in %s)",
-                        shape.describe(), winner.value, store.path)
             return timing
         started = time.perf_counter()
         times: dict[AttentionBackend, float] = {}
@@ -197,7 +208,7 @@ def measure(shape: AttentionShape, candidates: list[AttentionBackend], q, k, v, 
         if store is None or timing.winner is None or out_of_memory:
             store = None  # a kernel left out for want of memory now may win with more: not kept on disk
         else:
-            store.put(shape, candidates, times, timing.winner)
+            store.put(shape, key or candidates, times, timing.winner)
     logger.info("[HYPIR] attention %s: %s -> %s (timed in %.2f s; kept for this shape in this process%s)",
                 shape.describe(), ", ".join(f"{b.value} {ms:.3f} ms" for b, ms in times.items()) or "no kernel ran",
                 timing.winner.value if timing.winner else "fixed order", timing.seconds,

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels import start_triton_warm_up
 from ..loading import HYPIRModels
 from ..lora import lora_from_state_dict, merge_lora
 from ..runtime import prepare
@@ -40,6 +41,8 @@ def build_models(size: str, device: torch.device, dtype: torch.dtype, seed: int 
     """Random SD2.1-architecture weights, placed and prepared as loaded models are (runtime.prepare)."""
     from .random_models import build_random_base, random_lora
 
+    if device.type == "cuda":
+        start_triton_warm_up()  # as load_weights does
     base = build_random_base(size, seed)
     if size != "sd21":  # a real-size rank-256 LoRA costs minutes to draw and nothing at run time once merged
         merge_lora(base.unet, lora_from_state_dict(random_lora(base.unet, rank=4, seed=seed), "random"), 1.0)
