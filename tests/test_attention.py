@@ -896,6 +896,47 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == Path.home() / ".cache" / "hypir"
 
 
+def test_the_router_runs_what_an_earlier_process_timed_without_timing(kernels, tmp_path, caplog):
+    from hypir.attention.timing_store import TimingStore
+
+    timer = FakeTimer(by_q_tokens)
+    first = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100, timer=timer,
+                            store=TimingStore(tmp_path, GPU_ENV))
+    out, _ = run_shape(first, "unet.a.attn1", SHAPE_A)
+    assert first.ran == {"unet.a.attn1": AttentionBackend.SDPA_CUDNN} and len(timer.calls) == 3
+    clear_autotune_cache()  # a new process
+    second = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100, timer=never_timed,
+                             store=TimingStore(tmp_path, GPU_ENV))
+    again, _ = run_shape(second, "unet.b.attn1", SHAPE_A)
+    assert second.ran == {"unet.b.attn1": AttentionBackend.SDPA_CUDNN} and torch.equal(out, again)
+    timing, = autotune_table().values()
+    assert timing.stored and second.tuned["unet.b.attn1"][1] is timing
+
+
+def test_a_stored_winner_that_fails_is_forgotten_on_disk(kernels, tmp_path, caplog):
+    """A kernel an earlier process chose raises here (a driver or library change the key does not see): this
+    process falls back to the next fastest stored kernel, and the entry goes, so the next process times again."""
+    import json
+
+    from hypir.attention.timing_store import TimingStore
+
+    store = TimingStore(tmp_path, GPU_ENV)
+    run_shape(AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100, timer=FakeTimer(by_q_tokens),
+                              store=store), "unet.a.attn1", SHAPE_A)
+    assert len(json.loads(store.path.read_text())["shapes"]) == 1
+    clear_autotune_cache()
+    kernels[AttentionBackend.SDPA_CUDNN].fail = True
+    router = AttentionRouter(AttentionPolicy(), "cpu", torch.bfloat16, A100, timer=never_timed,
+                             store=TimingStore(tmp_path, GPU_ENV))
+    with caplog.at_level("WARNING", logger="hypir"):
+        out, output_of = run_shape(router, "unet.b.attn1", SHAPE_A)
+    # the stored times: cudnn 1 ms, then flash_attn 2 ms (FakeTimer: 2 + its place in TUNED_ORDER) before sdpa_flash
+    assert router.ran == {"unet.b.attn1": AttentionBackend.FLASH_ATTN}
+    assert torch.equal(out, output_of(AttentionBackend.FLASH_ATTN))
+    assert "sdpa_cudnn failed in unet.b.attn1" in caplog.text
+    assert json.loads(store.path.read_text())["shapes"] == {}
+
+
 def test_an_injected_timer_never_reads_or_writes_the_disk(kernels, monkeypatch, tmp_path):
     import hypir.attention.router as router_module
 

@@ -19,7 +19,7 @@ from ..errors import one_line
 from . import tuning
 from .backends import (CUDA_FALLBACK_ORDER, FLASH_ORDER, OTHER_FALLBACK_ORDER, REGISTRY, DeviceInfo, _sdpa,
                        dtype_name, parse_backend, tuned_candidates, why_not)
-from .timing_store import store_for
+from .timing_store import TimingStore, store_for
 from .tuning import AttentionShape, ShapeTiming
 
 logger = logging.getLogger("hypir")
@@ -49,19 +49,22 @@ class AttentionRouter:
     ``timer(backend, fn, q, k, v, scale) -> ms`` times one candidate for the per-shape choice; None uses
     :func:`time_kernels` (CUDA events, every candidate in the same rounds; CUDA tensors only). A timer given
     here also lets the per-shape choice run on tensors of other devices (tests time stand-in kernels with a
-    fake one).
+    fake one). ``store`` is where timings are kept across processes; None: the cache folder's store of the
+    GPU (timing_store.store_for) with the built-in timer, none with an injected one (it times stand-ins).
     """
 
     timer: Callable[..., float] | None = None
 
     def __init__(self, policy: AttentionPolicy, device: torch.device | str, dtype: torch.dtype,
-                 device_info: DeviceInfo | None = None, timer: Callable[..., float] | None = None):
+                 device_info: DeviceInfo | None = None, timer: Callable[..., float] | None = None,
+                 store: TimingStore | None = None):
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
         self.info = device_info or DeviceInfo.of(self.device)
         if timer is not None:
             self.timer = timer
+        self.store = store
         self.per_shape = (policy.per_shape and policy.attention == AUTO and policy.use_flash_attention
                           and self.info.type == "cuda")
         self.ran: dict[str, AttentionBackend] = {}
@@ -121,8 +124,8 @@ class AttentionRouter:
                 return None  # nothing can be timed while capturing: the fixed order decides
             # Kept on disk by an earlier process on this GPU and software? Keyed by the candidates before the
             # probes (a tiny call of each kernel, 0.2 s at a first 1024 image): that process probed them.
-            store = store_for(q.device) if self.timer is None else None  # injected timers time stand-ins
-            key = tuned_candidates(lambda b: why_not(b, self.info, self.dtype, shape.head_dim) is None)
+            store = self._timing_store(q)
+            key = self._store_key(shape)
             timing = tuning.stored(shape, store, key) if store is not None else None
             if timing is None:
                 candidates = tuned_candidates(lambda b: self.why_not(b, shape.head_dim) is None)  # none opt-in
@@ -138,6 +141,23 @@ class AttentionRouter:
                 return backend
         self.tuned.pop(module, None)
         return None
+
+    def _timing_store(self, q: torch.Tensor) -> TimingStore | None:
+        if self.store is not None:
+            return self.store
+        return store_for(q.device) if self.timer is None else None  # an injected timer times stand-ins
+
+    def _store_key(self, shape: AttentionShape) -> list[AttentionBackend]:
+        """The candidates a stored timing of this shape is kept under: those usable here, before their probes."""
+        return tuned_candidates(lambda b: why_not(b, self.info, self.dtype, shape.head_dim) is None)
+
+    def _forget_stored(self, shape: AttentionShape, q: torch.Tensor, backend: AttentionBackend) -> None:
+        """A kernel that an earlier process's timing chose failed here: its stored timing goes, so that the next
+        process times the shape again (and probes the kernels) instead of failing over on every start."""
+        timing = tuning.cached(shape)
+        store = self._timing_store(q)
+        if timing is not None and timing.stored and timing.winner == backend and store is not None:
+            store.drop(shape, self._store_key(shape))
 
     def _record_failure(self, module: str, backend: AttentionBackend, exc: BaseException) -> None:
         with self._lock:
@@ -171,6 +191,8 @@ class AttentionRouter:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failing kernel falls back, once per module, loudly
                 self._record_failure(module, backend, exc)
+                if shape is not None:
+                    self._forget_stored(shape, q, backend)
                 continue
             self.ran[module] = backend
             return out

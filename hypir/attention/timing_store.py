@@ -102,13 +102,28 @@ class TimingStore:
             merged = {**self._read(quiet=True), **entries}  # what another process stored meanwhile, kept
             while len(merged) > MAX_STORED_SHAPES:
                 merged.pop(next(iter(merged)))
-            try:
-                self._write(merged)
-            except OSError as exc:
-                self._writable = False
-                logger.warning("[HYPIR] cannot keep attention timings in %s (%s); they last this process only. "
-                               "Set %s to a writable folder, or to an empty value to keep none",
-                               self.path.parent, exc, CACHE_DIR_ENV)
+            self._save(merged)
+
+    def _save(self, entries: dict[str, dict]) -> None:
+        """Write the file, or warn once and keep the timings in memory only."""
+        try:
+            self._write(entries)
+        except OSError as exc:
+            self._writable = False
+            logger.warning("[HYPIR] cannot keep attention timings in %s (%s); they last this process only. "
+                           "Set %s to a writable folder, or to an empty value to keep none",
+                           self.path.parent, exc, CACHE_DIR_ENV)
+
+    def drop(self, shape: "AttentionShape", candidates: list[AttentionBackend]) -> None:
+        """Forget the timing kept for this shape and these candidates (its winner failed)."""
+        key = shape_key(shape, candidates)
+        with self._lock:
+            self._load().pop(key, None)
+            if not self._writable:
+                return
+            kept = self._read(quiet=True)
+            if kept.pop(key, None) is not None:
+                self._save(kept)
 
     def _load(self) -> dict[str, dict]:
         if self._entries is None:
