@@ -381,8 +381,8 @@ def _restore_inputs(cfg: dict) -> dict:
         "model_t": _setting("model_t", cfg, min=1, max=999),
         "coeff_t": _setting("coeff_t", cfg, min=1, max=999),
         "tile_size": ("INT", {"default": tile, "min": 0, "max": 8192, "step": 64,
-                              "tooltip": "0 = auto: one pass when it fits in GPU memory, else tiles of this many "
-                                         "pixels of the processed image"}),
+                              "tooltip": "0 = auto: one pass when it fits in GPU memory, else the tile size that "
+                                         "fits and runs fastest; N = tiles of N pixels of the processed image"}),
         "tile_stride": _setting("tile_stride", cfg, min=64, max=8192, step=8),
         "color_fix": _setting("color_fix", cfg),
         "latent": _setting("latent", cfg),

@@ -23,8 +23,9 @@ HYPIR_CONFIG = {
     "seed": 231,
     # Output size: upscale factor (a target long side can be given per run instead).
     "upscale": 2.0,
-    # Tiles in processed-image pixels: "auto" runs one pass when it fits in memory; an integer forces
-    # tiles of that size (a multiple of 8) overlapping by tile_size - tile_stride.
+    # Tiles in processed-image pixels: "auto" runs one pass when it fits in memory, else the tile size that fits
+    # and runs fastest; an integer forces tiles of that size (a multiple of 8) overlapping by
+    # tile_size - tile_stride.
     "tile_size": "auto",
     "tile_stride": 256,
     # VAE latent: "sample" (as the reference, seeded) or "mode" (deterministic mean).
