@@ -46,19 +46,23 @@ def start_triton_warm_up() -> threading.Thread | None:
     """Compute Triton's own cache key (a hash of its compiler and its libtriton library) in a background thread,
     once per process. Triton computes it before it loads its first kernel from its disk cache, and a first image
     waited 0.40 s for it on the H200 machine (`benchmarks/first_image.py --profile`); started as the models
-    load, it is done by the time they are (hashing and reading release the GIL). Returns the thread, or None
-    where it was started before or Triton is not installed. Failing here costs nothing: Triton computes the key
-    again when it needs it, and reports its own errors there."""
+    load, it is done by the time they are (hashing and reading release the GIL). Triton is imported by the caller
+    first. Returns the thread, or None where it was started before or Triton is not installed. Failing here costs
+    nothing: Triton computes the key again when it needs it, and reports its own errors there."""
     if not triton_available():
         return None
     with _WARM_UP_LOCK:
         if _WARM_UP:
             return None
+        try:
+            # Imported here, not on the thread: a package imported by two threads at once can be seen half-made.
+            from triton.runtime.cache import triton_key
+        except Exception as exc:  # noqa: BLE001 - only a head start: the first kernel load imports it again
+            logger.debug("[HYPIR] Triton's cache key was not computed ahead (%s)", one_line(exc))
+            return None
 
         def warm_up() -> None:
             try:
-                from triton.runtime.cache import triton_key
-
                 triton_key()
             except Exception as exc:  # noqa: BLE001 - only a head start: the first kernel load redoes it
                 logger.debug("[HYPIR] Triton's cache key was not computed ahead (%s)", one_line(exc))
