@@ -237,8 +237,8 @@ def fastest_tile(height: int, width: int, fits: Callable[[int], bool]) -> int:
     takes the least estimated time, or the largest within TILE_TIME_TOLERANCE of it; MIN_TILE when none fits.
 
     The largest tile that fits is not the fastest: attention grows with the square of a tile's pixels while more
-    tiles only add their overlaps, so a 4096x4096 output in tiles of 1536 (16 tiles) costs about 1.7 times as much
-    as in tiles of 1024 (25 tiles)."""
+    tiles only add their overlaps: a 4096x4096 output in tiles of 1536 (16 tiles) is estimated at 1.7 times, and
+    measured at 1.8 times, the time in tiles of 1024 (25 tiles) on an H200 (benchmarks/tile_sizes.py)."""
     largest = min(MAX_TILE, round_to(max(height, width), 64))
     fitting = [t for t in range(MIN_TILE, largest + 1, 64) if fits(t)]
     if not fitting:
