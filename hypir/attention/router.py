@@ -124,9 +124,10 @@ class AttentionRouter:
                 return None  # nothing can be timed while capturing: the fixed order decides
             # Kept on disk by an earlier process on this GPU and software? Keyed by the candidates before the
             # probes (a tiny call of each kernel, 0.2 s at a first 1024 image): that process probed them.
-            store = self._timing_store(q)
-            key = self._store_key(shape)
-            timing = tuning.stored(shape, store, key) if store is not None else None
+            store, key = self._timing_store(q), None
+            if store is not None:
+                key = self._store_key(shape)
+                timing = tuning.stored(shape, store, key)
             if timing is None:
                 candidates = tuned_candidates(lambda b: self.why_not(b, shape.head_dim) is None)  # none opt-in
                 timing = tuning.measure(shape, candidates, q, k, v, scale, self.timer,
