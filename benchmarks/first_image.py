@@ -35,12 +35,13 @@ from hypir.bench.common import build_models, random_images  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 
 
-def call_seconds(pipe, lq, **options) -> float:
+def timed_call(pipe, lq, **options):
+    """(seconds, result) of one call, the GPU idle before and done after."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    pipe(lq, upscale=2.0, **options)
+    result = pipe(lq, upscale=2.0, **options)
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def first_call(pipe, lq, profile: bool) -> tuple[float, dict[str, float], list[dict]]:
@@ -48,17 +49,12 @@ def first_call(pipe, lq, profile: bool) -> tuple[float, dict[str, float], list[d
     `profile` the functions that took longest under cProfile (which slows the call: its seconds are not the
     first image's cost then)."""
     profiler = cProfile.Profile() if profile else None
-    torch.cuda.synchronize()
-    start = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    result = pipe(lq, upscale=2.0, sync_stages=True)
-    torch.cuda.synchronize()
-    if profiler is not None:
-        profiler.disable()
-    seconds = time.perf_counter() - start
+    seconds, result = timed_call(pipe, lq, sync_stages=True)
     top = []
     if profiler is not None:
+        profiler.disable()
         stats = pstats.Stats(profiler)
         for (file, line, name), (_, calls, own, cumulative, _) in sorted(
                 stats.stats.items(), key=lambda item: item[1][3], reverse=True)[:60]:
@@ -92,8 +88,8 @@ def main() -> int:
         first, stages, top = first_call(pipe, lq, args.profile)
         new_shapes = [t for shape, t in autotune_table().items() if shape not in timed_before]
         timing_s = sum(t.seconds for t in new_shapes)
-        second = call_seconds(pipe, lq)
-        warm = statistics.median(call_seconds(pipe, lq) for _ in range(5))
+        second, _ = timed_call(pipe, lq)
+        warm = statistics.median(timed_call(pipe, lq)[0] for _ in range(5))
         row = {"output": side * 2, "first_s": first, "second_s": second, "warm_s": warm,
                "first_beyond_warm_s": first - warm, "second_beyond_warm_s": second - warm,
                "attention_timing_s": timing_s, "shapes_timed": sum(not t.stored for t in new_shapes),
