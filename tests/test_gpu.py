@@ -495,6 +495,20 @@ def test_the_first_non_finite_stage_is_the_error_read_at_the_end():
     checks.raise_first()  # read once
 
 
+@pytest.mark.parametrize("where,tiled", [("cpu", False), ("cuda", False), ("cuda", True)])
+def test_a_broken_input_is_the_error_though_its_check_follows_the_encoder(small_models_bf16, where, tiled):
+    """The input's NaN check is queued after the encoder's first launch, on its copy on the GPU (a CPU image,
+    ComfyUI's, included: no count on the CPU), once with tiles too; it is still the error raised, ahead of the
+    stages its NaN reached."""
+    from hypir.pipeline import HYPIRPipeline
+
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    x[0, 1, 5, 7] = float("nan")
+    options = dict(tile_size=128, tile_stride=64) if tiled else {}
+    with pytest.raises(ValueError, match="the input holds 1 NaN or infinite values \\(of 12288\\)"):
+        HYPIRPipeline(small_models_bf16)(x.to(where), upscale=4.0, **options)
+
+
 def test_a_queued_pass_does_not_wait_for_the_one_before(small_models_bf16):
     """The folder pipeline queues a photo's pass before reading the last one back: launching a warm pass
     synchronises nothing (the input goes up from pinned memory, the output and the NaN/infinity counts come back

@@ -337,6 +337,22 @@ def test_finite_checks_of_cpu_tensors_are_at_once():
     checks.raise_first()  # nothing pending: CPU tensors were checked at once
 
 
+def test_the_input_check_is_at_once_on_a_cpu_and_queued_once_elsewhere():
+    """pipeline._input_check: on a CPU the input is counted before anything is computed from it; on another
+    device the check is handed back to be queued after the encoder's first launch, and queued once however many
+    tile groups the encoder runs (a "meta" tensor stands for the GPU's; tests/test_gpu.py runs the pass)."""
+    from hypir.pipeline import FiniteChecks, _input_check
+
+    checks = FiniteChecks()
+    with pytest.raises(ValueError, match="the input holds 1 NaN"):
+        _input_check(checks, torch.tensor([[0.5, float("nan")]]))
+    queue = _input_check(checks, torch.empty(1, 3, 8, 8, device="meta"))
+    assert checks._pending == []
+    queue()
+    queue()
+    assert len(checks._pending) == 1 and checks._pending[0][1] == 3 * 8 * 8
+
+
 def test_the_colour_fix_kernel_made_under_inference_mode_is_a_normal_tensor():
     """ComfyUI runs nodes under torch.inference_mode(): the blur kernel the colour fix keeps must not be an
     inference tensor, which autograd-recorded uses outside that mode refuse."""
