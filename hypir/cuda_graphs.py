@@ -37,9 +37,17 @@ class _Graph:
 
 
 def tensor_version(t: torch.Tensor) -> int:
-    """The in-place write counter of `t`; 0 for an inference tensor, which has none (ComfyUI runs its nodes, model
-    loading included, under torch.inference_mode(), and reading `_version` there raises)."""
-    return 0 if t.is_inference() else t._version
+    """The in-place write counter of `t`; 0 for a tensor that has none. ComfyUI loads and runs its nodes under
+    torch.inference_mode(), so the weights are inference tensors, and reading `_version` raises. When ComfyUI
+    then moves them outside inference mode (POST /free, Unload Models: its prompt worker unloads every model),
+    each parameter keeps its Python object with new data: `is_inference()` turns False while `_version` still
+    raises. That raise, in the upsampler's check after a move, ended ComfyUI's prompt worker on the H200."""
+    if t.is_inference():
+        return 0
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
 
 
 # How many modules, parameters and buffers were set anywhere in the process since the first signature was taken
@@ -92,7 +100,7 @@ def weights_signature(module: torch.nn.Module) -> tuple:
         for tensor in slots.values():
             if tensor is not None:
                 append(tensor.data_ptr())
-                append(0 if tensor.is_inference() else tensor._version)
+                append(tensor_version(tensor))
     return tuple(signature)
 
 

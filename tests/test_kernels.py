@@ -340,6 +340,42 @@ def test_weights_made_under_inference_mode():
     assert signature == weights_signature(up) and len(signature) == 4  # the weight's and bias's address and version
 
 
+def test_weights_made_under_inference_mode_move_outside_it():
+    """ComfyUI's POST /free and Unload Models move the model outside inference mode, from its prompt worker:
+    the weights, made under torch.inference_mode(), keep their parameter objects with new data, whose
+    `is_inference()` is then False while reading `_version` still raises. The upsampler's check after the move
+    and the weights signature must read 0 for them (the raise ended ComfyUI's prompt worker on the H200), the
+    move still drops the 4x4 kernels, and the next run (ComfyUI's loads the model back under inference mode)
+    makes them again."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from hypir.cuda_graphs import tensor_version, weights_signature
+
+    with torch.inference_mode():
+        up = Upsample2D(8, use_conv=True)
+    fused_blocks.install_fused_blocks(up)
+    x = torch.randn(1, 8, 5, 6, generator=torch.Generator().manual_seed(11))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_blocks, "_fast", lambda x: True)
+        with torch.inference_mode():
+            up(x)
+        assert up._transposed_weight is not None
+        up.to(torch.float64)  # outside inference mode, as ComfyUI's unload
+        weight = up.conv.weight
+        assert not weight.is_inference()
+        with pytest.raises(RuntimeError, match="version counter"):
+            weight._version  # the state ComfyUI's unload leaves (if PyTorch changes it, this test says so)
+        assert tensor_version(weight) == 0 and up._transposed_weight is None
+        assert len(weights_signature(up)) == 4
+        with torch.inference_mode():  # ComfyUI's next run loads the model back, under inference mode
+            up.to(torch.float32)
+            after = up(x)
+            assert up._transposed_weight is not None
+            want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                              up.conv.weight, up.conv.bias, padding=1)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+
+
 def test_weights_signature_sees_every_change_of_a_weight(tiny_base):
     """The signature is every parameter and buffer slot's address and version (None ones not at all), and
     changes when a weight is written in place, replaced through setattr or straight in its module's dict (as
