@@ -114,6 +114,34 @@ def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_f
         pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("encode", 10)))
 
 
+def test_out_of_memory_with_tiles_sent_together_retries_them_one_at_a_time(pipe, image_factory, caplog,
+                                                                          monkeypatch):
+    """Tiles sent through the models together that run out go one at a time in the same size before any is
+    halved: the size is the one the planner found fastest. Planned as on a GPU with 1 GiB for the pass (a CPU
+    plan sends one tile at a time)."""
+    from hypir import pipeline
+
+    plans = []
+
+    def plan_as_on_a_gpu(models, images, options, max_group=None):
+        plans.append(pipeline.plan_size(images.shape[2], images.shape[3], images.shape[0], options,
+                                        torch.device("cuda"), models.dtype.itemsize, memory=(1 << 30, "a test GPU"),
+                                        max_group=max_group))
+        return plans[-1]
+
+    monkeypatch.setattr(pipeline, "plan_for", plan_as_on_a_gpu)
+    lq = image_factory(1, 64, 128, seed=33)
+    with caplog.at_level("WARNING", logger="hypir"):
+        result = pipe(lq, upscale=8.0, latent="mode", tile_size=256, tile_stride=192,
+                      callbacks=Callbacks(progress=_oom_during("unet", 1)))
+    assert [(p.tile, p.tiles_per_batch) for p in plans] == [(256, 4), (256, 1)]
+    assert "retrying with tiles of 256 px one at a time" in caplog.text and "tiles of 128" not in caplog.text
+    assert (result.tile_size, result.tile_stride) == (256, 192) and result.images.shape == (1, 3, 512, 1024)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="even with tiles of 256 px, one at a time"):
+        pipe(lq, upscale=8.0, latent="mode", tile_size=256, tile_stride=192,
+             callbacks=Callbacks(progress=_oom_during("unet", 10)))
+
+
 def test_out_of_memory_drops_the_graphs_of_every_model_on_that_gpu(monkeypatch):
     """release_graphs_on drops the CUDA graphs of each loaded model on the device that ran out ("cuda" and
     "cuda:0" naming the same GPU), and no others."""
