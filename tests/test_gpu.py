@@ -509,6 +509,37 @@ def test_a_broken_input_is_the_error_though_its_check_follows_the_encoder(small_
         HYPIRPipeline(small_models_bf16)(x.to(where), upscale=4.0, **options)
 
 
+def test_models_loaded_under_inference_mode_unload_outside_it(tiny_files):
+    """ComfyUI loads and runs HYPIR under torch.inference_mode() and unloads it outside (POST /free, Unload
+    Models: its prompt worker's unload_all_models). The move to the CPU must not raise (it did in the upsamplers'
+    check, which ended ComfyUI's prompt worker with 1858 MiB left on the GPU), must give the GPU memory back,
+    and a load back under inference mode must restore the same image."""
+    from hypir.pipeline import HYPIRPipeline
+    from hypir.runtime import load_models, runtime_of
+
+    folder, weights = tiny_files
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8)).cuda()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        models = load_models(folder, weights, device="cuda", dtype="bf16")
+        pipe = HYPIRPipeline(models)
+        for _ in range(3):  # eager, capture, replay: the upsamplers' 4x4 kernels and the graphs exist
+            first = pipe(x, upscale=4.0).images.clone()
+    parts = (models.unet, models.vae, models.text_encoder)
+    for part in parts:
+        part.to("cpu")  # outside inference mode, as ComfyUI's unload
+    runtime_of(models).clear()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() - before < 16 * 2**20
+    with torch.inference_mode():
+        for part in parts:
+            part.to("cuda")
+        again = pipe(x, upscale=4.0).images
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
 def test_a_queued_pass_does_not_wait_for_the_one_before(small_models_bf16):
     """The folder pipeline queues a photo's pass before reading the last one back: launching a warm pass
     synchronises nothing (the input goes up from pinned memory, the output and the NaN/infinity counts come back
