@@ -180,7 +180,7 @@ class RestoreOptions:
     fused_softmax: bool = DEFAULTS["fused_softmax"]
     cuda_graphs: bool = DEFAULTS["cuda_graphs"]
     # how the pass behaves
-    oom_retry: bool = True  # out of GPU memory: retry with smaller tiles
+    oom_retry: bool = True  # out of GPU memory: retry without graphs, tiles one at a time, smaller tiles
     sync_stages: bool = False  # time each stage exactly (synchronises the GPU between stages; the bench)
 
     def __post_init__(self):
