@@ -141,8 +141,9 @@ def main() -> int:
     parser.add_argument("--json", required=True)
     parser.add_argument("--sizes", type=lambda text: [int(n) for n in text.split(",")],
                         help="memory: these output sizes only (of 1024, 2048, 4096)")
-    parser.add_argument("--budgets", type=lambda text: tuple(None if n == "none" else float(n) for n in text.split(",")),
-                        default=(None, 24.0, 12.0, 8.0), help="memory: these budgets in GiB only ('none': no budget)")
+    parser.add_argument("--budgets", default=(None, 24.0, 12.0, 8.0),
+                        type=lambda text: tuple(None if n == "none" else float(n) for n in text.split(",")),
+                        help="memory: these budgets in GiB only ('none': no budget)")
     parser.add_argument("--reference", help="triton/notriton: the other pass's outputs (.pt), saved with --save")
     parser.add_argument("--save", help="triton/notriton: save this pass's outputs here (.pt)")
     parser.add_argument("--no-triton", action="store_true", help="make Triton unimportable (before torch)")

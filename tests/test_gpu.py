@@ -512,8 +512,8 @@ def test_a_broken_input_is_the_error_though_its_check_follows_the_encoder(small_
 def test_models_loaded_under_inference_mode_unload_outside_it(tiny_files):
     """ComfyUI loads and runs HYPIR under torch.inference_mode() and unloads it outside (POST /free, Unload
     Models: its prompt worker's unload_all_models). The move to the CPU must not raise (it did in the upsamplers'
-    check, which ended ComfyUI's prompt worker with 1858 MiB left on the GPU), must give the GPU memory back,
-    and a load back under inference mode must restore the same image."""
+    check, which ended ComfyUI's prompt worker with 1858 MiB left on the GPU), must give the weights' GPU memory
+    back, and a load back under inference mode must restore the same image."""
     from hypir.pipeline import HYPIRPipeline
     from hypir.runtime import load_models, runtime_of
 
