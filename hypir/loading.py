@@ -25,6 +25,11 @@ logger = logging.getLogger("hypir")
 # Device and dtype
 
 
+def gpu_index(device: torch.device) -> int:
+    """The index of a CUDA device: its own, or the current device's where it names none ("cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device

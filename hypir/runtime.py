@@ -21,7 +21,7 @@ from .checkpoints import BUNDLED_SD21_CONFIG
 from .cuda_graphs import GraphedCalls
 from .fused_blocks import install_fused_blocks
 from .kernels import triton_available
-from .loading import HYPIRModels, load_weights, resolve_device, resolve_dtype
+from .loading import HYPIRModels, gpu_index, load_weights, resolve_device, resolve_dtype
 
 logger = logging.getLogger("hypir")
 
@@ -92,7 +92,7 @@ def release_graphs_on(device: torch.device) -> int:
     """Drop the CUDA graphs of every loaded model on this device: what their pools keep reserved no eager
     allocation can use (a pass that ran out of memory retries without them). Returns how many were dropped."""
     def gpu(d: torch.device) -> tuple[str, int | None]:  # "cuda" and "cuda:0" are the same GPU
-        return d.type, (d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device())
+        return d.type, (gpu_index(d) if d.type == "cuda" else d.index)
 
     with _RUNTIMES_LOCK:
         runtimes = [runtime for models, runtime in _RUNTIMES.items() if gpu(models.device) == gpu(device)]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..attention_names import AUTO, AttentionBackend
 from ..errors import one_line
 from ..kernels import scaled_softmax
+from ..loading import gpu_index
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,7 +37,7 @@ class DeviceInfo:
     def of(cls, device: torch.device | str) -> "DeviceInfo":
         device = torch.device(device)
         if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
+            index = gpu_index(device)
             return cls("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
         return cls(device.type, None, device.type.upper())
 

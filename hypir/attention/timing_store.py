@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention_names import AttentionBackend
+from ..loading import gpu_index
 from .backends import REGISTRY
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,9 +46,9 @@ def cache_dir() -> Path | None:
     return Path(base) / "hypir"
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    """What a timing depends on beside the shape and the kernels' own versions: the GPU and the CUDA stack."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def environment(index: int) -> dict[str, str]:
+    """What a timing on GPU `index` depends on beside the shape and the kernels' own versions: the GPU and the
+    CUDA stack."""
     major, minor = torch.cuda.get_device_capability(index)
     return {"gpu": torch.cuda.get_device_name(index), "capability": f"sm{major}{minor}", "torch": torch.__version__,
             "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())}
@@ -170,9 +171,9 @@ def store_for(device: str | torch.device) -> TimingStore | None:
     device = torch.device(device)
     if folder is None or device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = gpu_index(device)
     with _STORES_LOCK:
         store = _STORES.get((str(folder), str(index)))
         if store is None:
-            store = _STORES[(str(folder), str(index))] = TimingStore(folder, environment(torch.device("cuda", index)))
+            store = _STORES[(str(folder), str(index))] = TimingStore(folder, environment(index))
     return store
