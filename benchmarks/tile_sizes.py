@@ -3,7 +3,9 @@
 
 Random SD2.1 weights in bf16, default options, 2048 -> 4096 (x2) under an 8 GiB budget by default. The budget is
 also enforced on PyTorch's allocator (torch.cuda.set_per_process_memory_fraction): a pass that needs more runs out
-of memory and retries in smaller tiles, which the row shows as a tile size other than the one asked for. Per tile
+of memory and retries, its tiles one at a time and then smaller ones; the row shows a smaller tile as a tile size
+other than the one asked for, while its tiles_per_batch is the plan's (the retry's warning says when it ran one
+at a time). Per tile
 size: two warm-up calls (kernel timing and Triton loads; the second captures the CUDA graphs), then the median of
 `--repeats` calls; the CUDA graphs of the previous size are dropped first.
 
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hypir.bench.common import build_models, random_images  # noqa: E402
+from hypir.loading import gpu_index  # noqa: E402
 from hypir.pipeline import HYPIRPipeline  # noqa: E402
 from hypir.planning import auto_stride, tiled_ms  # noqa: E402
 from hypir.runtime import release_graphs_on  # noqa: E402
@@ -40,8 +43,8 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if cuda:
+        device = torch.device("cuda", gpu_index(device))
     if cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * 2**30 / total), device)
