@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hypir.attention import REGISTRY, AttentionBackend  # noqa: E402
+from hypir import kernels  # noqa: E402
+from hypir.attention import MATMUL_BLOCK_BYTES, REGISTRY, AttentionBackend  # noqa: E402
+from hypir.attention.backends import float32_score_attention, shifted_fp16_attention  # noqa: E402
 from hypir.bench.common import gpu_ms  # noqa: E402
 
 
@@ -279,22 +281,48 @@ def tiled_config(scores: tuple, values: tuple) -> TileConfig:
                       pv_stages=values[4])
 
 
+@contextlib.contextmanager
+def patched(owner, name, value):
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
     parser.add_argument("--tokens", default="16384,36864,65536")
-    parser.add_argument("--kernels", default="online,tiled", help="online (one kernel), tiled (two GEMMs)")
+    parser.add_argument("--kernels", default="online,tiled",
+                        help="online (one kernel), tiled (two GEMMs), fp16 (matmul's float32-score and shifted "
+                             "fp16-score paths), softmax (the softmax kernel alone, its rows read once or twice)")
+    parser.add_argument("--std", type=float, default=1.0,
+                        help="std of Q, K and V: 1 gives logits of std 1, 3 of std 9")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": []}
+    result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "std": args.std, "rows": []}
     for tokens in (int(t) for t in args.tokens.split(",")):
         g = torch.Generator(device="cuda").manual_seed(tokens)
-        q, k, v = (torch.randn(1, tokens, 1, 512, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(1, tokens, 1, 512, device="cuda", generator=g).mul(args.std).to(torch.bfloat16)
+                   for _ in range(3))
         scale = 512 ** -0.5
         probs = torch.softmax((q[0, :512, 0].float() @ k[0, :, 0].float().T) * scale, dim=-1)
         exact = probs @ v[0, :, 0].float()
         row = {"tokens": tokens, "kernels": {}}
         variants = {"matmul": lambda: REGISTRY[AttentionBackend.MATMUL].fn(q, k, v, scale),
                     "sdpa_efficient": lambda: REGISTRY[AttentionBackend.SDPA_EFFICIENT].fn(q, k, v, scale)}
+        if "fp16" in args.kernels:  # matmul's two paths at every size (it takes one by the number of keys)
+            variants["float32 scores"] = lambda: float32_score_attention(q, k, v, scale)
+            variants["shifted fp16 scores"] = lambda: shifted_fp16_attention(q, k, v, scale)
+        if "softmax" in args.kernels:
+            rows = min(tokens, MATMUL_BLOCK_BYTES // (4 * tokens))  # one block of matmul's
+            scores = (q[0, :rows, 0] @ k[0, :, 0].T).to(torch.float16)[None]
+            for limit, name in ((1 << 30, "softmax, a row read once"), (0, "softmax, a row read twice")):
+                def softmax(limit=limit):
+                    with patched(kernels, "SOFTMAX_ONE_READ_MAX", limit):
+                        return kernels.scaled_softmax(scores, scale, torch.float16)
+                variants[f"{name} ({rows} rows)"] = softmax
         if "online" in args.kernels:
             for config in CONFIGS:
                 variants["triton %dx%d dv%d w%d s%d" % config] = (
@@ -306,7 +334,8 @@ def main() -> int:
         for name, fn in variants.items():
             try:
                 out = fn()
-                err = ((out[0, :512, 0].float() - exact).norm() / exact.norm()).item()
+                err = (None if name.startswith("softmax") else
+                       ((out[0, :512, 0].float() - exact).norm() / exact.norm()).item())
                 row["kernels"][name] = {"ms": gpu_ms(fn), "rel_err": err}
             except Exception as exc:  # noqa: BLE001 - a tile shape that does not fit is a result too
                 row["kernels"][name] = {"error": str(exc).splitlines()[0][:200]}

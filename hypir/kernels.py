@@ -417,14 +417,15 @@ def _kernels():
         tl.store(x_ptr + i, v.to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def scaled_softmax(scores_ptr, out_ptr, M, scale, BLOCK: tl.constexpr):
-        # One row: a running max and sum over the row in one read, then the probabilities in a second.
+    def scaled_softmax(scores_ptr, out_ptr, M, scale, times, BLOCK: tl.constexpr):
+        # One row wider than a block: a running max and sum over the row in one read, then the probabilities
+        # in a second.
         row = tl.program_id(0).to(tl.int64) * M
         running_max = tl.full([BLOCK], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, M, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")) * scale
+            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
             new_max = tl.maximum(running_max, v)
             pivot = tl.where(new_max > float("-inf"), new_max, 0.0)  # a lane with nothing yet: exp(-inf) = 0
             running_sum = running_sum * tl.exp(running_max - pivot) + tl.exp(v - pivot)
@@ -433,9 +434,19 @@ def _kernels():
         row_sum = tl.sum(running_sum * tl.exp(running_max - row_max), axis=0)
         for start in range(0, M, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")) * scale
-            p = tl.exp(v - row_max) / row_sum
+            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
+            p = tl.exp(v - row_max) * (times / row_sum)
             tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
+
+    @triton.jit
+    def scaled_softmax_one_read(scores_ptr, out_ptr, M, scale, times, BLOCK: tl.constexpr):
+        # One row that fits one block (BLOCK >= M): read once, held in registers.
+        row = tl.program_id(0).to(tl.int64) * M
+        cols = tl.arange(0, BLOCK)
+        v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
+        e = tl.exp(v - tl.max(v, axis=0))
+        p = e * (times / tl.sum(e, axis=0))
+        tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
 
     @triton.jit
     def gated_gelu(x_ptr, out_ptr, numel, F, BLOCK: tl.constexpr):
@@ -467,20 +478,25 @@ def _kernels():
     return types.SimpleNamespace(
         gated_gelu=gated_gelu, pad_end=pad_end, partial_stats=partial_stats, merge_stats=merge_stats,
         normalize=normalize, row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
-        channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax)
+        channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax,
+        scaled_softmax_one_read=scaled_softmax_one_read)
 
 
-def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """softmax(scores * scale) over the last dimension of float32 scores, returned in `dtype`; the scores are
-    consumed (scaled in place). With Triton on CUDA: one kernel that reads the scores twice and writes the
-    probabilities once; else (or with the fused_softmax setting off) PyTorch's scale, softmax and cast."""
+def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype, times: float = 1.0) -> torch.Tensor:
+    """softmax(scores * scale) * times over the last dimension, in float32 from float32 or fp16 scores,
+    returned in `dtype`; float32 scores are consumed (scaled in place). `times`, a power of two, keeps fp16
+    probabilities of long rows (1/65536 each where uniform) out of fp16's subnormals (below 2**-14), where they
+    would lose bits. With Triton on CUDA: one kernel that reads a row of up to SOFTMAX_ONE_READ_MAX scores once
+    (longer rows twice) and writes the probabilities once; else (or with the fused_softmax setting off)
+    PyTorch's scale, softmax and cast."""
     def reference():
-        return torch.softmax(scores.mul_(scale), dim=-1).to(dtype)
+        probs = torch.softmax(scores.float().mul_(scale), dim=-1)
+        return (probs.mul_(times) if times != 1 else probs).to(dtype)
 
     if not (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
-            and scores.dtype == torch.float32):
+            and scores.dtype in (torch.float32, torch.float16)):
         return reference()
-    return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
+    return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype, times), reference)
 
 
 def gated_gelu(projected: torch.Tensor) -> torch.Tensor:
@@ -522,13 +538,23 @@ def _triton_pad_bottom_right(x):
     return out
 
 
-def _triton_scaled_softmax(scores, scale, dtype):
-    kernel = _kernels().scaled_softmax
+# Rows up to this long are read once, held in registers (16 warps: 32 float32 values a thread); longer rows
+# twice. On an H200, 16384 fp16 scores a row: 0.34 ms read once against 0.48 ms read twice for 16384 rows; at
+# 65536 a row, once was slower (0.58 against 0.49 ms for 4096 rows). benchmarks/attention_512.py --kernels softmax
+SOFTMAX_ONE_READ_MAX = 16384
+
+
+def _triton_scaled_softmax(scores, scale, dtype, times=1.0):
     m = scores.shape[-1]
     out = torch.empty(scores.shape, device=scores.device, dtype=dtype)
+    width = 1 << (m - 1).bit_length()
     with _launch_context(scores):
-        kernel[(scores.numel() // m,)](scores, out, m, scale, BLOCK=min(4096, 1 << (m - 1).bit_length()),
-                                       num_warps=8)
+        if width <= SOFTMAX_ONE_READ_MAX:
+            _kernels().scaled_softmax_one_read[(scores.numel() // m,)](
+                scores, out, m, scale, times, BLOCK=width, num_warps=max(4, min(16, width // 1024)))
+        else:
+            _kernels().scaled_softmax[(scores.numel() // m,)](scores, out, m, scale, times, BLOCK=4096,
+                                                                num_warps=8)
     return out
 
 

@@ -69,6 +69,62 @@ def test_standard_attention_in_query_blocks_is_the_same_attention(monkeypatch):
     assert ((blocked.double() - ref).norm() / ref.norm()).item() <= 1e-6
 
 
+def _float32_score_attention(q, k, v, scale):
+    """What `matmul` computed before its scores went to fp16: float32 scores and softmax, bf16 probabilities."""
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).to(torch.bfloat16).float()
+    return (probs @ v).transpose(1, 2).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("logit_std", [0.4, 9.0, 100.0])
+def test_matmul_attention_with_shifted_fp16_scores_against_float64(monkeypatch, logit_std):
+    """`matmul`'s algorithm (a CUDA backend; its fp16 GEMMs run on the CPU too), in query blocks that do not
+    divide the queries, with keys sampled one in ten, several heads. Where the logits are up to a few tens (std
+    0.4 and 9), the fp16 scores cost nothing measurable: its error against float64 is within 15 % of rounding
+    the exact result to bf16, below the float32 scores' with bf16 probabilities. At logits in the hundreds
+    (std 100: nearly one-hot rows whose largest score the sample misses) the shifted scores lose precision: the
+    error stays under what float32 scores gave at small logits."""
+    import hypir.attention.backends as backends
+
+    q, k, v = qkv(2, 300, 700, 3, 64, seed=7)
+    q, k, v = ((q * logit_std ** 0.5).to(torch.bfloat16), (k * logit_std ** 0.5).to(torch.bfloat16),
+               v.to(torch.bfloat16))
+    monkeypatch.setattr(backends, "MATMUL_BLOCK_BYTES", 4 * 2 * 3 * 700 * 7)  # 7 query rows a block: 43 blocks
+    monkeypatch.setattr(backends, "MATMUL_SAMPLED_KEYS", 64)  # every 10th key
+    out = backends.shifted_fp16_attention(q, k, v, 64 ** -0.5)
+    exact = reference_attention(q, k, v, 64 ** -0.5)
+    error = lambda x: ((x.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 300, 3, 64)
+    before = error(_float32_score_attention(q, k, v, 64 ** -0.5))
+    if logit_std < 10:
+        assert error(out) <= 1.15 * error(exact.to(torch.bfloat16)) and error(out) < before
+    else:
+        assert error(out) < 2.5e-3
+
+
+def test_matmul_attention_takes_fp16_scores_from_a_number_of_keys(monkeypatch):
+    import hypir.attention.backends as backends
+
+    taken = []
+    monkeypatch.setattr(backends, "MATMUL_FP16_FROM_KEYS", 100)
+    monkeypatch.setattr(backends, "shifted_fp16_attention", lambda *a: taken.append("fp16"))
+    monkeypatch.setattr(backends, "float32_score_attention", lambda *a: taken.append("float32"))
+    for keys in (99, 100, 1000):
+        q, k, v = qkv(1, 8, keys, 1, 64, seed=9, dtype=torch.bfloat16)
+        REGISTRY[AttentionBackend.MATMUL].fn(q, k, v, 0.125)
+    assert taken == ["float32", "fp16", "fp16"]
+
+
+def test_matmul_attention_scores_beyond_fp16_after_the_shift_give_nan_not_a_wrong_result():
+    """Scores that overflow fp16 even after the shift (logits near a million) make NaN, which the pass reports
+    as an error naming --dtype fp32, never a plausible wrong image."""
+    import hypir.attention.backends as backends
+
+    q, k, v = qkv(1, 16, 32, 1, 64, seed=8, dtype=torch.bfloat16)
+    assert torch.isfinite(backends.shifted_fp16_attention(q, k, v, 0.125)).all()
+    assert torch.isnan(backends.shifted_fp16_attention(q * 3000, k * 3000, v, 0.125)).any()
+
+
 def test_cpu_has_sdpa_and_standard():
     assert {AttentionBackend.SDPA, AttentionBackend.STANDARD} <= set(CPU_BACKENDS)
 

@@ -526,19 +526,26 @@ def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
     assert sum("Triton kernels cannot run here" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("width", [77, 1000, 5000])  # 5000: two 4096-wide blocks a row
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_scaled_softmax(interpreted, monkeypatch, width, dtype):
+@pytest.mark.parametrize("width,one_read_max", [(77, None), (1000, None), (5000, None), (5000, 1024)])
+@pytest.mark.parametrize("scores_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                                (torch.float16, torch.float16)])
+def test_scaled_softmax(interpreted, monkeypatch, width, one_read_max, scores_dtype, dtype):
+    """Rows read once (up to SOFTMAX_ONE_READ_MAX) or twice (5000 with a limit of 1024: two 4096-wide blocks a
+    row), from float32 or fp16 scores (`matmul`'s), fp16 probabilities times a power of two."""
     calls = []
     original = kernels._triton_scaled_softmax
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
+    if one_read_max is not None:
+        monkeypatch.setattr(kernels, "SOFTMAX_ONE_READ_MAX", one_read_max)
     g = torch.Generator().manual_seed(6)
-    scores = torch.randn(2, 3, width, generator=g) * 20  # wide logits: the running max must rescale
+    scores = (torch.randn(2, 3, width, generator=g) * 20).to(scores_dtype)  # wide logits: the running max rescales
     expected = torch.softmax(scores.double() * 0.125, dim=-1)
-    probs = kernels.scaled_softmax(scores.clone(), 0.125, dtype)
+    times = 4096.0 if dtype == torch.float16 else 1.0  # `matmul`'s for 5000 keys: out of fp16's subnormals
+    probs = kernels.scaled_softmax(scores.clone(), 0.125, dtype, times)
     assert calls and probs.dtype == dtype and probs.shape == scores.shape
-    tolerance = 4e-3 if dtype == torch.bfloat16 else 1e-6
-    torch.testing.assert_close(probs.double(), expected, rtol=tolerance, atol=tolerance * expected.max().item())
+    tolerance = {torch.bfloat16: 4e-3, torch.float16: 5e-4, torch.float32: 1e-6}[dtype]
+    torch.testing.assert_close(probs.double() / times, expected, rtol=tolerance,
+                               atol=tolerance * expected.max().item())
 
 
 def test_scaled_softmax_switched_off_is_pytorch(interpreted, monkeypatch):

@@ -9,6 +9,7 @@ The SDPA kernels are called through their own ATen operators, never through proc
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -185,18 +186,30 @@ def _sdpa_cudnn(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-MATMUL_BLOCK_BYTES = 512 << 20  # float32 scores held at once by `matmul`
+MATMUL_BLOCK_BYTES = 512 << 20  # scores (and fp16 probabilities) held at once by `matmul`
+# `matmul` sends its scores through memory in fp16 from this many keys a query, in float32 below: at 16384 keys
+# (the VAE at a 1024 output) the conversions to fp16 cost what the smaller scores save (1.25 ms either way on an
+# H200), at 36864 fp16 took 7.3 ms against 8.2 and at 65536 21.9 against 24.7 (benchmarks/attention_512.py).
+MATMUL_FP16_FROM_KEYS = 32768
+MATMUL_SAMPLED_KEYS = 1024  # keys, evenly spaced, whose largest score is a query's shift
+FP16_SHIFT_LIMIT = 60000.0  # a shift within fp16's range (65504)
 
 
 @register(AttentionBackend.MATMUL, "blocked GEMM attention", devices=("cuda",), min_capability=(8, 0),
           dtypes=HALF_DTYPES, probe=True,
-          description="exact attention as two GEMMs with a float32 softmax, queries in blocks; the fastest kernel "
-                      "for the VAE's head_dim 512")
+          description="exact attention as two tensor-core GEMMs and a float32 softmax, queries in blocks; the "
+                      "fastest kernel for the VAE's head_dim 512")
 def _matmul(q, k, v, scale):
-    """Exact attention as two tensor-core GEMMs: scores in float32 (bf16/fp16 inputs, float32 accumulate and
-    output), a float32 softmax, probabilities back to the input dtype for P @ V; queries in blocks so the
-    scores stay under MATMUL_BLOCK_BYTES. For the VAE's single head of 512 dims, which no flash kernel takes,
-    it runs at GEMM speed where the memory-efficient kernel reaches about a sixth of it."""
+    """Exact attention as two tensor-core GEMMs, for the VAE's single head of 512 dims, which no flash kernel
+    takes: there it runs at GEMM speed where the memory-efficient kernel reaches about a sixth of it."""
+    if k.shape[1] >= MATMUL_FP16_FROM_KEYS:
+        return shifted_fp16_attention(q, k, v, scale)
+    return float32_score_attention(q, k, v, scale)
+
+
+def float32_score_attention(q, k, v, scale):
+    """Scores in float32 (bf16/fp16 inputs, float32 accumulate and output), a float32 softmax, probabilities
+    back to the input dtype for P @ V; queries in blocks so the scores stay under MATMUL_BLOCK_BYTES."""
     b, n, h, d = q.shape
     m = k.shape[1]
     qh, kh, vh = (t.transpose(1, 2).reshape(b * h, -1, d) for t in (q, k, v))
@@ -209,6 +222,50 @@ def _matmul(q, k, v, scale):
         del scores
         out[:, start:start + rows] = torch.bmm(probs, vh)
     return out.view(b, h, n, d).transpose(1, 2)
+
+
+def shifted_fp16_attention(q, k, v, scale):
+    """Scores through memory in fp16, half the bytes of float32, and accurate: each query's scores are shifted
+    by the largest of its scores against MATMUL_SAMPLED_KEYS evenly spaced keys, a value at or below its
+    largest score, through one more column of Q (-shift) and of K (1), so that the GEMM's float32 accumulator
+    subtracts it before the one rounding to fp16. The scores that carry the probability are then small, where
+    fp16 is finest, and a score far below the shift that leaves fp16's range is -inf, whose probability 0 is
+    right. A float32 softmax (kernels.scaled_softmax) writes fp16 probabilities, finer than bf16's, times a
+    power of two that keeps them out of fp16's subnormals; P @ V accumulates in float32 and divides by it.
+    Queries go in blocks so that scores and probabilities stay under MATMUL_BLOCK_BYTES. Against float64 its
+    error is lower than float32 scores with bf16 probabilities (1.7e-3 against 2.3e-3 at 65536 tokens on an
+    H200), and above it only where logits reach the hundreds (tests/test_attention.py)."""
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    half = torch.float16
+    qh, kh = (t.transpose(1, 2).reshape(b * h, -1, d) for t in (q, k))
+    vh = v.transpose(1, 2).reshape(b * h, -1, d).to(half)
+    # Q and K with 8 more columns (rows stay 16-byte aligned): Q's first is -shift, K's is 1; the rest zeros.
+    # Most of the scale goes into Q as a power of two (exact), so that fp16's range holds scaled scores up to
+    # about 65504; the rest, in [1, 2), into the float32 softmax.
+    exact = 2.0 ** math.floor(math.log2(scale))
+    qa = torch.empty(b * h, n, d + 8, device=q.device, dtype=half)
+    qs = torch.mul(qh, exact, out=qa[..., :d])
+    qa[..., d:] = 0
+    ka = torch.empty(b * h, m, d + 8, device=q.device, dtype=half)
+    ka[..., :d] = kh
+    ka[..., d + 1:] = 0
+    ka[..., d] = 1  # fills, not a copy from the host: one would wait for the queued work, or break a capture
+    sampled = ka[:, ::max(1, m // MATMUL_SAMPLED_KEYS), :d].transpose(1, 2)
+    kt = ka.transpose(1, 2)
+    out = torch.empty(b * h, n, d, device=q.device, dtype=half)
+    rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
+    times = 2.0 ** max(0, (m - 1).bit_length() - 1)  # fp16 probabilities times this, at most 1/2 of 65504 each
+    for start in range(0, n, rows):
+        block = qa[:, start:start + rows]
+        # In fp16 a sampled score may be infinite; the clamp keeps the shift finite, and any shift is exact.
+        shift = torch.bmm(qs[:, start:start + rows], sampled).amax(dim=-1)
+        block[..., d] = shift.clamp_(-FP16_SHIFT_LIMIT, FP16_SHIFT_LIMIT).neg_()
+        probs = scaled_softmax(torch.bmm(block, kt), scale / exact, half, times)
+        target = out[:, start:start + rows]
+        torch.baddbmm(target, probs, vh, beta=0, alpha=1 / times, out=target)
+        del probs
+    return out.to(q.dtype).view(b, h, n, d).transpose(1, 2)
 
 
 @register(AttentionBackend.FLASH_ATTN, "FlashAttention 2", flash_class=True, devices=("cuda",),
