@@ -79,7 +79,7 @@ class FusedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None or not _fast(x):
             return super().forward(x)
-        return add_channel_bias_(_conv_without_bias(self, x), self.bias)
+        return add_channel_bias_(_conv_without_bias(self, x), self.bias, statistics=True)
 
 
 FUSED_DECODER_RESNETS = True  # benchmarks/levers.py switches these off to measure what they save
@@ -117,8 +117,9 @@ class FusedResnetBlock2D(ResnetBlock2D):
             shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
         if shortcut.stride() != hidden.stride():
             shortcut = shortcut.contiguous(memory_format=_layout(hidden))
-        hidden = add_channel_bias_(hidden, skip_bias, shortcut)
-        return hidden if self.output_scale_factor == 1 else hidden.div_(self.output_scale_factor)
+        if self.output_scale_factor == 1:  # the next block's GroupNorm reads the statistics the add leaves
+            return add_channel_bias_(hidden, skip_bias, shortcut, statistics=True)
+        return add_channel_bias_(hidden, skip_bias, shortcut).div_(self.output_scale_factor)
 
 
 class FusedGEGLU(GEGLU):
@@ -200,7 +201,8 @@ class FusedUpsample2D(Upsample2D):
             self._transposed_weight = cached
         # cuDNN's transposed convolution adds no bias itself: PyTorch's broadcast add after it is a slow strided
         # pass over the channels_last output; the vectorised one is add_channel_bias_'s.
-        return add_channel_bias_(nearest2x_conv3x3(hidden_states, conv.weight, None, cached[1]), conv.bias)
+        return add_channel_bias_(nearest2x_conv3x3(hidden_states, conv.weight, None, cached[1]), conv.bias,
+                                 statistics=True)
 
     def _weight_key(self) -> tuple:
         weight = self.conv.weight

@@ -21,11 +21,12 @@ import importlib.util
 import logging
 import threading
 import types
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import tensor_version
 from .errors import one_line
 
 logger = logging.getLogger("hypir")
@@ -174,18 +175,52 @@ def _run_triton(launch, fallback):
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
                     eps: float, silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """GroupNorm over (N, C, *spatial) with optional pre-bias (N, C) and SiLU; fused on CUDA with Triton."""
+    """GroupNorm over (N, C, *spatial) with optional pre-bias (N, C) and SiLU; fused on CUDA with Triton. An
+    activation that `add_channel_bias_(..., statistics=True)` wrote carries its per-channel partial statistics:
+    then only their merge and the normalisation run, one read of the activation instead of two."""
     reference = lambda: group_norm_silu_reference(x, weight, bias, groups, eps, silu, pre_bias)  # noqa: E731
     if not uses_triton(x) or _flat_strides(x) is None:
         return reference()
-    return _run_triton(lambda: _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias), reference)
+    statistics = channel_statistics(x) if pre_bias is None else None
+    return _run_triton(lambda: _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias, statistics),
+                       reference)
 
 
-def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+class ChannelStatistics(NamedTuple):
+    """row_stats' per-channel partials (mean and M2 of each chunk of pixels) of the activation they describe,
+    with what identifies that activation's storage and contents."""
+    data_ptr: int
+    shape: tuple
+    stride: tuple
+    version: int
+    partial_mean: torch.Tensor
+    partial_m2: torch.Tensor
+    chunks: int
+    pixels: int
+
+
+_STATISTICS = "_hypir_channel_statistics"  # the attribute of the tensor they describe
+
+
+def channel_statistics(x: torch.Tensor) -> ChannelStatistics | None:
+    """The statistics the bias add that wrote `x` left on it, if `x` has not changed since (in-place PyTorch ops
+    raise its version; inference tensors have none, which is why only callers that write nothing into their
+    output before the next GroupNorm ask for statistics)."""
+    found = x.__dict__.get(_STATISTICS)
+    if found is None or (found.data_ptr, found.shape, found.stride, found.version) != (
+            x.data_ptr(), tuple(x.shape), x.stride(), tensor_version(x)):
+        return None
+    return found
+
+
+def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None,
+                      statistics: bool = False) -> torch.Tensor:
     """x += bias[channel] (+ residual), in place, in one pass: a convolution's bias and a residual block's
     skip connection. PyTorch adds a convolution's bias with a broadcast kernel that, on the VAE's large
-    activations, takes about a third as long as the convolution itself."""
+    activations, takes about a third as long as the convolution itself. With `statistics`, on a channels_last
+    activation, the same pass leaves GroupNorm's partial statistics of the result on it (channel_statistics),
+    for the GroupNorm that reads it next; a caller asks only where nothing writes into x before that."""
+    x.__dict__.pop(_STATISTICS, None)  # x changes: what it carried is stale
     if bias is None and residual is None:
         return x
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
@@ -200,8 +235,16 @@ def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torc
     if (uses_triton(x) and dense and (bias is None or bias.is_contiguous())
             and (residual is None or residual.stride() == x.stride())):
         # A launch that fails does so before writing: x is unchanged when the fallback runs.
+        if statistics and _row_layout(x):
+            return _run_triton(lambda: _triton_add_channel_bias_statistics(x, bias, residual) or x, reference)
         return _run_triton(lambda: _triton_add_channel_bias(x, bias, residual) or x, reference)
     return reference()
+
+
+def _row_layout(x: torch.Tensor) -> bool:
+    """Whole pixels contiguous (channels_last) with at most MAX_ROW_CHANNELS channels: the row kernels' layout."""
+    strides = _flat_strides(x)
+    return strides is not None and strides[1:] == (1, x.shape[1]) and x.shape[1] <= MAX_ROW_CHANNELS
 
 
 def _flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -334,6 +377,51 @@ def _kernels():
             if HAS_PRE:
                 v += pre[None, :]
             d = tl.where(mask, v - pivot[None, :], 0.0)
+            acc += d
+            acc2 += d * d
+        total = tl.sum(acc, axis=0)
+        total2 = tl.sum(acc2, axis=0)
+        count = tl.minimum(S - first, SUB * BLOCK_P).to(tl.float32)
+        shift = total / count
+        out = (n * CHUNKS + chunk).to(tl.int64) * C + c
+        tl.store(mean_ptr + out, pivot + shift, mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(total2 - total * shift, 0.0), mask=cmask)
+
+    @triton.jit
+    def row_bias_add_stats(x_ptr, bias_ptr, res_ptr, mean_ptr, m2_ptr, C, S, CHUNKS, s_n,
+                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_P: tl.constexpr, SUB: tl.constexpr):
+        # channel_bias_add over row_stats' chunks of whole channels_last pixels (x and the residual in the same
+        # strides), and row_stats' partials of what it stores: the same sums of the same rounded values in the
+        # same order, so that the GroupNorm that reads them computes what it would have from the tensor.
+        chunk = tl.program_id(0)
+        n = tl.program_id(1)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        base = n.to(tl.int64) * s_n
+        first = chunk * (SUB * BLOCK_P)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        pivot = tl.load(x_ptr + base + first.to(tl.int64) * C + c, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            pivot += bias
+        if HAS_RES:
+            pivot += tl.load(res_ptr + base + first.to(tl.int64) * C + c, mask=cmask, other=0.0).to(tl.float32)
+        pivot = pivot.to(x_ptr.dtype.element_ty).to(tl.float32)  # the first pixel as stored
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for sub in range(SUB):
+            p = first + sub * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask = (p < S)[:, None] & cmask[None, :]
+            offsets = base + p[:, None].to(tl.int64) * C + c[None, :]
+            v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                v += bias[None, :]
+            if HAS_RES:
+                v += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            stored = v.to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + offsets, stored, mask=mask)
+            d = tl.where(mask, stored.to(tl.float32) - pivot[None, :], 0.0)
             acc += d
             acc2 += d * d
         total = tl.sum(acc, axis=0)
@@ -478,6 +566,7 @@ def _kernels():
     return types.SimpleNamespace(
         gated_gelu=gated_gelu, pad_end=pad_end, partial_stats=partial_stats, merge_stats=merge_stats,
         normalize=normalize, row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
+        row_bias_add_stats=row_bias_add_stats,
         channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax,
         scaled_softmax_one_read=scaled_softmax_one_read)
 
@@ -564,6 +653,21 @@ def _triton_add_channel_bias(x, bias, residual):
                         HAS_BIAS=bias is not None, HAS_RES=residual is not None)
 
 
+def _triton_add_channel_bias_statistics(x, bias, residual):
+    n, c = x.shape[:2]
+    spatial = x[0, 0].numel()
+    block_c, block_p, sub, pixels, chunks = _row_statistics_layout(n, c, spatial)
+    partial_mean = torch.empty((n * chunks, c), device=x.device, dtype=torch.float32)
+    partial_m2 = torch.empty_like(partial_mean)
+    with _launch_context(x):
+        _kernels().row_bias_add_stats[(chunks, n)](
+            x, bias if bias is not None else x, residual if residual is not None else x, partial_mean, partial_m2,
+            c, spatial, chunks, x.stride(0), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub, num_warps=ROW_STATS_WARPS)
+    x.__dict__[_STATISTICS] = ChannelStatistics(x.data_ptr(), tuple(x.shape), x.stride(), tensor_version(x),
+                                                partial_mean, partial_m2, chunks, pixels)
+
+
 ELEMENTWISE_BLOCK = 2048  # values a program of the element-wise kernels (bias add, GEGLU, padding) writes
 
 
@@ -632,23 +736,31 @@ def _row_sub(n: int, spatial: int, block_p: int) -> int:
     return sub
 
 
-def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n):
+def _row_statistics_layout(n: int, c: int, spatial: int) -> tuple[int, int, int, int, int]:
+    """row_stats' programs: (BLOCK_C, BLOCK_P, SUB, pixels a program, chunks a sample)."""
+    block_c, block_p = _row_blocks(c, ROW_STATS_TILE, ROW_STATS_MIN_PIXELS)
+    sub = _row_sub(n, spatial, block_p)
+    pixels = block_p * sub
+    return block_c, block_p, sub, pixels, -(-spatial // pixels)
+
+
+def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n, statistics=None):
     import triton
 
     k = _kernels()
     n, c = x.shape[:2]
     spatial = x[0, 0].numel()
     cpg = c // groups
-    block_c, block_p = _row_blocks(c, ROW_STATS_TILE, ROW_STATS_MIN_PIXELS)
-    sub = _row_sub(n, spatial, block_p)
-    pixels = block_p * sub  # a statistics program's pixels
-    chunks = triton.cdiv(spatial, pixels)
-    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, (n * chunks, c), n * groups, weight,
-                                                                          bias, pre_bias)
+    block_c, block_p, sub, pixels, chunks = _row_statistics_layout(n, c, spatial)
+    partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(
+        x, (n * chunks, c) if statistics is None else (0, c), n * groups, weight, bias, pre_bias)
     with _launch_context(x):
-        k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
-                                 HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
-                                 num_warps=ROW_STATS_WARPS)
+        if statistics is None:
+            k.row_stats[(chunks, n)](x, pre, partial_mean, partial_m2, c, spatial, chunks, s_n,
+                                     HAS_PRE=pre_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, SUB=sub,
+                                     num_warps=ROW_STATS_WARPS)
+        else:  # written by the bias add that made x, in this layout (same n, c and spatial)
+            partial_mean, partial_m2 = statistics.partial_mean, statistics.partial_m2
         block_cpg = max(1, 1 << (cpg - 1).bit_length())
         k.row_merge_stats[(n * groups,)](partial_mean, partial_m2, mean, rstd, c,
                                          spatial, groups, cpg, chunks, pixels, eps,
@@ -679,7 +791,7 @@ def _statistics_buffers(x, partials: tuple[int, int], groups: int, weight, bias,
     return partial_mean, partial_m2, mean, rstd, pre, w, b
 
 
-def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
+def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias, statistics=None):
     import triton
 
     k = _kernels()
@@ -692,7 +804,7 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias):
     s_n, s_c, s_s = _flat_strides(x)
     o_n, o_c, o_s = _flat_strides(y)
     if s_c == 1 and s_s == c and o_c == 1 and o_s == c and c <= MAX_ROW_CHANNELS:
-        return _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n)
+        return _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n, statistics)
     block_c, block_s = _block_sizes(cpg, spatial)
     chunks = triton.cdiv(spatial, block_s)
     partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(x, (n * groups, chunks), n * groups,

@@ -145,6 +145,23 @@ def test_pad_bottom_right_on_gpu():
     assert torch.equal(got, torch.nn.functional.pad(x, (0, 1, 0, 1)))
 
 
+def test_statistics_from_the_bias_add_at_the_largest_vae_activation(monkeypatch):
+    """A 2048 output's decoder: 128 channels at 2048x2048 plus bias and skip, channels_last. The add with
+    statistics writes what the plain add writes, and the GroupNorm that reads them computes, bit for bit, what
+    it computes with its own statistics pass."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    shape = (1, 128, 2048, 2048)
+    x, residual = (torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16)
+                   .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    bias, w, b = (torch.randn(128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    plain = kernels.add_channel_bias_(x.clone(), bias, residual)
+    kernels.add_channel_bias_(x, bias, residual, statistics=True)
+    assert kernels.triton_failure() is None and torch.equal(x, plain)
+    assert kernels.channel_statistics(x) is not None and kernels.channel_statistics(plain) is None
+    assert torch.equal(kernels.group_norm_silu(x, w, b, 32, 1e-6, True),
+                       kernels.group_norm_silu(plain, w, b, 32, 1e-6, True))
+
+
 def test_a_bicubic_resize_to_the_same_size_is_the_identity_on_gpu():
     """The pass skips the final resize when the processed size is the output size: on CUDA too it would return
     its input, bit for bit."""

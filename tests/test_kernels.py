@@ -126,6 +126,66 @@ def test_add_channel_bias(interpreted, channels_last, bias, residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,residual", [(True, True), (True, False), (False, True)])
+def test_bias_add_leaves_the_statistics_its_group_norm_reads(interpreted, monkeypatch, dtype, bias, residual):
+    """add_channel_bias_(statistics=True) on channels_last: the same sum as without, and GroupNorm's partial
+    statistics of it, from which the next GroupNorm skips its statistics pass and computes the same output, bit
+    for bit (the same sums of the same rounded values). Small tiles: 31 chunks a sample, the last one short."""
+    monkeypatch.setattr(kernels, "ROW_STATS_TILE", 64)  # 16 channels: 4 pixels a step, 8 steps a chunk
+    monkeypatch.setattr(kernels, "ROW_SUB", 8)
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 16, 33, 30, generator=g) * 2 + 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(16, generator=g).to(dtype) if bias else None
+    r = torch.randn(2, 16, 33, 30, generator=g).to(dtype).contiguous(memory_format=torch.channels_last) \
+        if residual else None
+    plain = kernels.add_channel_bias_(x.clone(), b, r)
+    out = kernels.add_channel_bias_(x, b, r, statistics=True)
+    assert out is x and torch.equal(x, plain) and kernels.channel_statistics(x) is not None
+    assert kernels.channel_statistics(plain) is None
+    passes = []
+    row_stats = kernels._kernels().row_stats
+    monkeypatch.setattr(kernels._kernels(), "row_stats", _Counted(row_stats, passes))
+    w, beta = torch.randn(16, generator=g).to(dtype), torch.randn(16, generator=g).to(dtype)
+    with_statistics = kernels.group_norm_silu(x, w, beta, 4, 1e-6, True)
+    assert passes == []  # the statistics pass did not run
+    without = kernels.group_norm_silu(plain, w, beta, 4, 1e-6, True)
+    assert passes == [1] and torch.equal(with_statistics, without)
+    exact = kernels.group_norm_silu_reference(plain.double(), w.double(), beta.double(), 4, 1e-6, True)
+    assert _rel(with_statistics, exact) < (1e-5 if dtype == torch.float32 else 4e-3)
+
+
+class _Counted:
+    """A Triton kernel whose launches (kernel[grid](...)) are counted."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(1)
+        return self.kernel[grid]
+
+
+def test_statistics_of_a_changed_activation_are_not_read(interpreted, monkeypatch):
+    """An in-place PyTorch write after the add (its version moves), a later add without statistics, an NCHW
+    activation: the GroupNorm computes its own statistics."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 8, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(8, generator=g)
+    kernels.add_channel_bias_(x, b, statistics=True)
+    assert kernels.channel_statistics(x) is not None
+    x.mul_(2)
+    assert kernels.channel_statistics(x) is None
+    kernels.add_channel_bias_(x, b, statistics=True)
+    kernels.add_channel_bias_(x, b)  # a Triton write moves no version: the add drops what x carried
+    assert kernels.channel_statistics(x) is None
+    y = torch.randn(1, 8, 6, 5, generator=g)
+    kernels.add_channel_bias_(y, b, statistics=True)
+    assert kernels.channel_statistics(y) is None  # NCHW: the per-group kernels, no partials to hand over
+    expected = kernels.group_norm_silu_reference(x.double(), None, None, 2, 1e-6, False)
+    assert _rel(kernels.group_norm_silu(x, None, None, 2, 1e-6, False), expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_gelu(interpreted, dtype):
     """GEGLU's activation in one kernel: the first half of each row times the erf GELU of the second half, as
     diffusers computes it (one rounding to the output dtype instead of two in bf16)."""
