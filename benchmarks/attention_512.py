@@ -18,7 +18,15 @@ on other GPUs and Tritons:
          size: 1.70 / 9.06 / 26.7 ms against 1.49 / 8.12 / 26.2 ms (relative error 2.7e-3 against 2.35e-3).
          Triton's GEMMs here run well below cuBLAS's, which spends the bytes saved.
 
-    python3 benchmarks/attention_512.py --json OUT.json [--kernels online,tiled]
+With `--kernels fp16`, `matmul`'s two paths at every size (it takes one by the number of keys: float32 scores
+below MATMUL_FP16_FROM_KEYS, shifted fp16 scores from there); with `--kernels softmax`, its softmax kernel alone
+on one block of fp16 scores, each row read once or twice. On the H200
+(benchmarks/results/2026-12-01-h200-fp16-scores/call3-attention, std 1): shifted fp16 7.3 / 22.6 ms against
+float32 scores 8.2 / 25.7 ms at 36864 / 65536 tokens, relative error 1.8e-3 against 2.3e-3; at 16384 tokens the
+conversions to fp16 ate the gain (1.67 against 1.37 ms, before they were trimmed; 1.35 against 1.25 ms GPU-only
+after, call4-parts).
+
+    python3 benchmarks/attention_512.py --json OUT.json [--kernels online,tiled,fp16,softmax] [--std 3]
 """
 
 from __future__ import annotations
