@@ -752,6 +752,8 @@ def _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n
     spatial = x[0, 0].numel()
     cpg = c // groups
     block_c, block_p, sub, pixels, chunks = _row_statistics_layout(n, c, spatial)
+    if statistics is not None and (statistics.chunks, statistics.pixels) != (chunks, pixels):
+        statistics = None  # written in another layout (the tile constants changed since): read x
     partial_mean, partial_m2, mean, rstd, pre, w, b = _statistics_buffers(
         x, (n * chunks, c) if statistics is None else (0, c), n * groups, weight, bias, pre_bias)
     with _launch_context(x):

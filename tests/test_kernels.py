@@ -185,6 +185,22 @@ def test_statistics_of_a_changed_activation_are_not_read(interpreted, monkeypatc
     assert _rel(kernels.group_norm_silu(x, None, None, 2, 1e-6, False), expected) < 1e-5
 
 
+def test_statistics_written_in_another_layout_are_not_read(interpreted, monkeypatch):
+    """Partials written with other tile constants than the GroupNorm's (chunks of another size): it reads x."""
+    monkeypatch.setattr(kernels, "ROW_STATS_TILE", 64)
+    monkeypatch.setattr(kernels, "ROW_SUB", 8)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 16, 20, 20, generator=g).contiguous(memory_format=torch.channels_last)
+    kernels.add_channel_bias_(x, torch.randn(16, generator=g), statistics=True)
+    assert kernels.channel_statistics(x).chunks == 100  # 400 pixels, 4 a chunk (1 step: enough programs)
+    monkeypatch.setattr(kernels, "ROW_STATS_TILE", 128)  # 8 pixels a chunk
+    passes = []
+    monkeypatch.setattr(kernels._kernels(), "row_stats", _Counted(kernels._kernels().row_stats, passes))
+    y = kernels.group_norm_silu(x, None, None, 4, 1e-6, False)
+    assert passes == [1]
+    assert _rel(y, kernels.group_norm_silu_reference(x.double(), None, None, 4, 1e-6, False)) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_gelu(interpreted, dtype):
     """GEGLU's activation in one kernel: the first half of each row times the erf GELU of the second half, as
