@@ -642,6 +642,7 @@ def test_every_triton_kernel_has_a_kind_in_the_profile():
     assert {"row_stats", "row_merge_stats", "row_normalize", "partial_stats"} <= set(names)
     assert {name: kernel_kind(name) for name in names if kernel_kind(name) == "other"} == {}
     assert kernel_kind("row_stats") == kernel_kind("normalize") == "group norm (Triton)"
+    assert kernel_kind("row_bias_add_stats") == kernel_kind("channel_bias_add") == "bias and skip add (Triton)"
 
 
 def test_transposed_upsample_rounding_in_bf16():

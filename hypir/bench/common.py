@@ -23,7 +23,7 @@ KERNEL_KINDS = (
     ("convolution", ("conv", "fprop", "implicit_gemm", "xmma", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")),
     ("group norm (Triton)", ("partial_stats", "merge_stats", "normalize", "row_stats")),
     ("group/layer norm (PyTorch)", ("group_norm", "groupnorm", "layer_norm", "layernorm")),
-    ("bias and skip add (Triton)", ("channel_bias_add",)),
+    ("bias and skip add (Triton)", ("channel_bias_add", "row_bias_add_stats")),  # the second: with GN statistics
     ("gated GELU (Triton)", ("gated_gelu",)),
     ("padding (Triton)", ("pad_end",)),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
