@@ -145,7 +145,7 @@ def test_pad_bottom_right_on_gpu():
     assert torch.equal(got, torch.nn.functional.pad(x, (0, 1, 0, 1)))
 
 
-def test_statistics_from_the_bias_add_at_the_largest_vae_activation(monkeypatch):
+def test_statistics_from_the_bias_add_at_a_2048_decoder_activation(monkeypatch):
     """A 2048 output's decoder: 128 channels at 2048x2048 plus bias and skip, channels_last. The add with
     statistics writes what the plain add writes, and the GroupNorm that reads them computes, bit for bit, what
     it computes with its own statistics pass."""
