@@ -235,16 +235,16 @@ def add_channel_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torc
     if (uses_triton(x) and dense and (bias is None or bias.is_contiguous())
             and (residual is None or residual.stride() == x.stride())):
         # A launch that fails does so before writing: x is unchanged when the fallback runs.
-        if statistics and _row_layout(x):
+        if statistics and _row_layout(_flat_strides(x), x.shape[1]):
             return _run_triton(lambda: _triton_add_channel_bias_statistics(x, bias, residual) or x, reference)
         return _run_triton(lambda: _triton_add_channel_bias(x, bias, residual) or x, reference)
     return reference()
 
 
-def _row_layout(x: torch.Tensor) -> bool:
-    """Whole pixels contiguous (channels_last) with at most MAX_ROW_CHANNELS channels: the row kernels' layout."""
-    strides = _flat_strides(x)
-    return strides is not None and strides[1:] == (1, x.shape[1]) and x.shape[1] <= MAX_ROW_CHANNELS
+def _row_layout(strides: tuple[int, int, int] | None, channels: int) -> bool:
+    """Whether `_flat_strides` describe whole pixels contiguous (channels_last) with at most MAX_ROW_CHANNELS
+    channels: the row kernels' layout."""
+    return strides is not None and strides[1:] == (1, channels) and channels <= MAX_ROW_CHANNELS
 
 
 def _flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -803,9 +803,10 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias, statis
     spatial = x[0, 0].numel()
     cpg = c // groups
     y = torch.empty_like(x)  # same strides as x (dense tensors keep their layout)
-    s_n, s_c, s_s = _flat_strides(x)
-    o_n, o_c, o_s = _flat_strides(y)
-    if s_c == 1 and s_s == c and o_c == 1 and o_s == c and c <= MAX_ROW_CHANNELS:
+    in_strides, out_strides = _flat_strides(x), _flat_strides(y)
+    s_n, s_c, s_s = in_strides
+    o_n, o_c, o_s = out_strides
+    if _row_layout(in_strides, c) and _row_layout(out_strides, c):
         return _triton_group_norm_rows(x, y, weight, bias, groups, eps, silu, pre_bias, s_n, o_n, statistics)
     block_c, block_s = _block_sizes(cpg, spatial)
     chunks = triton.cdiv(spatial, block_s)
