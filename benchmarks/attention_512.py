@@ -20,7 +20,8 @@ on other GPUs and Tritons:
 
 With `--kernels fp16`, `matmul`'s two paths at every size (it takes one by the number of keys: float32 scores
 below MATMUL_FP16_FROM_KEYS, shifted fp16 scores from there); with `--kernels softmax`, its softmax kernel alone
-on one block of fp16 scores, each row read once or twice. On the H200
+on one block of fp16 scores, each row read once or twice, and the fp16 path's exponentials (kernels.shifted_exp).
+On the H200
 (benchmarks/results/2026-12-01-h200-fp16-scores/call3-attention, std 1): shifted fp16 7.3 / 22.6 ms against
 float32 scores 8.2 / 25.7 ms at 36864 / 65536 tokens, relative error 1.8e-3 against 2.3e-3; at 16384 tokens the
 conversions to fp16 ate the gain (1.67 against 1.37 ms, before they were trimmed; 1.35 against 1.25 ms GPU-only
@@ -331,6 +332,10 @@ def main() -> int:
                     with patched(kernels, "SOFTMAX_ONE_READ_MAX", limit):
                         return kernels.scaled_softmax(scores, scale, torch.float16)
                 variants[f"{name} ({rows} rows)"] = softmax
+            # The fp16 path's exponentials without the division (kernels.shifted_exp), on scores shifted by a
+            # sampled largest as that path makes them: one read of each score and one write.
+            shifted = (scores.float() - scores[..., ::64].float().amax(dim=-1, keepdim=True)).to(torch.float16)
+            variants[f"softmax, shifted exp ({rows} rows)"] = lambda: kernels.shifted_exp(shifted, scale, 256.0, 5.0)
         if "online" in args.kernels:
             for config in CONFIGS:
                 variants["triton %dx%d dv%d w%d s%d" % config] = (

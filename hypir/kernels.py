@@ -505,7 +505,7 @@ def _kernels():
         tl.store(x_ptr + i, v.to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def scaled_softmax(scores_ptr, out_ptr, M, scale, times, BLOCK: tl.constexpr):
+    def scaled_softmax(scores_ptr, out_ptr, M, scale, BLOCK: tl.constexpr):
         # One row wider than a block: a running max and sum over the row in one read, then the probabilities
         # in a second.
         row = tl.program_id(0).to(tl.int64) * M
@@ -523,18 +523,45 @@ def _kernels():
         for start in range(0, M, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
-            p = tl.exp(v - row_max) * (times / row_sum)
+            p = tl.exp(v - row_max) * (1.0 / row_sum)
             tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
 
     @triton.jit
-    def scaled_softmax_one_read(scores_ptr, out_ptr, M, scale, times, BLOCK: tl.constexpr):
+    def scaled_softmax_one_read(scores_ptr, out_ptr, M, scale, BLOCK: tl.constexpr):
         # One row that fits one block (BLOCK >= M): read once, held in registers.
         row = tl.program_id(0).to(tl.int64) * M
         cols = tl.arange(0, BLOCK)
         v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
         e = tl.exp(v - tl.max(v, axis=0))
-        p = e * (times / tl.sum(e, axis=0))
+        p = e * (1.0 / tl.sum(e, axis=0))
         tl.store(out_ptr + row + cols, p.to(out_ptr.dtype.element_ty), mask=cols < M)
+
+    @triton.jit
+    def shifted_exp(scores_ptr, out_ptr, sums_ptr, M, scale, times, limit, BLOCK: tl.constexpr):
+        # A row's exp(score * scale) * times, and their sum, in one read and one write; a row whose largest
+        # scaled score passes `limit` (its values would leave fp16) is written again against that largest.
+        row = tl.program_id(0).to(tl.int64) * M
+        running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, M, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
+            e = tl.exp(v)
+            tl.store(out_ptr + row + cols, (e * times).to(out_ptr.dtype.element_ty), mask=cols < M)
+            running_sum += e
+            running_max = tl.maximum(running_max, v)
+        row_max = tl.max(running_max, axis=0)
+        total = tl.sum(running_sum, axis=0) * times
+        if row_max > limit:  # rare: the shift's sampled keys missed this row's largest score by that much
+            running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, M, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                v = tl.load(scores_ptr + row + cols, mask=cols < M, other=float("-inf")).to(tl.float32) * scale
+                e = tl.exp(v - row_max)
+                tl.store(out_ptr + row + cols, (e * times).to(out_ptr.dtype.element_ty), mask=cols < M)
+                running_sum += e
+            total = tl.sum(running_sum, axis=0) * times
+        tl.store(sums_ptr + tl.program_id(0), total)
 
     @triton.jit
     def gated_gelu(x_ptr, out_ptr, numel, F, BLOCK: tl.constexpr):
@@ -568,24 +595,42 @@ def _kernels():
         normalize=normalize, row_stats=row_stats, row_merge_stats=row_merge_stats, row_normalize=row_normalize,
         row_bias_add_stats=row_bias_add_stats,
         channel_bias_add=channel_bias_add, scaled_softmax=scaled_softmax,
-        scaled_softmax_one_read=scaled_softmax_one_read)
+        scaled_softmax_one_read=scaled_softmax_one_read, shifted_exp=shifted_exp)
 
 
-def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype, times: float = 1.0) -> torch.Tensor:
-    """softmax(scores * scale) * times over the last dimension, in float32 from float32 or fp16 scores,
-    returned in `dtype`; float32 scores are consumed (scaled in place). `times`, a power of two, keeps fp16
-    probabilities of long rows (1/65536 each where uniform) out of fp16's subnormals (below 2**-14), where they
-    would lose bits. With Triton on CUDA: one kernel that reads a row of up to SOFTMAX_ONE_READ_MAX scores once
-    (longer rows twice) and writes the probabilities once; else (or with the fused_softmax setting off)
-    PyTorch's scale, softmax and cast."""
+def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scores * scale) over the last dimension, in float32 from float32 or fp16 scores, returned in
+    `dtype`; float32 scores are consumed (scaled in place). With Triton on CUDA: one kernel that reads a row of up
+    to SOFTMAX_ONE_READ_MAX scores once (longer rows twice) and writes the probabilities once; else (or with the
+    fused_softmax setting off) PyTorch's scale, softmax and cast."""
     def reference():
-        probs = torch.softmax(scores.float().mul_(scale), dim=-1)
-        return (probs.mul_(times) if times != 1 else probs).to(dtype)
+        return torch.softmax(scores.float().mul_(scale), dim=-1).to(dtype)
 
     if not (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
             and scores.dtype in (torch.float32, torch.float16)):
         return reference()
-    return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype, times), reference)
+    return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
+
+
+def shifted_exp(scores: torch.Tensor, scale: float, times: float, limit: float,
+                dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax whose division is left to the caller: exp(scores * scale - ref) * times in `dtype`, and each
+    row's sum of them in float32, where ref is 0, or the row's largest scaled score where that passes `limit`.
+    For scores already shifted near their row's largest (`matmul`'s fp16 path), so that exp(limit) * times is
+    within fp16's range: the probabilities are these values over their row's sum, and dividing P @ V's rows by
+    the sums instead spares the softmax a read of every score. With Triton on CUDA one kernel reads the scores
+    once and writes the values once (twice for a row past `limit`); else (or with the fused_softmax setting
+    off) PyTorch."""
+    def reference():
+        scaled = scores.float() * scale
+        top = scaled.amax(dim=-1, keepdim=True)
+        values = torch.exp(scaled - torch.where(top > limit, top, 0.0)).mul_(times)
+        return values.to(dtype), values.sum(dim=-1)
+
+    if not (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
+            and scores.dtype in (torch.float32, torch.float16)):
+        return reference()
+    return _run_triton(lambda: _triton_shifted_exp(scores, scale, times, limit, dtype), reference)
 
 
 def gated_gelu(projected: torch.Tensor) -> torch.Tensor:
@@ -633,18 +678,27 @@ def _triton_pad_bottom_right(x):
 SOFTMAX_ONE_READ_MAX = 16384
 
 
-def _triton_scaled_softmax(scores, scale, dtype, times=1.0):
+def _triton_scaled_softmax(scores, scale, dtype):
     m = scores.shape[-1]
     out = torch.empty(scores.shape, device=scores.device, dtype=dtype)
     width = 1 << (m - 1).bit_length()
     with _launch_context(scores):
         if width <= SOFTMAX_ONE_READ_MAX:
             _kernels().scaled_softmax_one_read[(scores.numel() // m,)](
-                scores, out, m, scale, times, BLOCK=width, num_warps=max(4, min(16, width // 1024)))
+                scores, out, m, scale, BLOCK=width, num_warps=max(4, min(16, width // 1024)))
         else:
-            _kernels().scaled_softmax[(scores.numel() // m,)](scores, out, m, scale, times, BLOCK=4096,
-                                                                num_warps=8)
+            _kernels().scaled_softmax[(scores.numel() // m,)](scores, out, m, scale, BLOCK=4096, num_warps=8)
     return out
+
+
+def _triton_shifted_exp(scores, scale, times, limit, dtype):
+    m = scores.shape[-1]
+    values = torch.empty(scores.shape, device=scores.device, dtype=dtype)
+    sums = torch.empty(scores.shape[:-1], device=scores.device, dtype=torch.float32)
+    with _launch_context(scores):
+        _kernels().shifted_exp[(scores.numel() // m,)](scores, values, sums, m, scale, times, limit,
+                                                       BLOCK=min(4096, 1 << (m - 1).bit_length()), num_warps=8)
+    return values, sums
 
 
 def _triton_add_channel_bias(x, bias, residual):
@@ -825,5 +879,5 @@ def _triton_group_norm_silu(x, weight, bias, groups, eps, silu, pre_bias, statis
 
 
 __all__ = ["add_channel_bias_", "fused_softmax_enabled", "gated_gelu", "kernel_fallbacks", "group_norm_silu",
-           "pad_bottom_right", "scaled_softmax", "triton_at_every_size", "triton_failure", "group_norm_silu_reference",
-           "triton_available", "uses_triton"]
+           "pad_bottom_right", "scaled_softmax", "shifted_exp", "triton_at_every_size", "triton_failure",
+           "group_norm_silu_reference", "triton_available", "uses_triton"]

@@ -106,7 +106,7 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe):
     assert graphs.captures == captures + 1 and vae_graphs.captures == vae_captures + 2
 
 
-@pytest.mark.parametrize("scores_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("scores_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
 @pytest.mark.parametrize("rows,width", [(65536, 77), (256, 16384), (64, 65536)])  # 65536: a 2048 output's VAE
 def test_scaled_softmax_on_gpu(rows, width, scores_dtype, dtype, monkeypatch):
     calls = []
@@ -115,10 +115,34 @@ def test_scaled_softmax_on_gpu(rows, width, scores_dtype, dtype, monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(3)
     scores = (torch.randn(1, rows, width, device="cuda", generator=g) * 8).to(scores_dtype)
     expected = torch.softmax(scores.double() * 0.044, dim=-1)
-    times = 2.0 ** ((width - 1).bit_length() - 1) if dtype == torch.float16 else 1.0  # as `matmul` asks
-    probs = kernels.scaled_softmax(scores.clone(), 0.044, dtype, times)
+    probs = kernels.scaled_softmax(scores.clone(), 0.044, dtype)
     assert calls and kernels.triton_failure() is None and probs.dtype == dtype
-    assert _rel(probs.double() / times, expected) <= (3e-3 if dtype == torch.bfloat16 else 5e-4)
+    assert _rel(probs.double(), expected) <= 3e-3
+
+
+@pytest.mark.parametrize("rows,width", [(512, 36864), (256, 65536)])  # a 1536 and a 2048 output's VAE
+def test_shifted_exp_on_gpu(rows, width, monkeypatch):
+    """`matmul`'s one-read exponentials at the VAE's widths, rows past the limit included: the values within
+    fp16's rounding, the sums within float32's, and the kernel's outputs those of the PyTorch path."""
+    calls = []
+    original = kernels._triton_shifted_exp
+    monkeypatch.setattr(kernels, "_triton_shifted_exp", lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator(device="cuda").manual_seed(5)
+    scores = torch.randn(rows, width, device="cuda", generator=g, dtype=torch.float64) * 2
+    scores -= scores[:, ::64].amax(dim=-1, keepdim=True)
+    scores[::17, 100] = 30.0  # past the limit: exponentiated against their largest
+    scores = scores.to(torch.float16).unsqueeze(0)
+    values, sums = kernels.shifted_exp(scores, 1.4, 256.0, 5.0)
+    assert calls and kernels.triton_failure() is None
+    scaled = scores.double() * 1.4
+    top = scaled.amax(dim=-1, keepdim=True)
+    exact = torch.exp(scaled - torch.where(top > 5.0, top, 0.0)) * 256
+    torch.testing.assert_close(values.double(), exact, rtol=2 ** -11, atol=2 ** -24)
+    torch.testing.assert_close(sums.double(), exact.sum(dim=-1), rtol=1e-5, atol=0)
+    with kernels.fused_softmax(False):
+        reference_values, reference_sums = kernels.shifted_exp(scores, 1.4, 256.0, 5.0)
+    torch.testing.assert_close(values, reference_values, rtol=2 ** -10, atol=2 ** -24)
+    torch.testing.assert_close(sums, reference_sums, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -5,6 +5,7 @@ masking and statistics are tested without a GPU; tests/test_gpu_kernels.py check
 """
 
 import copy
+import math
 import os
 
 import pytest
@@ -607,7 +608,7 @@ def test_triton_that_cannot_run_falls_back_once(monkeypatch, caplog):
                                                 (torch.float16, torch.float16)])
 def test_scaled_softmax(interpreted, monkeypatch, width, one_read_max, scores_dtype, dtype):
     """Rows read once (up to SOFTMAX_ONE_READ_MAX) or twice (5000 with a limit of 1024: two 4096-wide blocks a
-    row), from float32 or fp16 scores (`matmul`'s), fp16 probabilities times a power of two."""
+    row), from float32 or fp16 scores."""
     calls = []
     original = kernels._triton_scaled_softmax
     monkeypatch.setattr(kernels, "_triton_scaled_softmax", lambda *a: calls.append(1) or original(*a))
@@ -616,12 +617,60 @@ def test_scaled_softmax(interpreted, monkeypatch, width, one_read_max, scores_dt
     g = torch.Generator().manual_seed(6)
     scores = (torch.randn(2, 3, width, generator=g) * 20).to(scores_dtype)  # wide logits: the running max rescales
     expected = torch.softmax(scores.double() * 0.125, dim=-1)
-    times = 4096.0 if dtype == torch.float16 else 1.0  # `matmul`'s for 5000 keys: out of fp16's subnormals
-    probs = kernels.scaled_softmax(scores.clone(), 0.125, dtype, times)
+    probs = kernels.scaled_softmax(scores.clone(), 0.125, dtype)
     assert calls and probs.dtype == dtype and probs.shape == scores.shape
     tolerance = {torch.bfloat16: 4e-3, torch.float16: 5e-4, torch.float32: 1e-6}[dtype]
-    torch.testing.assert_close(probs.double() / times, expected, rtol=tolerance,
-                               atol=tolerance * expected.max().item())
+    torch.testing.assert_close(probs.double(), expected, rtol=tolerance, atol=tolerance * expected.max().item())
+
+
+def _shifted_scores(rows, width, generator, dtype=torch.float16):
+    """Scores as `matmul`'s fp16 path makes them: shifted by a sampled largest, so that most rows' largest is
+    near 0 (a little above where the sample missed it). Row 1 is far above its shift (past the limit), row 2
+    has a key far below fp16 (-inf), the last row is nearly uniform."""
+    scores = torch.randn(rows, width, generator=generator, dtype=torch.float64) * 2
+    scores -= scores[:, ::7].amax(dim=-1, keepdim=True)
+    scores[1, 5] = 40.0
+    scores[2, 3] = float("-inf")
+    scores[-1] = torch.rand(width, generator=generator, dtype=torch.float64) * 1e-2
+    return scores.to(dtype)
+
+
+@pytest.mark.parametrize("width", [77, 5000])
+def test_shifted_exp_against_float64(interpreted, monkeypatch, width):
+    """exp(score * scale) * times and the row sums: each value within fp16's rounding of the exact one, rows
+    past the limit taken against their largest, a softmax equal to float64's once divided; the Triton kernel
+    (in blocks of 4096: 5000 is two) and the PyTorch path agree."""
+    calls = []
+    original = kernels._triton_shifted_exp
+    monkeypatch.setattr(kernels, "_triton_shifted_exp", lambda *a: calls.append(1) or original(*a))
+    scores = _shifted_scores(6, width, torch.Generator().manual_seed(11)).view(2, 3, width)
+    values, sums = kernels.shifted_exp(scores, 1.25, 256.0, 5.0)
+    assert calls and values.dtype == torch.float16 and sums.dtype == torch.float32 and sums.shape == (2, 3)
+    scaled = scores.double() * 1.25
+    top = scaled.amax(dim=-1, keepdim=True)
+    exact = torch.exp(scaled - torch.where(top > 5.0, top, 0.0)) * 256
+    assert exact.max() <= 256 * math.exp(5.0) < 65504  # every value within fp16's range
+    torch.testing.assert_close(values.double(), exact, rtol=2 ** -11, atol=2 ** -24)
+    torch.testing.assert_close(sums.double(), exact.sum(dim=-1), rtol=1e-6, atol=0)
+    softmax = torch.softmax(scaled, dim=-1)
+    torch.testing.assert_close(values.double() / sums.double().unsqueeze(-1), softmax, rtol=1e-3, atol=1e-6)
+    with kernels.fused_softmax(False):
+        reference_values, reference_sums = kernels.shifted_exp(scores, 1.25, 256.0, 5.0)
+    assert len(calls) == 1
+    torch.testing.assert_close(values, reference_values, rtol=2 ** -10, atol=2 ** -24)
+    torch.testing.assert_close(sums, reference_sums, rtol=1e-6, atol=0)
+
+
+def test_shifted_exp_keeps_nan_and_overflow_visible(interpreted):
+    """A NaN score, or an fp16 score that overflowed to inf, makes that row's values or sum NaN, never a finite
+    row that looks right (the pass reports NaN as an error)."""
+    scores = _shifted_scores(4, 300, torch.Generator().manual_seed(12))
+    scores[0, 9] = float("nan")
+    scores[3, 1] = float("inf")
+    values, sums = kernels.shifted_exp(scores, 1.0, 256.0, 5.0)
+    for row in (0, 3):
+        assert torch.isnan(values[row]).any() or torch.isnan(sums[row])
+    assert torch.isfinite(values[1:3]).all() and torch.isfinite(sums[1:3]).all()
 
 
 def test_scaled_softmax_switched_off_is_pytorch(interpreted, monkeypatch):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..attention_names import AUTO, AttentionBackend
 from ..errors import one_line
-from ..kernels import scaled_softmax
+from ..kernels import scaled_softmax, shifted_exp
 from ..loading import gpu_index
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -193,6 +193,10 @@ MATMUL_BLOCK_BYTES = 512 << 20  # scores (and fp16 probabilities) held at once b
 MATMUL_FP16_FROM_KEYS = 32768
 MATMUL_SAMPLED_KEYS = 1024  # keys, evenly spaced, whose largest score is a query's shift
 FP16_SHIFT_LIMIT = 60000.0  # a shift within fp16's range (65504)
+# The fp16 path's exp(score - shift) values are times EXP_TIMES (256 * e**5 = 37994, within fp16's 65504); a row
+# whose largest scaled score is more than EXP_LIMIT above its shift is exponentiated against that largest instead.
+EXP_TIMES = 256.0
+EXP_LIMIT = 5.0
 
 
 @register(AttentionBackend.MATMUL, "blocked GEMM attention", devices=("cuda",), min_capability=(8, 0),
@@ -224,17 +228,23 @@ def float32_score_attention(q, k, v, scale):
     return out.view(b, h, n, d).transpose(1, 2)
 
 
+def _bmm_float32(a, b):
+    """a @ b of fp16 matrices, accumulated and returned in float32 (PyTorch's CPU bmm has no out_dtype)."""
+    return torch.bmm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.bmm(a.float(), b.float())
+
+
 def shifted_fp16_attention(q, k, v, scale):
     """Scores through memory in fp16, half the bytes of float32, and accurate: each query's scores are shifted
     by the largest of its scores against MATMUL_SAMPLED_KEYS evenly spaced keys, a value at or below its
     largest score, through one more column of Q (-shift) and of K (1), so that the GEMM's float32 accumulator
     subtracts it before the one rounding to fp16. The scores that carry the probability are then small, where
     fp16 is finest, and a score far below the shift that leaves fp16's range is -inf, whose probability 0 is
-    right. A float32 softmax (kernels.scaled_softmax) writes fp16 probabilities, finer than bf16's, times a
-    power of two that keeps them out of fp16's subnormals; P @ V accumulates in float32 and divides by it.
-    Queries go in blocks so that scores and probabilities stay under MATMUL_BLOCK_BYTES. Against float64 its
-    error is lower than float32 scores with bf16 probabilities (1.7e-3 against 2.3e-3 at 65536 tokens on an
-    H200), and above it only where logits reach the hundreds (tests/test_attention.py)."""
+    right. One read of the scores (kernels.shifted_exp) writes exp(score) in fp16, finer than bf16, and each
+    row's sum; P @ V accumulates in float32 and its rows are divided by those sums, so the softmax's division
+    costs no second read of the scores. Queries go in blocks so that scores and values stay under
+    MATMUL_BLOCK_BYTES. Against float64 its error is lower than float32 scores with bf16 probabilities
+    (tests/test_gpu_kernels.py at 65536 tokens), and above it only where logits reach the hundreds
+    (tests/test_attention.py)."""
     b, n, h, d = q.shape
     m = k.shape[1]
     half = torch.float16
@@ -242,7 +252,7 @@ def shifted_fp16_attention(q, k, v, scale):
     vh = v.transpose(1, 2).reshape(b * h, -1, d).to(half)
     # Q and K with 8 more columns (rows stay 16-byte aligned): Q's first is -shift, K's is 1; the rest zeros.
     # Most of the scale goes into Q as a power of two (exact), so that fp16's range holds scaled scores up to
-    # about 65504; the rest, in [1, 2), into the float32 softmax.
+    # about 65504; the rest, in [1, 2), into the float32 exponentials.
     exact = 2.0 ** math.floor(math.log2(scale))
     qa = torch.empty(b * h, n, d + 8, device=q.device, dtype=half)
     qs = torch.mul(qh, exact, out=qa[..., :d])
@@ -253,19 +263,17 @@ def shifted_fp16_attention(q, k, v, scale):
     ka[..., d] = 1  # fills, not a copy from the host: one would wait for the queued work, or break a capture
     sampled = ka[:, ::max(1, m // MATMUL_SAMPLED_KEYS), :d].transpose(1, 2)
     kt = ka.transpose(1, 2)
-    out = torch.empty(b * h, n, d, device=q.device, dtype=half)
+    out = torch.empty(b * h, n, d, device=q.device, dtype=q.dtype)
     rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
-    times = 2.0 ** max(0, (m - 1).bit_length() - 1)  # fp16 probabilities times this, at most 1/2 of 65504 each
     for start in range(0, n, rows):
         block = qa[:, start:start + rows]
         # In fp16 a sampled score may be infinite; the clamp keeps the shift finite, and any shift is exact.
         shift = torch.bmm(qs[:, start:start + rows], sampled).amax(dim=-1)
         block[..., d] = shift.clamp_(-FP16_SHIFT_LIMIT, FP16_SHIFT_LIMIT).neg_()
-        probs = scaled_softmax(torch.bmm(block, kt), scale / exact, half, times)
-        target = out[:, start:start + rows]
-        torch.baddbmm(target, probs, vh, beta=0, alpha=1 / times, out=target)
-        del probs
-    return out.to(q.dtype).view(b, h, n, d).transpose(1, 2)
+        values, sums = shifted_exp(torch.bmm(block, kt), scale / exact, EXP_TIMES, EXP_LIMIT, half)
+        torch.div(_bmm_float32(values, vh), sums.unsqueeze(-1), out=out[:, start:start + rows])
+        del values
+    return out.view(b, h, n, d).transpose(1, 2)
 
 
 @register(AttentionBackend.FLASH_ATTN, "FlashAttention 2", flash_class=True, devices=("cuda",),

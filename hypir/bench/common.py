@@ -16,7 +16,7 @@ from ..loading import HYPIRModels
 from ..lora import lora_from_state_dict, merge_lora
 from ..runtime import prepare
 
-ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "sdpa", "mha")  # not conv/gemm kernels
+ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "softmax", "shifted_exp", "sdpa", "mha")  # not conv/gemm
 # Kernel name fragments -> kind, first match wins (cuDNN/CUTLASS/Triton/ATen names on NVIDIA GPUs).
 KERNEL_KINDS = (
     ("attention", ATTENTION_KERNEL_WORDS),
