@@ -114,6 +114,7 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
                     f"out of GPU memory even with tiles of {current} px, one at a time (a {plan.describe()}). Free "
                     f"VRAM (close other programs, unload other models), restore a smaller batch, or use fp16/bf16"
                 ) from exc
+            why = " ".join(str(exc).split())[:240]  # PyTorch's: what it tried to allocate, what was free
         # Out of the except block, the failed pass's tensors (held by the traceback) are free. The CUDA graphs of
         # the models on this GPU go too: their pools' memory stays reserved, and no eager allocation can use it.
         # Where some were given back, the same plan is tried again first, without graphs (a capture would take
@@ -124,17 +125,21 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
         torch.cuda.empty_cache()
         if dropped:
             options = options.replace(cuda_graphs=False)
-            logger.warning("[HYPIR] out of GPU memory; retrying without CUDA graphs (%d given back)", dropped)
+            logger.warning("[HYPIR] out of GPU memory (%s); retrying without CUDA graphs (%d given back)", why,
+                           dropped)
             continue
         if plan.tile and plan.tiles_per_batch > 1:
+            limit = runtime.tiles_ran_out(plan.tile, plan.tiles_per_batch)
+            together = plan.tiles_per_batch
             plan = plan_for(models, images, options.replace(tile_size=plan.tile, tile_stride=plan.stride,
                                                             vram_budget_gb=None), max_group=1)
-            logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px one at a time", plan.tile)
+            logger.warning("[HYPIR] out of GPU memory with %d tiles of %d px together (%s); retrying them one at a "
+                           "time; later passes send at most %d together", together, plan.tile, why, limit)
             continue
         tile = round_to(current // 2, 64)
         plan = plan_for(models, images, options.replace(tile_size=tile, tile_stride=auto_stride(tile),
                                                         vram_budget_gb=None), max_group=1)
-        logger.warning("[HYPIR] out of GPU memory; retrying with tiles of %d px", plan.tile)
+        logger.warning("[HYPIR] out of GPU memory (%s); retrying with tiles of %d px", why, plan.tile)
     out = restore_channels(images, out)
     pending = None
     if wait:
@@ -323,14 +328,16 @@ def _raise_first_counted(counts: list[int], pending: list) -> None:
 
 def plan_for(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions, max_group: int | None = None
              ) -> PassPlan:
-    """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now."""
+    """The pass's sizes, tiles and memory (planning.plan_pass) within what this device has now, sending no more
+    tiles together than ran out of memory with these models before."""
     return plan_size(images.shape[2], images.shape[3], images.shape[0], options, models.device,
-                     models.dtype.itemsize, max_group=max_group)
+                     models.dtype.itemsize, max_group=max_group,
+                     group_limits=runtime_of(models).tile_group_limits())
 
 
 def plan_size(height: int, width: int, batch: int, options: RestoreOptions, device: torch.device,
-              element_bytes: int, memory: tuple[int | None, str] | None = None, max_group: int | None = None
-              ) -> PassPlan:
+              element_bytes: int, memory: tuple[int | None, str] | None = None, max_group: int | None = None,
+              group_limits: dict[int, int] | None = None) -> PassPlan:
     """plan_for by sizes, before the models are loaded (the command line checks every input first); `memory` is
     (bytes available, where) when the caller has worked it out, else the device's now."""
     available, where = memory or memory_available(device, options.vram_budget_gb)
@@ -338,7 +345,7 @@ def plan_size(height: int, width: int, batch: int, options: RestoreOptions, devi
         max_group = 1  # sending tiles together fills a GPU; on a CPU it only holds more memory
     return plan_pass(height, width, batch, upscale=options.upscale, long_side=options.long_side,
                      element_bytes=element_bytes, available_bytes=available, tile_size=options.tile_size,
-                     tile_stride=options.tile_stride, max_group=max_group, where=where)
+                     tile_stride=options.tile_stride, max_group=max_group, where=where, group_limits=group_limits)
 
 
 def memory_available(device: torch.device, vram_budget_gb: float | None = None) -> tuple[int | None, str]:

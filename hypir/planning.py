@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 PATCH = 512  # the reference's patch size: short sides up to this are processed at 512
 VAE_SCALE = 8
@@ -147,10 +147,11 @@ class PassPlan:
 
 def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, long_side: int | None,
               element_bytes: int, available_bytes: int | None, tile_size: int | None = None,
-              tile_stride: int | None = None, max_group: int | None = None, where: str = "the device"
-              ) -> PassPlan:
+              tile_stride: int | None = None, max_group: int | None = None, where: str = "the device",
+              group_limits: Mapping[int, int] | None = None) -> PassPlan:
     """How a pass over a (batch, height, width) input runs within `available_bytes` (the memory left for the
-    pass beside the resident weights; None: unbounded, one pass unless tiles are forced).
+    pass beside the resident weights; None: unbounded, one pass unless tiles are forced). `group_limits`: for a
+    tile size, the most tiles sent together (where more ran out of memory before, Runtime.tiles_ran_out).
 
     Untiled passes that do not fit are tiled, in the fitting tile size with the least estimated time
     (fastest_tile; down to MIN_TILE px); a pass whose image buffers alone, or whose smallest tile, do not fit
@@ -193,7 +194,7 @@ def plan_pass(height: int, width: int, batch: int, *, upscale: float | None, lon
     group = 1
     if budget is not None:
         group = max(1, min(count, int(HEADROOM * budget // max(1, pass_bytes(tile, tile, batch, element_bytes))), 16))
-    group = min(group, max_group or group)
+    group = min(group, max_group or group, (group_limits or {}).get(tile, group))
     return PassPlan((height, width), (h0, w0), (h1, w1), (hp, wp), batch, tile, stride, count, group,
                     pass_bytes(tile, tile, batch * group, element_bytes), buffers, finish, available_bytes)
 

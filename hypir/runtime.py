@@ -38,6 +38,23 @@ class Runtime:
         self._vae_lock = threading.Lock()
         self.unet_graphs = GraphedCalls()  # locks itself
         self.vae_graphs = GraphedCalls(max_graphs=4)  # encode and decode of the last two sizes
+        self._tile_group_limits: dict[int, int] = {}  # tile size -> most tiles sent together (after running out)
+        self._tile_group_lock = threading.Lock()
+
+    def tile_group_limits(self) -> dict[int, int]:
+        """For each tile size whose tiles, sent through the models together, ran out of GPU memory here: the most
+        that later passes send together."""
+        with self._tile_group_lock:
+            return dict(self._tile_group_limits)
+
+    def tiles_ran_out(self, tile: int, group: int) -> int:
+        """`group` tiles of `tile` px sent together ran out of memory: later passes send at most half as many
+        (the planner's estimate was too low here; halving again after each failure takes a few passes at most
+        to settle, where every pass would otherwise pay for the failed attempt first). Returns the new limit."""
+        with self._tile_group_lock:
+            limit = max(1, min(group, self._tile_group_limits.get(tile, group)) // 2)
+            self._tile_group_limits[tile] = limit
+            return limit
 
     def prompt_embedding(self, models: HYPIRModels, prompt: str, implementation: str) -> torch.Tensor:
         """(1, 77, hidden) text embedding, computed once per prompt and attention implementation."""

@@ -62,6 +62,14 @@ def test_tiles_go_together_only_where_memory_allows():
     one = plan_pass(512, 512, 1, upscale=4.0, long_side=None, element_bytes=2, available_bytes=200 * GIB,
                     tile_size=512, tile_stride=384, max_group=1)
     assert one.tiles_per_batch == 1 and one.activation_bytes == pass_bytes(512, 512, 1, 2)
+    # Where tiles of a size ran out together before (Runtime.tiles_ran_out), at most the limit go together; a
+    # limit for another size changes nothing.
+    capped = plan_pass(512, 512, 1, upscale=4.0, long_side=None, element_bytes=2, available_bytes=200 * GIB,
+                       tile_size=512, tile_stride=384, group_limits={512: 3, 1024: 1})
+    assert capped.tiles_per_batch == 3 and capped.activation_bytes == pass_bytes(512, 512, 3, 2)
+    other = plan_pass(512, 512, 1, upscale=4.0, long_side=None, element_bytes=2, available_bytes=200 * GIB,
+                      tile_size=512, tile_stride=384, group_limits={1024: 1})
+    assert other.tiles_per_batch == roomy.tiles_per_batch
 
 
 def test_tile_starts_as_the_reference():

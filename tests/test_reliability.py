@@ -104,7 +104,8 @@ def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_f
     lq = image_factory(1, 64, 128, seed=31)
     with caplog.at_level("WARNING", logger="hypir"):
         result = pipe(lq, upscale=8.0, latent="mode", callbacks=Callbacks(progress=_oom_during("decode", 1)))
-    assert "out of GPU memory; retrying with tiles of 512 px" in caplog.text
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 8.00 GiB); retrying with tiles of 512 px" \
+        in caplog.text
     assert released == [0]
     assert (result.tile_size, result.tile_stride) == (512, 384)
     assert result.images.shape == (1, 3, 512, 1024)
@@ -117,29 +118,40 @@ def test_out_of_memory_retries_with_tiles_then_gives_a_clear_error(pipe, image_f
 def test_out_of_memory_with_tiles_sent_together_retries_them_one_at_a_time(pipe, image_factory, caplog,
                                                                           monkeypatch):
     """Tiles sent through the models together that run out go one at a time in the same size before any is
-    halved: the size is the one the planner found fastest. Planned as on a GPU with 1 GiB for the pass (a CPU
-    plan sends one tile at a time)."""
+    halved: the size is the one the planner found fastest. Later passes with these models send at most half as
+    many together, so that they do not pay for the same failure each time (inside ComfyUI on a 24 GiB card, a
+    4096 output's tiles of 1024 ran out eleven at a time). Planned as on a GPU with 1 GiB for the pass (a CPU plan
+    sends one tile at a time), with the models' own limits as plan_for takes them."""
     from hypir import pipeline
+    from hypir.runtime import Runtime, runtime_of
 
     plans = []
 
     def plan_as_on_a_gpu(models, images, options, max_group=None):
         plans.append(pipeline.plan_size(images.shape[2], images.shape[3], images.shape[0], options,
                                         torch.device("cuda"), models.dtype.itemsize, memory=(1 << 30, "a test GPU"),
-                                        max_group=max_group))
+                                        max_group=max_group, group_limits=runtime_of(models).tile_group_limits()))
         return plans[-1]
 
+    monkeypatch.setattr(runtime_of(pipe.models), "_tile_group_limits", {})  # this test's own, whatever ran before
     monkeypatch.setattr(pipeline, "plan_for", plan_as_on_a_gpu)
     lq = image_factory(1, 64, 128, seed=33)
     with caplog.at_level("WARNING", logger="hypir"):
         result = pipe(lq, upscale=8.0, latent="mode", tile_size=256, tile_stride=192,
                       callbacks=Callbacks(progress=_oom_during("unet", 1)))
     assert [(p.tile, p.tiles_per_batch) for p in plans] == [(256, 4), (256, 1)]
-    assert "retrying with tiles of 256 px one at a time" in caplog.text and "tiles of 128" not in caplog.text
+    assert ("out of GPU memory with 4 tiles of 256 px together (CUDA out of memory. Tried to allocate 8.00 GiB); "
+            "retrying them one at a time; later passes send at most 2 together") in caplog.text
+    assert "tiles of 128" not in caplog.text
     assert (result.tile_size, result.tile_stride) == (256, 192) and result.images.shape == (1, 3, 512, 1024)
+    again = pipe(lq, upscale=8.0, latent="mode", tile_size=256, tile_stride=192)
+    assert [(p.tile, p.tiles_per_batch) for p in plans[2:]] == [(256, 2)]
+    assert (again.images - result.images).abs().max() <= 1e-3  # the same tiles through batched kernels: float32 noise
     with pytest.raises(torch.cuda.OutOfMemoryError, match="even with tiles of 256 px, one at a time"):
         pipe(lq, upscale=8.0, latent="mode", tile_size=256, tile_stride=192,
              callbacks=Callbacks(progress=_oom_during("unet", 10)))
+    assert runtime_of(pipe.models).tile_group_limits() == {256: 1}  # 2 ran out too
+    assert Runtime().tile_group_limits() == {}
 
 
 def test_out_of_memory_drops_the_graphs_of_every_model_on_that_gpu(monkeypatch):
