@@ -454,10 +454,10 @@ def test_weights_made_under_inference_mode_move_outside_it():
 
 
 def test_weights_signature_sees_every_change_of_a_weight(tiny_base):
-    """The signature is every parameter and buffer slot's address and version (None ones not at all), and
-    changes when a weight is written in place, replaced through setattr or straight in its module's dict (as
-    accelerate's offload hooks do), moved, or when a module, parameter or buffer is added: the slots gathered
-    once are gathered again after any registration."""
+    """The signature is every parameter and buffer slot's address, then every one's version (None ones not at
+    all), and changes when a weight is written in place, replaced through setattr or straight in its module's
+    dict (as accelerate's offload hooks do), moved, or when a module, parameter or buffer is added: the slots
+    gathered once are gathered again after any registration."""
     import copy
 
     from hypir.cuda_graphs import tensor_version, weights_signature
@@ -469,7 +469,7 @@ def test_weights_signature_sees_every_change_of_a_weight(tiny_base):
     unet.conv_in.alias = unet.conv_out  # a module reachable twice: its slots once
     slots = [t for m in unet.modules() for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
     signature = weights_signature(unet)
-    assert signature == tuple(v for t in slots for v in (t.data_ptr(), tensor_version(t)))
+    assert signature == tuple([t.data_ptr() for t in slots] + [tensor_version(t) for t in slots])
     assert signature == weights_signature(unet)
     history = [signature]
 
