@@ -13,8 +13,8 @@ kernels it runs (PyTorch's cuDNN convolution and cuDNN attention), per SD2.1 sha
                  tile, their zero fill out of bounds is the padding; six tile configurations.
 
 Times are GPU milliseconds (hypir.bench.common.gpu_ms: CUDA events, the median of 5 groups of 10 calls);
-errors are relative to a float32 computation. On the H200 (benchmarks/results/2026-12-01-h200-conv-attention-
-levers, cuDNN 9.19, frontend 1.32.0) none of them pays:
+errors are relative to a float32 computation. On the H200 (benchmarks/results/2026-12-01-h200-levers-and-
+cards, cuDNN 9.19, frontend 1.32.0) none of them pays:
   fp8-attention  1.10x to 1.21x of bf16 (10.71 against 12.02 ms at 65536 tokens x 5 heads), relative error 0.087
                  to 0.106 against 0.0017, before quantizing Q, K and V (0.37 to 0.63 ms with PyTorch's ops);
   fp8-conv       0.32x to 0.99x of bf16 (which runs at 636 to 804 TFLOP/s), before quantizing the input;
