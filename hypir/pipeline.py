@@ -99,7 +99,6 @@ def restore(models: HYPIRModels, images: torch.Tensor, options: RestoreOptions =
     router = AttentionRouter(policy, models.device, models.dtype, device_info)
     replays_before = runtime.unet_graphs.replays, runtime.vae_graphs.replays
     start = time.perf_counter()
-    release_async_pool_for(plan, models.device)
     for attempt in range(MAX_OOM_RETRIES + 1):
         try:
             with on_device(models.device):
@@ -360,27 +359,6 @@ def memory_available(device: torch.device, vram_budget_gb: float | None = None) 
         free, _ = torch.cuda.mem_get_info(device)
         return free + reserved - held, f"{device} ({torch.cuda.get_device_name(device)})"
     return available_ram(), "this machine's available memory"
-
-
-def release_async_pool_for(plan: PassPlan, device: torch.device) -> bool:
-    """Under cudaMallocAsync (ComfyUI's default allocator on NVIDIA cards) the memory earlier passes freed stays in
-    the driver's pool, and the planner counts it as available (memory_available: free + reserved - allocated).
-    In ComfyUI a pass of tiles sent together that counted on it ran out with the pool still holding it: a 4096
-    output on a 24 GiB card asked for 5.5 GiB with 8.8 GiB allocated and 30 MiB free on the GPU, on every run
-    (benchmarks/results/2026-12-01-h200-levers-and-cards). Such a pass, where it needs more than the GPU
-    has free, gives the pool back first (torch.cuda.empty_cache trims it; it waits for the queued work), so that
-    its large blocks come from fresh memory. One-tile passes, which reuse the pool's blocks of their own earlier
-    runs, are left alone. Returns whether it trimmed."""
-    if device.type != "cuda" or not plan.tile or plan.tiles_per_batch < 2:
-        return False
-    if torch.cuda.get_allocator_backend() != "cudaMallocAsync":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    if plan.total_bytes <= free:
-        return False
-    with torch.cuda.device(device):
-        torch.cuda.empty_cache()
-    return True
 
 
 def allocator_bytes(device: torch.device) -> tuple[int, int]:

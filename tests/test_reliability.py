@@ -154,44 +154,6 @@ def test_out_of_memory_with_tiles_sent_together_retries_them_one_at_a_time(pipe,
     assert Runtime().tile_group_limits() == {}
 
 
-def test_a_pass_of_tiles_sent_together_trims_the_async_pool_where_it_counts_on_it(monkeypatch):
-    """Under cudaMallocAsync a pass that sends tiles together and needs more than the GPU has free gives the
-    allocator's pool back first (inside ComfyUI such a pass ran out with the pool holding what earlier passes
-    freed); one-tile passes, the native allocator, a pass that fits in free memory and CPU passes are left
-    alone. The CUDA calls are replaced here (a CPU machine); the device run checks the effect in ComfyUI."""
-    import contextlib
-
-    from hypir import pipeline
-    from hypir.settings import RestoreOptions
-
-    gpu = torch.device("cuda:0")
-    calls = []
-    state = {"backend": "cudaMallocAsync", "free": 1 << 30}
-    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: state["backend"])
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 << 30))
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("trim"))
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-
-    def plan(side, budget, **options):
-        return pipeline.plan_size(side, side, 1, RestoreOptions(upscale=4.0, **options), gpu, 2,
-                                  memory=(budget, "a test GPU"))
-
-    grouped = plan(1024, 24 << 30, tile_size=1024, tile_stride=768)
-    alone = pipeline.plan_size(1024, 1024, 1, RestoreOptions(upscale=4.0, tile_size=1024, tile_stride=768), gpu, 2,
-                               memory=(24 << 30, "a test GPU"), max_group=1)
-    whole = plan(256, 24 << 30)
-    assert grouped.tiles_per_batch > 1 and alone.tiles_per_batch == 1 and whole.tile is None
-    assert grouped.total_bytes > state["free"]
-    assert pipeline.release_async_pool_for(grouped, gpu) and calls == ["trim"]
-    for plan_, device in ((alone, gpu), (whole, gpu), (grouped, torch.device("cpu"))):
-        assert not pipeline.release_async_pool_for(plan_, device)
-    state["free"] = grouped.total_bytes
-    assert not pipeline.release_async_pool_for(grouped, gpu)
-    state.update(backend="native", free=1 << 30)
-    assert not pipeline.release_async_pool_for(grouped, gpu)
-    assert calls == ["trim"]
-
-
 def test_out_of_memory_drops_the_graphs_of_every_model_on_that_gpu(monkeypatch):
     """release_graphs_on drops the CUDA graphs of each loaded model on the device that ran out ("cuda" and
     "cuda:0" naming the same GPU), and no others."""
