@@ -93,9 +93,10 @@ def weights_signature(module: torch.nn.Module) -> tuple:
     addresses then versions (a tensor held in two slots counts twice). It is taken before every graphed UNet and
     VAE call, and the VAE's lies between a pass's first kernels and its encoder's, with the GPU idle: so the slots
     are gathered once (_tensor_slots) and the two lists are made by comprehensions, with the per-tensor
-    inference check only where reading a version raised. A walk of the modules each time took 1.64 ms of CPU for
-    the SD2.1 UNet and 0.48 ms for the VAE on the H200 machine (benchmarks/levers.py --parts cpu); a loop over
-    the slots 285 and 78 us on this project's CPU test machine, the comprehensions 137 and 48 us."""
+    inference check only where reading a version raised. On the H200 machine's CPU a walk of the modules each
+    time took 1.64 ms for the SD2.1 UNet and 0.48 ms for the VAE (benchmarks/levers.py --parts cpu), a loop over
+    the gathered slots 432 and 150 us, the comprehensions 228 and 78 us
+    (benchmarks/results/2026-12-01-h200-levers-and-cards/call6-levers/signature.py)."""
     tensors = [tensor for slots in _tensor_slots(module) for tensor in slots.values() if tensor is not None]
     addresses = [tensor.data_ptr() for tensor in tensors]
     try:

@@ -104,7 +104,7 @@ def test_cuda_graph_replay_equals_eager(cuda_pipe):
     assert graphs.captures == captures + 1 and vae_graphs.captures == vae_captures + 2
     for result in moved[1:]:
         assert torch.equal(result.images, moved[0].images)
-    # The eager call after the move differed from the one before it by up to 6e-4 in two of four GPU suite runs
+    # The eager call after the move differed from the one before it by up to 8e-4 in two of four GPU suite runs
     # (5107ac5, 0d77137; benchmarks/results/2026-12-01-h200-levers-and-cards), the cause not found; a replay of
     # freed weights would give unrelated values, not bf16 noise.
     assert (moved[0].images - first.images).abs().max() <= 2e-3
