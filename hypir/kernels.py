@@ -606,10 +606,15 @@ def scaled_softmax(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> to
     def reference():
         return torch.softmax(scores.float().mul_(scale), dim=-1).to(dtype)
 
-    if not (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
-            and scores.dtype in (torch.float32, torch.float16)):
+    if not _fused_softmax_runs(scores):
         return reference()
     return _run_triton(lambda: _triton_scaled_softmax(scores, scale, dtype), reference)
+
+
+def _fused_softmax_runs(scores: torch.Tensor) -> bool:
+    """Whether the Triton softmax kernels (scaled_softmax, shifted_exp) take these scores."""
+    return (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
+            and scores.dtype in (torch.float32, torch.float16))
 
 
 def shifted_exp(scores: torch.Tensor, scale: float, times: float, limit: float,
@@ -627,8 +632,7 @@ def shifted_exp(scores: torch.Tensor, scale: float, times: float, limit: float,
         values = torch.exp(scaled - torch.where(top > limit, top, 0.0)).mul_(times)
         return values.to(dtype), values.sum(dim=-1)
 
-    if not (fused_softmax_enabled() and uses_triton(scores) and scores.is_contiguous()
-            and scores.dtype in (torch.float32, torch.float16)):
+    if not _fused_softmax_runs(scores):
         return reference()
     return _run_triton(lambda: _triton_shifted_exp(scores, scale, times, limit, dtype), reference)
 

@@ -219,13 +219,18 @@ def float32_score_attention(q, k, v, scale):
     qh, kh, vh = (t.transpose(1, 2).reshape(b * h, -1, d) for t in (q, k, v))
     kt = kh.transpose(1, 2)
     out = torch.empty_like(qh)
-    rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
+    rows = _query_rows(n, m, b * h)
     for start in range(0, n, rows):
         scores = torch.bmm(qh[:, start:start + rows], kt, out_dtype=torch.float32)
         probs = scaled_softmax(scores, scale, q.dtype)
         del scores
         out[:, start:start + rows] = torch.bmm(probs, vh)
     return out.view(b, h, n, d).transpose(1, 2)
+
+
+def _query_rows(queries: int, keys: int, matrices: int) -> int:
+    """Queries a block of `matmul` holds, so that its scores (4 bytes each at most) stay under MATMUL_BLOCK_BYTES."""
+    return max(1, min(queries, MATMUL_BLOCK_BYTES // (4 * keys * matrices)))
 
 
 def _bmm_float32(a, b):
@@ -264,7 +269,7 @@ def shifted_fp16_attention(q, k, v, scale):
     sampled = ka[:, ::max(1, m // MATMUL_SAMPLED_KEYS), :d].transpose(1, 2)
     kt = ka.transpose(1, 2)
     out = torch.empty(b * h, n, d, device=q.device, dtype=q.dtype)
-    rows = max(1, min(n, MATMUL_BLOCK_BYTES // (4 * m * b * h)))
+    rows = _query_rows(n, m, b * h)
     for start in range(0, n, rows):
         block = qa[:, start:start + rows]
         # In fp16 a sampled score may be infinite; the clamp keeps the shift finite, and any shift is exact.
